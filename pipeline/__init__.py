@@ -1,0 +1,3 @@
+"""A declarative, reproducible image-classification pipeline (library behind `stages/`)."""
+
+__version__ = "0.1.0"

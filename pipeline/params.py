@@ -1,0 +1,121 @@
+"""params.yaml → typed, validated objects, at the edge.
+
+Every stage calls `load_params()` first. Any problem (unknown key, wrong type, unknown model
+or data set, value out of range) raises `UserError` with one line naming the key, the bad
+value and what is allowed, before the stage touches any output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import paths
+from pipeline.errors import UserError
+
+DATASETS = ("digits",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(_Section):
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+
+
+class AugmentParams(_Section):
+    random_crop: bool = True
+    crop_padding: int = Field(2, ge=0, le=64)
+    hflip: bool = False
+
+
+class TrainParams(_Section):
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    num_threads: int = Field(0, ge=0, le=256)
+
+
+class MlflowParams(_Section):
+    experiment: str = Field("image-classification", min_length=1)
+
+
+class Params(_Section):
+    dataset: str = "digits"
+    model: str = "original"
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.003, gt=0, le=10)
+    image_size: int = Field(32, ge=8, le=1024)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    data: DataParams = DataParams()
+    augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown data set; allowed: {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from pipeline.models import check_model_name
+
+        check_model_name(value)
+        return value
+
+    def flat(self) -> dict[str, Any]:
+        """All params as `section.key: value`, for MLflow."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model: type[BaseModel] = Params
+        for part in parent:
+            model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+        allowed = ", ".join(model.model_fields)
+        where = f" in '{'.'.join(map(str, parent))}'" if parent else ""
+        return f"unknown key '{loc}'{where}; allowed keys: {allowed}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}={err['input']!r}: {msg}"
+
+
+def parse_params(raw: Any, source: str = str(paths.PARAMS)) -> Params:
+    """Validate a params mapping; raise `UserError` naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def load_params(path: Path = paths.PARAMS) -> Params:
+    """Read and validate params.yaml."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}; run from the repository root") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,39 @@
+"""Every path the pipeline reads or writes, defined once.
+
+Paths are relative to the working directory, which DVC sets to the repository root (also in
+the temporary copies that `dvc exp run --queue/--temp` use). dvc.yaml names the same files:
+`tests/test_paths.py` checks that the two agree.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+PREPARED_META = PREPARED_DIR / "meta.json"
+
+MODELS_DIR = Path("models")
+CHECKPOINT = MODELS_DIR / "model.pt"
+MLFLOW_RUN = MODELS_DIR / "mlflow_run.json"
+ONNX_MODEL = MODELS_DIR / "model.onnx"
+
+METRICS_DIR = Path("metrics")
+AUGMENTED_SAMPLES_PNG = METRICS_DIR / "augmented_samples.png"
+TRAIN_METRICS = METRICS_DIR / "train.json"
+TRAIN_HISTORY = METRICS_DIR / "train_history.csv"
+LEARNING_CURVES_PNG = METRICS_DIR / "learning_curves.png"
+EVAL_METRICS = METRICS_DIR / "eval.json"
+PER_CLASS = METRICS_DIR / "per_class.csv"
+PREDICTIONS = METRICS_DIR / "predictions.csv"
+CONFUSION_JSON = METRICS_DIR / "confusion_matrix.json"
+CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
+EXPORT_METRICS = METRICS_DIR / "export.json"
+
+
+def repo_root() -> Path:
+    """The main repository: `DVC_ROOT` when DVC runs us (it points at the main repo even from
+    the temporary copy of a queued experiment), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()

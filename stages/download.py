@@ -1,0 +1,17 @@
+"""Stage `download`: materialise the raw data set under data/raw/.
+
+Reads params: dataset. Writes: data/raw/. Run: `dvc repro download`."""
+from pipeline import paths
+from pipeline.data import download
+from pipeline.errors import run_cli
+from pipeline.params import load_params
+
+
+def main() -> None:
+    params = load_params()
+    path = download(params.dataset, paths.RAW_DIR)
+    print(f"download: {params.dataset} → {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
