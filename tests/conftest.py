@@ -1,0 +1,74 @@
+"""Shared fixtures: a copy of the project in a temporary git repo, tiny params, prepared digits."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+# Small enough for seconds per stage, big enough to learn: 2 epochs of digits at 16 px.
+TINY = {"epochs": 2, "image_size": 16, "batch_size": 64}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell would have: our venv first on PATH, no tracking URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def set_params(project: Path, **updates) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in updates.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's git-tracked files, copied into a fresh git repo with tiny params committed."""
+    dest = tmp_path / "project"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    set_params(dest, **TINY)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"]):
+        run(cmd, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory) -> Path:
+    """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
+    from pipeline.data import download, load_raw, prepare
+
+    base = tmp_path_factory.mktemp("digits")
+    download("digits", base / "raw")
+    prepare(load_raw("digits", base / "raw"), 16, 0.15, 0.15, 0, base / "prepared")
+    return base / "prepared"

@@ -1,0 +1,140 @@
+"""Each stage's main() in-process on tiny digits, with a real SQLite MLflow store:
+what it returns, what it writes, and what the MLflow run holds."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import paths
+from pipeline.checkpoint import load_checkpoint, predict_logits
+from pipeline.data import load_split
+from pipeline.evaluate import classification_metrics
+from pipeline.export import MAX_ABS_DIFF, check_parity, onnx_logits, parity
+from pipeline.errors import UserError
+from pipeline.io import read_json
+from stages import download, evaluate, export, prepare, train
+from tests.conftest import ROOT, TINY, set_params
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """Run all five stages once in a temporary working directory."""
+    work = tmp_path_factory.mktemp("work")
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(work, **TINY)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(work)
+    uri = f"sqlite:///{work / 'store.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("DVC_EXP_NAME", "tiny-exp")
+    try:
+        download.main()
+        results = {"prepare": prepare.main(), "train": train.main(), "evaluate": evaluate.main(),
+                   "export": export.main()}
+        yield work, uri, results
+    finally:
+        mp.undo()
+
+
+def test_outputs_and_returned_metrics_agree(pipeline_run):
+    work, _, results = pipeline_run
+    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.ONNX_MODEL, paths.TRAIN_HISTORY, paths.PER_CLASS,
+                paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG, paths.LEARNING_CURVES_PNG,
+                paths.AUGMENTED_SAMPLES_PNG):
+        assert (work / rel).stat().st_size > 0, rel
+    assert read_json(work / paths.EVAL_METRICS) == results["evaluate"]
+    assert read_json(work / paths.TRAIN_METRICS) == results["train"]
+    assert read_json(work / paths.EXPORT_METRICS) == results["export"]
+    assert results["evaluate"]["accuracy"] > 0.8  # 2 epochs at 16 px: it learns
+    assert results["export"]["top1_agreement"] == 1.0 and results["export"]["max_abs_logit_diff"] <= MAX_ABS_DIFF
+    assert not list(work.rglob("*.tmp*"))  # no temporary files left behind
+
+
+def test_history_and_best_epoch(pipeline_run):
+    work, _, results = pipeline_run
+    history = pd.read_csv(work / paths.TRAIN_HISTORY)
+    assert list(history["epoch"]) == [1, 2]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy", "images_per_second"} <= set(history)
+    best = results["train"]["best_epoch"]
+    assert history["val_accuracy"].max() == pytest.approx(history.loc[best - 1, "val_accuracy"])
+
+
+def test_checkpoint_describes_itself_and_reproduces_evaluation(pipeline_run):
+    work, _, results = pipeline_run
+    model, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    assert ckpt["arch"] == "original" and ckpt["classes"] == [str(i) for i in range(10)]
+    assert ckpt["preprocessing"]["image_size"] == 16 and len(ckpt["preprocessing"]["mean"]) == 3
+    assert ckpt["params"]["epochs"] == 2
+    x, y = load_split("test", work / paths.PREPARED_DIR)
+    pred = predict_logits(model, x, ckpt["preprocessing"]["mean"], ckpt["preprocessing"]["std"]).argmax(1)
+    assert (pred == y).mean() == pytest.approx(results["evaluate"]["accuracy"])
+    predictions = pd.read_csv(work / paths.PREDICTIONS)
+    assert list(predictions.columns) == ["actual", "predicted"] and len(predictions) == len(y)
+    assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(results["evaluate"]["accuracy"])
+
+
+def test_one_mlflow_run_holds_everything(pipeline_run):
+    work, uri, results = pipeline_run
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("image-classification")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == read_json(work / paths.MLFLOW_RUN)["run_id"]
+    assert run.data.params["lr"] == "0.003" and run.data.params["train.optimizer"] == "adamw"
+    assert run.data.params["epochs"] == "2"
+    assert run.data.tags["dataset"] == "digits" and run.data.tags["dvc_exp_name"] == "tiny-exp"
+    assert run.info.run_name == "tiny-exp"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(results["evaluate"]["accuracy"])
+    assert run.data.metrics["export_top1_agreement"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
+            "augmented_samples.png", "eval.json", "per_class.csv", "onnx"} <= artifacts
+    assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+
+
+def test_onnx_parity_is_checked_for_real(pipeline_run):
+    work, _, _ = pipeline_run
+    model, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    prep = ckpt["preprocessing"]
+    x, _ = load_split("test", work / paths.PREPARED_DIR)
+    x_float = ((np.array(x, dtype=np.float32) / 255 - np.array(prep["mean"], np.float32)[:, None, None])
+               / np.array(prep["std"], np.float32)[:, None, None]).astype(np.float32)
+    torch_logits = predict_logits(model, x, prep["mean"], prep["std"])
+    result = parity(torch_logits, onnx_logits(work / paths.ONNX_MODEL, x_float))
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-4
+    # a model that differs (here: other weights) fails the check with a clear message
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = parity(predict_logits(model, x, prep["mean"], prep["std"]), onnx_logits(work / paths.ONNX_MODEL, x_float))
+    with pytest.raises(UserError, match="ONNX export disagrees"):
+        check_parity(other)
+
+
+def test_metrics_by_hand_with_a_class_never_predicted():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 1, 0, 1, 1])
+    metrics, per_class, cm = classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    assert metrics["precision_macro"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert metrics["recall_macro"] == pytest.approx((1 + 0.5 + 0) / 3)
+    f1 = [2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * (1 / 3) * 0.5 / (1 / 3 + 0.5), 0]
+    assert metrics["f1_macro"] == pytest.approx(sum(f1) / 3)
+    assert per_class["support"].tolist() == [2, 2, 2]
+    assert cm.tolist() == [[2, 0, 0], [1, 1, 0], [0, 2, 0]]
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="run the train stage first"):
+        load_checkpoint(paths.CHECKPOINT)
+    paths.CHECKPOINT.parent.mkdir()
+    paths.CHECKPOINT.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(paths.CHECKPOINT)
