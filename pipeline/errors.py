@@ -1,6 +1,7 @@
 """User-facing errors: one line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -18,7 +19,10 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under `dvc repro`/`dvc exp run`, DVC deletes a stage's outputs before running it;
+        # say how to get them back (cached outputs from the DVC cache, the others from git).
+        hint = "; `dvc checkout` restores the outputs DVC removed" if os.environ.get("DVC_STAGE") else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -50,20 +50,22 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def check_model_name(name: str) -> None:
-    """Raise `UserError` for a name neither in the registry nor in timm, listing close matches."""
+def model_name_problem(name: str) -> str | None:
+    """None for a name in the registry or in timm; else what is wrong, with close matches."""
     if name in REGISTRY:
-        return
+        return None
     import timm
 
     if timm.is_model(name):
-        return
-    known = list(REGISTRY) + _timm_names()
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        return None
+    close = difflib.get_close_matches(name, list(REGISTRY) + _timm_names(), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for timm names"
-    raise UserError(
-        f"model={name!r}: unknown model; use one of {', '.join(REGISTRY)} or a timm model name ({hint})"
-    )
+    return f"unknown model; use one of {', '.join(REGISTRY)} or a timm model name ({hint})"
+
+
+def check_model_name(name: str) -> None:
+    if problem := model_name_problem(name):
+        raise UserError(f"model={name!r}: {problem}")
 
 
 def build_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:

@@ -68,9 +68,10 @@ class Params(_Section):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from pipeline.models import check_model_name
+        from pipeline.models import model_name_problem
 
-        check_model_name(value)
+        if problem := model_name_problem(value):
+            raise ValueError(problem)
         return value
 
     def flat(self) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""The real `dvc` CLI on a copy of the project in a temporary git repo (tiny params):
+repro, nothing-changed repro, `exp run -S lr=...`, and a queue that logs into the main store."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def runs_by_exp(project: Path) -> dict:
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image-classification")
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_repro_then_experiments(project: Path):
+    # 1. dvc repro runs every stage and one MLflow run holds params, metrics, artifacts
+    out = run(["dvc", "repro"], project).stdout
+    for stage in ("download", "prepare", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in out
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["accuracy"] > 0.8
+    assert json.loads((project / "metrics/export.json").read_text())["top1_agreement"] == 1.0
+    client, runs = runs_by_exp(project)
+    assert len(runs) == 1
+    run0 = runs[0]
+    assert run0.data.params["lr"] == "0.003" and run0.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert run0.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert {"confusion_matrix.png", "learning_curves.png", "augmented_samples.png", "onnx"} <= {
+        a.path for a in client.list_artifacts(run0.info.run_id)}
+    assert [m.step for m in client.get_metric_history(run0.info.run_id, "train_loss")] == [1, 2]
+
+    # 2. nothing changed: no stage runs
+    started = time.perf_counter()
+    out = run(["dvc", "repro"], project).stdout
+    assert "Running stage" not in out and "up to date" in out
+    assert time.perf_counter() - started < 30  # the target is < 5 s; generous for a loaded CI box
+    # dvc plots show draws the confusion matrix from one actual/predicted row per test image
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    confusion = plots["Confusion matrix (test split)"][0]["content"]["data"]["values"]
+    assert len(confusion) == evaluation["n_test"] and {"actual", "predicted"} <= set(confusion[0])
+    assert {"Loss per epoch", "Accuracy per epoch", "metrics/confusion_matrix.png"} <= set(plots)
+
+    # 3. dvc exp run -S lr=0.001 works as typed and is recorded with lr=0.001
+    run(["dvc", "exp", "run", "-S", "lr=0.001", "--name", "lower-lr"], project)
+    _, runs = runs_by_exp(project)
+    by_name = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert by_name["lower-lr"].data.params["lr"] == "0.001"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    assert "lower-lr" in json.dumps(shown)
+
+
+def test_queued_experiments_log_into_the_main_store(project: Path):
+    run(["dvc", "exp", "run", "--queue", "-S", "lr=0.002", "--name", "q-lr-002"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", "lr=0.004", "--name", "q-lr-004"], project)
+    run(["dvc", "queue", "start"], project)
+    deadline = time.time() + 480
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, run(["dvc", "queue", "logs", "q-lr-002"], project, check=False).stdout
+    run(["dvc", "queue", "stop", "--kill"], project, check=False)
+    _, runs = runs_by_exp(project)
+    by_name = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert {"q-lr-002", "q-lr-004"} <= set(by_name), status
+    assert by_name["q-lr-002"].data.params["lr"] == "0.002"
+    assert by_name["q-lr-004"].data.params["lr"] == "0.004"
+    assert "test_accuracy" in by_name["q-lr-004"].data.metrics
+    # nothing was written into the (deleted) temporary copies: the store is the main repo's
+    assert (project / "mlflow.db").exists() and not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
