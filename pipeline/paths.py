@@ -14,6 +14,7 @@ PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 PREPARED_META = PREPARED_DIR / "meta.json"
+MANIFEST = PREPARED_DIR / "manifest.csv"
 
 MODELS_DIR = Path("models")
 CHECKPOINT = MODELS_DIR / "model.pt"

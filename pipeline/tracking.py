@@ -85,11 +85,13 @@ def resume_run(run_file: Path = paths.MLFLOW_RUN) -> Iterator[Any]:
     If that run is not in the current store (another `MLFLOW_TRACKING_URI`, or DVC restored
     train's outputs from its cache), a new run in the same experiment is created instead."""
     mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
     info = read_json(run_file)
     run_id = info["run_id"]
     try:
         mlflow.get_run(run_id)
-    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST); the run is simply elsewhere
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
         log.warning("MLflow run %s not found in %s; logging into a new run", run_id, tracking_uri())
         _retry(mlflow.set_experiment, info.get("experiment", "image-classification"))
         run_id = _retry(mlflow.start_run).info.run_id

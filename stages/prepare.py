@@ -8,7 +8,7 @@ import torch
 
 from pipeline import paths
 from pipeline.augment import augment_batch
-from pipeline.data import load_raw, load_split, prepare
+from pipeline.data import load_source, load_split, prepare
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 from pipeline.plots import image_grid
@@ -16,9 +16,9 @@ from pipeline.plots import image_grid
 
 def main() -> dict:
     params = load_params()
-    raw = load_raw(params.dataset, paths.RAW_DIR)
-    meta = prepare(raw, params.image_size, params.data.val_fraction, params.data.test_fraction,
-                   params.seed, paths.PREPARED_DIR)
+    source = load_source(params.dataset, paths.RAW_DIR)
+    meta = prepare(source, params.image_size, params.data.val_fraction, params.data.test_fraction,
+                   params.seed, paths.PREPARED_DIR, progress=True)
     counts = meta["counts"]
     print(f"prepare: {len(meta['classes'])} classes, train/val/test = "
           f"{counts['train']}/{counts['val']}/{counts['test']} images at {params.image_size}px; "

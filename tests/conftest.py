@@ -66,9 +66,9 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
-    from pipeline.data import download, load_raw, prepare
+    from pipeline.data import download, load_source, prepare
 
     base = tmp_path_factory.mktemp("digits")
     download("digits", base / "raw")
-    prepare(load_raw("digits", base / "raw"), 16, 0.15, 0.15, 0, base / "prepared")
+    prepare(load_source("digits", base / "raw"), 16, 0.15, 0.15, 0, base / "prepared")
     return base / "prepared"

@@ -4,18 +4,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import RawDataset, channel_stats, download, load_meta, load_raw, load_split, prepare
+from pipeline.data import channel_stats, download, load_meta, load_source, load_split, prepare
+from pipeline.source import Source
 from pipeline.errors import UserError
+
+
+def array_source(images, labels, classes, splits=None) -> Source:
+    return Source(classes, range(len(images)), np.asarray(labels), lambda i, _s: images[i], splits=splits)
 
 
 def test_download_digits_is_real_and_idempotent(tmp_path: Path):
     path = download("digits", tmp_path)
     first = path.read_bytes()
-    raw = load_raw("digits", tmp_path)
-    assert len(raw.images) == len(raw.labels) == 1797
-    assert raw.classes == [str(i) for i in range(10)]
-    assert raw.images[0].shape == (8, 8, 3) and raw.images[0].dtype == np.uint8
-    assert max(int(im.max()) for im in raw.images) == 255
+    source = load_source("digits", tmp_path)
+    assert len(source.items) == len(source.labels) == 1797
+    assert source.classes == [str(i) for i in range(10)]
+    images = [source.decode(i, 8) for i in source.items]
+    assert images[0].shape == (8, 8, 3) and images[0].dtype == np.uint8
+    assert max(int(im.max()) for im in images) == 255
     assert download("digits", tmp_path).read_bytes() == first
     assert [p.name for p in tmp_path.iterdir()] == ["digits.npz"]  # no temporary files left
 
@@ -48,7 +54,7 @@ def test_statistics_come_from_the_train_split_only(prepared_digits: Path):
 
 
 def test_split_is_seeded(tmp_path: Path):
-    raw = load_raw("digits", download("digits", tmp_path / "raw").parent)
+    raw = load_source("digits", download("digits", tmp_path / "raw").parent)
     a = prepare(raw, 8, 0.15, 0.15, 1, tmp_path / "a")
     b = prepare(raw, 8, 0.15, 0.15, 1, tmp_path / "b")
     c = prepare(raw, 8, 0.15, 0.15, 2, tmp_path / "c")
@@ -58,14 +64,14 @@ def test_split_is_seeded(tmp_path: Path):
 
 
 def test_one_class_is_an_error_and_writes_nothing(tmp_path: Path):
-    raw = RawDataset([np.zeros((8, 8, 3), np.uint8)] * 10, np.zeros(10, np.int64), ["only"])
+    raw = array_source([np.zeros((8, 8, 3), np.uint8)] * 10, np.zeros(10, np.int64), ["only"])
     with pytest.raises(UserError, match="at least 2"):
         prepare(raw, 8, 0.15, 0.15, 0, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
 
 
 def test_too_few_images_to_split_is_a_clear_error(tmp_path: Path):
-    raw = RawDataset([np.zeros((8, 8, 3), np.uint8)] * 4, np.array([0, 0, 1, 1]), ["a", "b"])
+    raw = array_source([np.zeros((8, 8, 3), np.uint8)] * 4, np.array([0, 0, 1, 1]), ["a", "b"])
     with pytest.raises(UserError, match="cannot split"):
         prepare(raw, 8, 0.15, 0.15, 0, tmp_path / "prepared")
     assert list(tmp_path.iterdir()) == []

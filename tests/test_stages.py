@@ -138,3 +138,18 @@ def test_missing_inputs_are_one_line_errors(tmp_path, monkeypatch):
     paths.CHECKPOINT.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(paths.CHECKPOINT)
+
+
+def test_evaluate_logs_into_a_new_run_when_trains_run_is_not_in_the_store(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.io import write_json
+
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_file = tmp_path / "mlflow_run.json"
+    write_json(run_file, {"run_id": "0123456789abcdef0123456789abcdef", "experiment": "elsewhere"})
+    with tracking.resume_run(run_file) as mlflow:
+        tracking.log_metrics(mlflow, {"test_accuracy": 0.5})
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("elsewhere").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["test_accuracy"] == 0.5
