@@ -60,9 +60,10 @@ def predict_logits(model: nn.Module, images: np.ndarray, mean: list[float], std:
     """Logits (N×K float32) of uint8 N×3×H×W images under the evaluation preprocessing."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        xb = torch.from_numpy(np.array(images[start:start + batch_size]))
-        out.append(model(normalize(xb, mean, std)).float().numpy())
+        xb = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
+        out.append(model(normalize(xb, mean, std)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

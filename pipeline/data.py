@@ -30,11 +30,23 @@ _CHUNK = 4096  # images per chunk when copying or reducing memory-mapped arrays
 # ---------------------------------------------------------------- download
 
 
-def download(dataset: str, raw_dir: Path = paths.RAW_DIR) -> Path:
-    """Materialise `dataset` under `raw_dir`; return what was written. Idempotent."""
+def download(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None) -> Path:
+    """Materialise `dataset` under `raw_dir`; return what was written. Idempotent.
+    For `folder` nothing is downloaded: the user's `data_dir` is checked to exist."""
     if dataset == "digits":
         return _download_digits(raw_dir)
-    raise UserError(f"dataset={dataset!r}: no downloader")  # params validation stops this earlier
+    if dataset == "folder":
+        if data_dir is None or not data_dir.is_dir():
+            raise UserError(f"data_dir={str(data_dir)!r} is not a folder; point data_dir at a folder of class "
+                            "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
+        # Nothing to fetch; record where the images are (prepare depends on data_dir itself).
+        target = raw_dir / "folder.json"
+        write_json(target, {"dataset": "folder", "data_dir": str(data_dir.resolve())})
+        return target
+    from pipeline import tvsets
+
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    return tvsets.download(dataset, raw_dir)
 
 
 def _download_digits(raw_dir: Path) -> Path:
@@ -51,17 +63,23 @@ def _download_digits(raw_dir: Path) -> Path:
     return target
 
 
-def load_source(dataset: str, raw_dir: Path = paths.RAW_DIR) -> Source:
-    if dataset == "digits":
-        path = raw_dir / "digits.npz"
-        if not path.exists():
-            raise UserError(f"{path} is missing; run the download stage first (dvc repro download)")
-        with np.load(path) as z:
-            gray, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
-        return Source(classes, range(len(gray)), labels,
-                      decode=lambda i, _size: np.repeat(gray[i][:, :, None], 3, axis=2),
-                      names=[f"digits/{i}" for i in range(len(gray))])
-    raise UserError(f"dataset={dataset!r}: no loader")
+def load_source(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None) -> Source:
+    if dataset == "folder":
+        from pipeline.folder import scan_folder
+
+        return scan_folder(Path(data_dir or "."))
+    if dataset != "digits":
+        from pipeline import tvsets
+
+        return tvsets.load_source(dataset, raw_dir)
+    path = raw_dir / "digits.npz"
+    if not path.exists():
+        raise UserError(f"{path} is missing; run the download stage first (dvc repro download)")
+    with np.load(path) as z:
+        gray, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
+    return Source(classes, range(len(gray)), labels,
+                  decode=lambda i, _size: np.repeat(gray[i][:, :, None], 3, axis=2),
+                  names=[f"digits/{i}" for i in range(len(gray))])
 
 
 # ---------------------------------------------------------------- prepare

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import paths
 from pipeline.errors import UserError
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 
 
 class _Section(BaseModel):
@@ -25,12 +25,17 @@ class _Section(BaseModel):
 class DataParams(_Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    resize: Literal["center_crop", "stretch"] = "center_crop"
 
 
 class AugmentParams(_Section):
     random_crop: bool = True
     crop_padding: int = Field(2, ge=0, le=64)
     hflip: bool = False
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+    scale: float = Field(0.0, ge=0, lt=1)
+    color_jitter: float = Field(0.0, ge=0, lt=1)
+    random_erasing: float = Field(0.0, ge=0, le=1)
 
 
 class TrainParams(_Section):
@@ -38,7 +43,20 @@ class TrainParams(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     scheduler: Literal["cosine", "none"] = "cosine"
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, le=256)
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        if value in ("none", "balanced"):
+            return value
+        numbers = isinstance(value, list) and all(type(w) in (int, float) for w in value)
+        if not numbers or not value or any(w < 0 for w in value) or not any(w > 0 for w in value):
+            raise ValueError("use none, balanced, or a list of non-negative numbers, one per class (not all zero)")
+        return [float(w) for w in value]
 
 
 class MlflowParams(_Section):
@@ -47,6 +65,7 @@ class MlflowParams(_Section):
 
 class Params(_Section):
     dataset: str = "digits"
+    data_dir: str = Field("data/raw", min_length=1)
     model: str = "original"
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
@@ -64,6 +83,13 @@ class Params(_Section):
         if value not in DATASETS:
             raise ValueError(f"unknown data set; allowed: {', '.join(DATASETS)}")
         return value
+
+    @model_validator(mode="after")
+    def _folder_needs_a_data_dir(self) -> "Params":
+        if self.dataset == "folder" and self.data_dir == "data/raw":
+            raise ValueError("dataset=folder needs data_dir set to your folder of class folders "
+                             "(e.g. -S dataset=folder -S data_dir=data/images)")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -86,7 +112,8 @@ class Params(_Section):
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+    # keep field names and list positions; drop pydantic's union-branch tags like "list[float]"
+    loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
     if err["type"] == "extra_forbidden":
         parent = err["loc"][:-1]
         model: type[BaseModel] = Params
@@ -96,7 +123,7 @@ def _describe(err: dict[str, Any]) -> str:
         where = f" in '{'.'.join(map(str, parent))}'" if parent else ""
         return f"unknown key '{loc}'{where}; allowed keys: {allowed}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}={err['input']!r}: {msg}"
+    return f"{loc}={err['input']!r}: {msg}" if loc else msg
 
 
 def parse_params(raw: Any, source: str = str(paths.PARAMS)) -> Params:

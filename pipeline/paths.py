@@ -23,6 +23,8 @@ ONNX_MODEL = MODELS_DIR / "model.onnx"
 
 METRICS_DIR = Path("metrics")
 AUGMENTED_SAMPLES_PNG = METRICS_DIR / "augmented_samples.png"
+DATA_REPORT = METRICS_DIR / "data_report.json"
+DATA_REPORT_MD = METRICS_DIR / "data_report.md"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_HISTORY = METRICS_DIR / "train_history.csv"
 LEARNING_CURVES_PNG = METRICS_DIR / "learning_curves.png"

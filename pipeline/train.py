@@ -2,7 +2,6 @@
 augmentation on the batch, best epoch picked on the validation split."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.augment import augment_batch, normalize
+from pipeline.augment import AugmentConfig, augment_batch, normalize
 from pipeline.checkpoint import predict_logits
 
 
@@ -32,9 +31,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     scheduler: str = "cosine"
-    random_crop: bool = True
-    crop_padding: int = 2
-    hflip: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    class_weights: list[float] | None = None  # loss weight per class; None: all 1
+    sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
+    device: str = "cpu"
     num_threads: int = 0  # 0: all cores
 
 
@@ -59,6 +59,17 @@ def set_threads(num_threads: int) -> int:
     return n
 
 
+def pick_device(spec: str) -> str:
+    """`auto`: cuda when a GPU is visible, else cpu. Asking for cuda without one is an error."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import UserError
+
+        raise UserError("train.device=cuda but no CUDA GPU is visible to torch; use train.device=auto or cpu")
+    return spec
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay on conv/linear weights only, not on norms and biases (the usual recipe).
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -75,9 +86,39 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
-    perm = torch.randperm(n, generator=gen).numpy()
-    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: list[str]) -> list[float] | None:
+    """`none` → None; `balanced` → n / (k · count_c) (scikit-learn's definition); a list is
+    checked against the number of classes."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(labels)
+        weights = np.zeros(len(classes))
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+        return [float(w) for w in weights]
+    if len(spec) != len(classes):
+        from pipeline.errors import UserError
+
+        raise UserError(f"train.class_weights has {len(spec)} values but the data set has {len(classes)} classes "
+                        f"({', '.join(classes)}); give one weight per class")
+    return [float(w) for w in spec]
+
+
+def epoch_order(labels: np.ndarray, sampler: str, gen: torch.Generator) -> np.ndarray:
+    """The training indices of one epoch: a permutation (`shuffle`), or `balanced`: as many
+    draws with replacement, each class equally likely (WeightedRandomSampler's scheme)."""
+    n = len(labels)
+    if sampler == "balanced":
+        counts = np.bincount(labels)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        return torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
+    return torch.randperm(n, generator=gen).numpy()
+
+
+def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     # BatchNorm cannot train on a batch of one: fold a lone last sample out of the epoch.
     return [b for b in batches if len(b) > 1]
 
@@ -97,7 +138,12 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
     gen = seed_everything(cfg.seed)
     x_train, y_train = train_xy
     y_train_t = torch.from_numpy(np.asarray(y_train))
-    steps_per_epoch = len(_batches(len(y_train), cfg.batch_size, torch.Generator().manual_seed(0)))
+    y_np = np.asarray(y_train)
+    steps_per_epoch = len(_batches(np.arange(len(y_np)), cfg.batch_size))
+    device = torch.device(cfg.device)
+    model.to(device)
+    y_train_t = y_train_t.to(device)
+    loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, max(1, cfg.epochs * steps_per_epoch))
 
@@ -106,16 +152,15 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(_batches(len(y_train), cfg.batch_size, gen), desc=f"epoch {epoch}/{cfg.epochs}",
+        bar = tqdm(_batches(epoch_order(y_np, cfg.sampler, gen), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (progress and sys.stderr.isatty()), leave=True,
                    mininterval=0.5, dynamic_ncols=True)
         for idx in bar:
             idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
-            xb = augment_batch(torch.from_numpy(x_train[idx]), random_crop_on=cfg.random_crop,
-                               crop_padding=cfg.crop_padding, hflip=cfg.hflip, gen=gen)
+            xb = torch.from_numpy(x_train[idx]).to(device, non_blocking=True)
             yb = y_train_t[idx]
-            logits = model(normalize(xb, mean, std))
-            loss = F.cross_entropy(logits, yb)
+            logits = model(normalize(augment_batch(xb, cfg.augment, mean, gen), mean, std))
+            loss = F.cross_entropy(logits, yb, weight=loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -142,7 +187,7 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
         bar.close()
         if (val_acc, -val_loss) > best_key:  # best accuracy; ties go to the lower loss
             best_key, best_epoch = (val_acc, -val_loss), epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch:
             on_epoch(epoch, row)
 

@@ -1,6 +1,8 @@
 """Stage `download`: materialise the raw data set under data/raw/.
 
 Reads params: dataset. Writes: data/raw/. Run: `dvc repro download`."""
+from pathlib import Path
+
 from pipeline import paths
 from pipeline.data import download
 from pipeline.errors import run_cli
@@ -9,7 +11,7 @@ from pipeline.params import load_params
 
 def main() -> None:
     params = load_params()
-    path = download(params.dataset, paths.RAW_DIR)
+    path = download(params.dataset, paths.RAW_DIR, Path(params.data_dir))
     print(f"download: {params.dataset} → {path}")
 
 

@@ -14,7 +14,8 @@ from pipeline.io import atomic_path, write_json
 from pipeline.models import build_model
 from pipeline.params import load_params
 from pipeline.plots import learning_curves
-from pipeline.train import TrainConfig, seed_everything, train
+from pipeline.augment import AugmentConfig
+from pipeline.train import TrainConfig, pick_device, resolve_class_weights, seed_everything, train
 
 
 def data_hash() -> str:
@@ -34,16 +35,21 @@ def main() -> dict:
     seed_everything(params.seed)  # the initial weights depend on the seed too
     model = build_model(params.model, **arch_kwargs)
     n_params = sum(p.numel() for p in model.parameters())
+    train_xy = load_split("train", paths.PREPARED_DIR)
+    t = params.train
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, seed=params.seed,
-                      random_crop=params.augment.random_crop, crop_padding=params.augment.crop_padding,
-                      hflip=params.augment.hflip, **params.train.model_dump())
+                      optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, scheduler=t.scheduler,
+                      augment=AugmentConfig(**params.augment.model_dump()),
+                      class_weights=resolve_class_weights(t.class_weights, train_xy[1], classes),
+                      sampler=t.sampler, device=pick_device(t.device), num_threads=t.num_threads)
 
     tags = tracking.run_tags(params.dataset, params.model) | {"data_hash": data_hash()}
     run_id = tracking.start_run(params.mlflow.experiment, params.flat(), tags, paths.MLFLOW_RUN)
-    print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {meta['counts']['train']} images; "
+    print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {meta['counts']['train']} images, "
+          f"device {cfg.device}, class weights {cfg.class_weights or 'none'}, sampler {cfg.sampler}; "
           f"MLflow run {run_id} in {tracking.tracking_uri()}")
     with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
-        result = train(model, load_split("train", paths.PREPARED_DIR), load_split("val", paths.PREPARED_DIR),
+        result = train(model, train_xy, load_split("val", paths.PREPARED_DIR),
                        mean, std, cfg,
                        on_epoch=lambda epoch, row: tracking.log_metrics(mlflow, row, step=epoch))
         summary = result.metrics | {"parameters": n_params}
