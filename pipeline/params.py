@@ -85,6 +85,15 @@ class Params(_Section):
         return value
 
     @model_validator(mode="after")
+    def _image_size_fits_the_model(self) -> "Params":
+        from pipeline.models import min_image_size
+
+        if self.image_size < (need := min_image_size(self.model)):
+            raise ValueError(f"image_size={self.image_size}: {self.model} needs at least {need} px "
+                             f"(e.g. -S image_size={max(need, 64)})")
+        return self
+
+    @model_validator(mode="after")
     def _folder_needs_a_data_dir(self) -> "Params":
         if self.dataset == "folder" and self.data_dir == "data/raw":
             raise ValueError("dataset=folder needs data_dir set to your folder of class folders "

@@ -2,22 +2,35 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from pipeline.errors import UserError
-from pipeline.models import REGISTRY, build_model, check_model_name
+from pipeline.models import REGISTRY, build_model, check_model_name, head_of, list_models, min_image_size
+from pipeline.params import parse_params
+from tests.conftest import ROOT
+
+FAMILIES = [*REGISTRY, "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]
 
 
-@pytest.mark.parametrize("name", [*REGISTRY, "resnet18"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_forward_backward(name):
     torch.manual_seed(0)
     model = build_model(name, num_classes=7)
-    out = model(torch.randn(4, 3, 32, 32))
-    assert out.shape == (4, 7) and torch.isfinite(out).all()
-    F.cross_entropy(out, torch.arange(4)).backward()
+    size = max(32, min_image_size(name))
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    F.cross_entropy(out, torch.arange(2)).backward()
     # every trainable parameter is reached by backward (timm zero-initialises the last BN of each
     # residual block, so some gradients are exactly 0 at init: reached, finite, is the check)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert missing == []
+    assert head_of(model).out_features == 7
+
+
+def test_alexnet_head_is_the_last_linear():
+    model = build_model("alexnet", num_classes=5)
+    assert head_of(model) is model.classifier[6]
+    assert model.classifier[1].out_features == 4096  # the first Linear keeps its size
 
 
 def test_original_works_at_the_smallest_image_size():
@@ -27,6 +40,18 @@ def test_original_works_at_the_smallest_image_size():
 def test_unknown_model_lists_close_matches():
     with pytest.raises(UserError) as exc:
         check_model_name("efficientnet-b0")
-    assert "efficientnet_b0" in str(exc.value) and "original" in str(exc.value)
-    with pytest.raises(UserError, match="timm.list_models"):
+    assert "efficientnet_b0" in str(exc.value) and "original" in str(exc.value) and "alexnet" in str(exc.value)
+    with pytest.raises(UserError, match="python -m pipeline models"):
         check_model_name("zzzzzz")
+
+
+def test_list_models():
+    assert list_models("alex*") == ["alexnet"]
+    assert "resnet18" in list_models("resnet*") and "original" not in list_models("resnet*")
+
+
+def test_alexnet_below_63_px_fails_at_params_validation():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text()) | {"model": "alexnet", "image_size": 32}
+    with pytest.raises(UserError, match="image_size=32: alexnet needs at least 63"):
+        parse_params(raw)
+    assert parse_params(raw | {"image_size": 64}).model == "alexnet"

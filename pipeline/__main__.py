@@ -1,0 +1,4 @@
+"""Command line: `python -m pipeline {summary,models} ...` (also installed as `pipeline`)."""
+from pipeline.cli import main
+
+main()
