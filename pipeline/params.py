@@ -39,13 +39,28 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, le=1)
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "step", "onecycle", "none"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_epochs: int = Field(30, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.0, ge=0)
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
     num_threads: int = Field(0, ge=0, le=256)
 
     @field_validator("class_weights", mode="before")

@@ -20,6 +20,7 @@ MODELS_DIR = Path("models")
 CHECKPOINT = MODELS_DIR / "model.pt"
 MLFLOW_RUN = MODELS_DIR / "mlflow_run.json"
 ONNX_MODEL = MODELS_DIR / "model.onnx"
+RESUME_CHECKPOINT = Path("checkpoints/last.pt")
 
 METRICS_DIR = Path("metrics")
 AUGMENTED_SAMPLES_PNG = METRICS_DIR / "augmented_samples.png"

@@ -2,12 +2,12 @@
 augmentation on the batch, best epoch picked on the validation split."""
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from pipeline.augment import AugmentConfig, augment_batch, normalize
 from pipeline.checkpoint import predict_logits
+from pipeline.io import atomic_path
+from pipeline.recipe import EarlyStopping, Recipe, make_mixer, make_optimizer, make_scheduler, param_groups
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,16 @@ class TrainConfig:
     batch_size: int
     lr: float
     seed: int
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"
+    recipe: Recipe = Recipe()
     augment: AugmentConfig = AugmentConfig()
     class_weights: list[float] | None = None  # loss weight per class; None: all 1
     sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
     device: str = "cpu"
-    num_threads: int = 0  # 0: all cores
+    precision: str = "auto"   # GPU only: auto (bf16 where supported, else fp16) | bf16 | fp16 | fp32
+    compile: bool = False     # torch.compile the model
+    num_threads: int = 0      # 0: all cores
+    resume_path: Path | None = None  # checkpoint written after every epoch, resumed from when it matches
+    fingerprint: str = ""     # hash of what makes the run (params, data, code): resume only when equal
 
 
 @dataclass
@@ -68,22 +71,6 @@ def pick_device(spec: str) -> str:
 
         raise UserError("train.device=cuda but no CUDA GPU is visible to torch; use train.device=auto or cpu")
     return spec
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on conv/linear weights only, not on norms and biases (the usual recipe).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
 def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: list[str]) -> list[float] | None:
@@ -123,33 +110,95 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [b for b in batches if len(b) > 1]
 
 
+def head_out_features(model: nn.Module) -> int:
+    from pipeline.models import head_of
+
+    return head_of(model).out_features
+
+
 def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, mean, std) -> tuple[float, float]:
     logits = torch.from_numpy(predict_logits(model, x, mean, std))
     labels = torch.from_numpy(np.asarray(y))
     return float(F.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
+def _rng_state(gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on GPUs that have it, fp16 (with a grad scaler) otherwise; CPU: fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None, None
+    dtype = torch.float16 if precision == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, scaler
+
+
 def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray],
           mean: list[float], std: list[float], cfg: TrainConfig,
           on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train `model`; return the best-on-validation weights, the per-epoch history and a
-    summary. `on_epoch(epoch, row)` is called after each epoch (MLflow logging)."""
+    summary. `on_epoch(epoch, row)` is called after each epoch (MLflow logging). With
+    `cfg.resume_path`, a checkpoint is written after every epoch and a matching one is resumed."""
     threads = set_threads(cfg.num_threads)
     gen = seed_everything(cfg.seed)
+    r = cfg.recipe
     x_train, y_train = train_xy
-    y_train_t = torch.from_numpy(np.asarray(y_train))
     y_np = np.asarray(y_train)
+    num_classes = int(head_out_features(model))
     steps_per_epoch = len(_batches(np.arange(len(y_np)), cfg.batch_size))
     device = torch.device(cfg.device)
     model.to(device)
-    y_train_t = y_train_t.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    amp_dtype, scaler = _autocast(device, cfg.precision)
+    forward = torch.compile(model) if cfg.compile else model
+    y_train_t = torch.from_numpy(y_np).to(device)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, max(1, cfg.epochs * steps_per_epoch))
+    opt = make_optimizer(param_groups(model, r.weight_decay), r, cfg.lr)
+    sched = make_scheduler(opt, r, cfg.lr, cfg.epochs, steps_per_epoch)
+    mixer = make_mixer(r, num_classes)
+    stopper = EarlyStopping(r.monitor, r.patience, r.min_delta)
+    rows, best_state, best_epoch, start_epoch = [], None, 0, 1
 
-    rows, best_state, best_epoch, best_key = [], None, 0, (-1.0, 0.0)
+    if cfg.resume_path and cfg.resume_path.exists():
+        ckpt = torch.load(cfg.resume_path, map_location="cpu", weights_only=True)
+        if ckpt.get("fingerprint") == cfg.fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if scaler and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            stopper.load_state_dict(ckpt["early_stopping"])
+            rows, best_state, best_epoch = ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
+            start_epoch = ckpt["epoch"] + 1
+            _set_rng_state(ckpt["rng"], gen)
+            print(f"train: resuming from {cfg.resume_path} after epoch {ckpt['epoch']}", flush=True)
+            for row in rows:  # the new run gets the whole curve
+                if on_epoch:
+                    on_epoch(row["epoch"], row)
+        else:
+            print(f"train: {cfg.resume_path} was made with other params, data or code; starting fresh", flush=True)
+
     train_images, train_seconds = 0, 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopper.should_stop:
+            break
         model.train()
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(_batches(epoch_order(y_np, cfg.sampler, gen), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
@@ -159,14 +208,32 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
             xb = torch.from_numpy(x_train[idx]).to(device, non_blocking=True)
             yb = y_train_t[idx]
-            logits = model(normalize(augment_batch(xb, cfg.augment, mean, gen), mean, std))
-            loss = F.cross_entropy(logits, yb, weight=loss_weight)
+            xb = normalize(augment_batch(xb, cfg.augment, mean, gen), mean, std)
+            target = yb
+            if mixer is not None:
+                xb, target = mixer(xb, yb)  # soft targets, one λ per batch
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = forward(xb)
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=r.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if r.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            hard = target.argmax(1) if target.ndim == 2 else target
+            correct += int((logits.argmax(1) == hard).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
@@ -185,16 +252,29 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             print(f"epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
         bar.set_postfix(summary)
         bar.close()
-        if (val_acc, -val_loss) > best_key:  # best accuracy; ties go to the lower loss
-            best_key, best_epoch = (val_acc, -val_loss), epoch
+        if stopper.step(row[r.monitor]):
+            best_epoch = epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch:
             on_epoch(epoch, row)
+        if cfg.resume_path:
+            with atomic_path(cfg.resume_path) as tmp:
+                torch.save({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict() if scaler else None,
+                            "early_stopping": stopper.state_dict(), "history": rows, "best_state": best_state,
+                            "best_epoch": best_epoch, "rng": _rng_state(gen)}, tmp)
+        if stopper.should_stop and progress:
+            print(f"train: early stopping after epoch {epoch}: {r.monitor} has not improved by more than "
+                  f"{r.min_delta} for {r.patience} epochs; best epoch {best_epoch}", flush=True)
 
     history = pd.DataFrame(rows)
     best = history.iloc[best_epoch - 1]
     metrics = {"best_epoch": best_epoch, "best_val_accuracy": float(best["val_accuracy"]),
                "best_val_loss": float(best["val_loss"]), "epochs_run": len(rows),
-               "train_images_per_second": train_images / train_seconds, "train_seconds": train_seconds,
-               "threads": threads}
+               "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs),
+               "train_images_per_second": train_images / train_seconds if train_seconds else 0.0,
+               "train_seconds": train_seconds, "threads": threads}
+    if cfg.resume_path:
+        cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
     return TrainResult(best_state, best_epoch, history, metrics)

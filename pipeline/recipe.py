@@ -1,0 +1,112 @@
+"""The training recipe's parts: optimizer, learning-rate schedule with warmup, mixup/cutmix,
+early stopping. The loop in `pipeline.train` puts them together."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Recipe:
+    optimizer: str = "adamw"        # sgd | adam | adamw | rmsprop
+    momentum: float = 0.9           # sgd, rmsprop
+    nesterov: bool = True           # sgd
+    weight_decay: float = 5e-4      # on conv/linear weights, not on norms and biases
+    scheduler: str = "cosine"       # cosine | step | onecycle | none
+    warmup_epochs: float = 0.0      # linear warmup from lr/100 (not for onecycle: it has its own)
+    step_epochs: int = 30           # step: multiply lr by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0        # 0 = off
+    cutmix_alpha: float = 0.0       # 0 = off; with both on, each batch picks one at random
+    grad_clip: float = 0.0          # max global gradient norm; 0 = off
+    patience: int = 0               # early stopping: epochs without improvement; 0 = off
+    min_delta: float = 0.0          # the smallest change that counts as an improvement
+    monitor: str = "val_accuracy"   # val_accuracy | val_loss: picks the best epoch and drives early stopping
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Weight decay on conv/linear weights only, not on norms and biases (the usual recipe);
+    frozen parameters left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(groups: list[dict], r: Recipe, lr: float) -> torch.optim.Optimizer:
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
+    if r.optimizer == "adam":
+        # Adam's own weight_decay is L2 added to the gradient: the classic form
+        return torch.optim.Adam(groups, lr=lr)
+    if r.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=r.momentum, alpha=0.9, eps=1e-3)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, r: Recipe, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimisation step `step` (0-based) of `total`."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    if r.scheduler == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if r.scheduler == "step":
+        return r.step_gamma ** (step // (r.step_epochs * steps_per_epoch))
+    return 1.0
+
+
+def make_scheduler(opt: torch.optim.Optimizer, r: Recipe, lr: float, epochs: int, steps_per_epoch: int):
+    total = max(1, epochs * steps_per_epoch)
+    if r.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+    warmup = int(round(r.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, r, steps_per_epoch))
+
+
+def make_mixer(r: Recipe, num_classes: int):
+    """torchvision's batch MixUp / CutMix (one λ per batch, soft targets), or None."""
+    if not (r.mixup_alpha or r.cutmix_alpha):
+        return None
+    from torchvision.transforms import v2
+
+    mixers = []
+    if r.mixup_alpha:
+        mixers.append(v2.MixUp(alpha=r.mixup_alpha, num_classes=num_classes))
+    if r.cutmix_alpha:
+        mixers.append(v2.CutMix(alpha=r.cutmix_alpha, num_classes=num_classes))
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class EarlyStopping:
+    """Tracks the monitored metric; `step()` says whether it improved, `should_stop` when
+    `patience` epochs passed without an improvement larger than `min_delta`."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float):
+        self.sign = -1.0 if monitor == "val_loss" else 1.0  # larger is better after the sign
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.best = -math.inf
+        self.wait = 0
+
+    def step(self, value: float) -> bool:
+        score = self.sign * value
+        if score > self.best + self.min_delta:
+            self.best, self.wait = score, 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.wait >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait = float(state["best"]), int(state["wait"])

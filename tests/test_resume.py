@@ -1,0 +1,72 @@
+"""Checkpoint/resume and determinism through the real train stage: SIGKILL mid-run, re-run,
+and the result equals an uninterrupted run, bit for bit (CPU)."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import clean_env, run, set_params
+
+
+def stage(project: Path, name: str) -> None:
+    run(["python", "-m", f"stages.{name}"], project)
+
+
+def outcome(project: Path) -> tuple[dict, pd.DataFrame, dict]:
+    stage(project, "evaluate")
+    history = pd.read_csv(project / "metrics/train_history.csv").drop(columns="images_per_second")
+    weights = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
+    return json.loads((project / "metrics/eval.json").read_text()), history, weights
+
+
+@pytest.fixture
+def prepared(project: Path) -> Path:
+    set_params(project, epochs=5, image_size=16, **{"augment.hflip": True, "train.label_smoothing": 0.1})
+    stage(project, "download")
+    stage(project, "prepare")
+    return project
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(prepared: Path):
+    stage(prepared, "train")
+    assert not (prepared / "checkpoints/last.pt").exists()  # removed once training completes
+    reference = outcome(prepared)
+
+    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = prepared / "checkpoints/last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and last.exists()
+    epoch_done = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= epoch_done < 5
+
+    out = run(["python", "-m", "stages.train"], prepared).stdout
+    assert f"resuming from checkpoints/last.pt after epoch {epoch_done}" in out
+    resumed = outcome(prepared)
+    assert resumed[0] == reference[0]
+    pd.testing.assert_frame_equal(resumed[1], reference[1])
+    for key, value in reference[2].items():
+        assert torch.equal(resumed[2][key], value), key
+
+
+def test_changed_params_start_fresh(prepared: Path):
+    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = prepared / "checkpoints/last.pt"
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    set_params(prepared, lr=0.001, epochs=1)
+    out = run(["python", "-m", "stages.train"], prepared).stdout
+    assert "made with other params, data or code; starting fresh" in out
+    assert len(pd.read_csv(prepared / "metrics/train_history.csv")) == 1
