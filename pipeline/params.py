@@ -74,6 +74,12 @@ class TrainParams(_Section):
         return [float(w) for w in value]
 
 
+class TransferParams(_Section):
+    unfreeze_stages: int = Field(1, ge=0)
+    head_epochs: int = Field(1, ge=1)
+    backbone_lr_mult: float = Field(1.0, gt=0, le=10)
+
+
 class MlflowParams(_Section):
     experiment: str = Field("image-classification", min_length=1)
 
@@ -87,9 +93,13 @@ class Params(_Section):
     lr: float = Field(0.003, gt=0, le=10)
     image_size: int = Field(32, ge=8, le=1024)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    pretrained: bool = False
+    weights: str | None = None
+    finetune: Literal["full", "linear_probe", "partial", "two_phase"] = "full"
     data: DataParams = DataParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
+    transfer: TransferParams = TransferParams()
     mlflow: MlflowParams = MlflowParams()
 
     @field_validator("dataset")
@@ -106,6 +116,13 @@ class Params(_Section):
         if self.image_size < (need := min_image_size(self.model)):
             raise ValueError(f"image_size={self.image_size}: {self.model} needs at least {need} px "
                              f"(e.g. -S image_size={max(need, 64)})")
+        return self
+
+    @model_validator(mode="after")
+    def _two_phase_needs_more_epochs(self) -> "Params":
+        if self.finetune == "two_phase" and self.transfer.head_epochs >= self.epochs:
+            raise ValueError(f"transfer.head_epochs={self.transfer.head_epochs}: two_phase needs fewer head epochs "
+                             f"than epochs={self.epochs}")
         return self
 
     @model_validator(mode="after")

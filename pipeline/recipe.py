@@ -28,14 +28,17 @@ class Recipe:
     monitor: str = "val_accuracy"   # val_accuracy | val_loss: picks the best epoch and drives early stopping
 
 
-def param_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0,
+                 head: set[str] | None = None) -> list[dict]:
     """Weight decay on conv/linear weights only, not on norms and biases (the usual recipe);
-    frozen parameters left out."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    backbone parameters (all but `head`) at lr × backbone_lr_mult. Frozen parameters are
+    included: they get no gradient, so no update, until a strategy unfreezes them."""
+    groups: dict[tuple[bool, bool], list] = {(b, d): [] for b in (True, False) for d in (True, False)}
+    for name, p in model.named_parameters():
+        groups[(head is not None and name not in head, p.ndim > 1)].append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+             "lr": lr * (backbone_lr_mult if backbone else 1.0)}
+            for (backbone, decay), ps in groups.items() if ps]
 
 
 def make_optimizer(groups: list[dict], r: Recipe, lr: float) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ from pipeline.augment import AugmentConfig, augment_batch, normalize
 from pipeline.checkpoint import predict_logits
 from pipeline.io import atomic_path
 from pipeline.recipe import EarlyStopping, Recipe, make_mixer, make_optimizer, make_scheduler, param_groups
+from pipeline.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class TrainConfig:
     seed: int
     recipe: Recipe = Recipe()
     augment: AugmentConfig = AugmentConfig()
+    finetune: str = "full"        # full | linear_probe | partial | two_phase (pipeline.transfer)
+    unfreeze_stages: int = 1      # partial: last N backbone stages train
+    head_epochs: int = 1          # two_phase: epochs of head-only training first
+    backbone_lr_mult: float = 1.0  # backbone lr = lr × this
     class_weights: list[float] | None = None  # loss weight per class; None: all 1
     sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
     device: str = "cpu"
@@ -170,7 +175,8 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
     forward = torch.compile(model) if cfg.compile else model
     y_train_t = torch.from_numpy(y_np).to(device)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
-    opt = make_optimizer(param_groups(model, r.weight_decay), r, cfg.lr)
+    head = head_parameter_names(model)
+    opt = make_optimizer(param_groups(model, r.weight_decay, cfg.lr, cfg.backbone_lr_mult, head), r, cfg.lr)
     sched = make_scheduler(opt, r, cfg.lr, cfg.epochs, steps_per_epoch)
     mixer = make_mixer(r, num_classes)
     stopper = EarlyStopping(r.monitor, r.patience, r.min_delta)
@@ -199,7 +205,13 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopper.should_stop:
             break
+        trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.unfreeze_stages, epoch,
+                                                           cfg.head_epochs))
+        if epoch == start_epoch or (cfg.finetune == "two_phase" and epoch == cfg.head_epochs + 1):
+            print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters train ({cfg.finetune})", flush=True)
         model.train()
+        freeze_batchnorm_stats(model)
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(_batches(epoch_order(y_np, cfg.sampler, gen), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (progress and sys.stderr.isatty()), leave=True,
@@ -242,8 +254,8 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
         train_seconds += epoch_seconds
         val_loss, val_acc = evaluate_split(model, *val_xy, mean, std)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
-               "images_per_second": seen / epoch_seconds}
+               "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[-1]["lr"],
+               "images_per_second": seen / epoch_seconds, "trainable_params": trainable}
         rows.append(row)
         summary = {"loss": f"{row['train_loss']:.4f}", "acc": f"{row['train_accuracy']:.4f}",
                    "val_loss": f"{val_loss:.4f}", "val_acc": f"{val_acc:.4f}",

@@ -17,7 +17,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.data import load_meta, load_split
 from pipeline.errors import UserError, run_cli
 from pipeline.io import atomic_path, write_json
-from pipeline.models import build_model
+from pipeline.transfer import build_transfer_model
 from pipeline.params import Params, load_params
 from pipeline.plots import learning_curves
 from pipeline.recipe import Recipe
@@ -59,17 +59,21 @@ def main() -> dict:
     arch_kwargs = arch_kwargs_for(params, len(classes))
     seed_everything(params.seed)  # the initial weights depend on the seed too
     try:
-        model = build_model(params.model, **arch_kwargs)
+        model, pretrained_prep = build_transfer_model(params.model, len(classes), params.pretrained, params.weights,
+                                                      {k: v for k, v in arch_kwargs.items() if k != "num_classes"})
     except TypeError as exc:  # e.g. drop_path_rate for a model without stochastic depth
         raise UserError(f"model={params.model!r} does not take these options: {exc}; "
                         "set train.drop_path: 0 (or train.dropout: null) for this model") from None
+    if pretrained_prep:  # pretrained weights expect their own normalisation
+        mean, std = pretrained_prep["mean"], pretrained_prep["std"]
     n_params = sum(p.numel() for p in model.parameters())
     train_xy = load_split("train", paths.PREPARED_DIR)
     t = params.train
     data_hash = files_hash(sorted(paths.PREPARED_DIR.iterdir()))
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, seed=params.seed,
                       recipe=Recipe(**t.model_dump(include=RECIPE_KEYS)),
-                      augment=AugmentConfig(**params.augment.model_dump()),
+                      augment=AugmentConfig(**params.augment.model_dump()), finetune=params.finetune,
+                      **params.transfer.model_dump(),
                       class_weights=resolve_class_weights(t.class_weights, train_xy[1], classes),
                       sampler=t.sampler, device=pick_device(t.device), precision=t.precision, compile=t.compile,
                       num_threads=t.num_threads, resume_path=paths.RESUME_CHECKPOINT,

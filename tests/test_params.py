@@ -65,9 +65,9 @@ def test_unknown_keys_list_the_allowed_ones():
     raw = dict(DEFAULTS, learning_rate=0.1)
     msg = error_of(raw)
     assert "unknown key 'learning_rate'" in msg and "lr" in msg and "epochs" in msg
-    raw = with_change("train.nesterov", True)
+    raw = with_change("train.nesterov_momentum", True)
     msg = error_of(raw)
-    assert "unknown key 'train.nesterov'" in msg and "optimizer" in msg and "momentum" in msg
+    assert "unknown key 'train.nesterov_momentum'" in msg and "optimizer" in msg and "momentum" in msg
 
 
 def test_unknown_model_suggests_close_names():

@@ -11,7 +11,7 @@ from pipeline.train import TrainConfig, seed_everything, train
 
 def lrs(recipe: Recipe, epochs=4, steps=10, lr=0.1) -> list[float]:
     model = torch.nn.Linear(2, 2)
-    opt = make_optimizer(param_groups(model, recipe.weight_decay), recipe, lr)
+    opt = make_optimizer(param_groups(model, recipe.weight_decay, lr), recipe, lr)
     sched = make_scheduler(opt, recipe, lr, epochs, steps)
     out = []
     for _ in range(epochs * steps):
@@ -25,7 +25,7 @@ def lrs(recipe: Recipe, epochs=4, steps=10, lr=0.1) -> list[float]:
                                        ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)])
 def test_optimizers_and_no_decay_on_norms_and_biases(name, cls):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    groups = param_groups(model, 0.05)
+    groups = param_groups(model, 0.05, 0.1)
     opt = make_optimizer(groups, Recipe(optimizer=name), 0.1)
     assert isinstance(opt, cls)
     assert [p.ndim for p in opt.param_groups[0]["params"]] == [4] and opt.param_groups[0]["weight_decay"] == 0.05
