@@ -61,6 +61,7 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    nproc: int = Field(1, ge=1, le=64)
     num_threads: int = Field(0, ge=0, le=256)
 
     @field_validator("class_weights", mode="before")

@@ -127,22 +127,40 @@ def evaluate_split(model: nn.Module, x: np.ndarray, y: np.ndarray, mean, std) ->
     return float(F.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
-def _rng_state(gen: torch.Generator) -> dict:
+def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate(),
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "aug_gen": aug_gen.get_state(),
+            "python": random.getstate(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+def _set_rng_state(state: dict, gen: torch.Generator, aug_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
+    aug_gen.set_state(state["aug_gen"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless running under torchrun with a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's part of an epoch's order, as DistributedSampler does: padded (wrapping
+    around) to a multiple of the world size, then every world-th index from `rank`."""
+    if world == 1:
+        return order
+    padded = np.resize(order, -(-len(order) // world) * world)
+    return padded[rank::world]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -160,19 +178,28 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
     """Train `model`; return the best-on-validation weights, the per-epoch history and a
     summary. `on_epoch(epoch, row)` is called after each epoch (MLflow logging). With
     `cfg.resume_path`, a checkpoint is written after every epoch and a matching one is resumed."""
-    threads = set_threads(cfg.num_threads)
-    gen = seed_everything(cfg.seed)
+    rank, world = distributed()
+    progress = progress and rank == 0
+    threads = set_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    gen = seed_everything(cfg.seed)  # the epoch order: the same on every rank
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + rank)  # augmentation: each rank its own
     r = cfg.recipe
     x_train, y_train = train_xy
     y_np = np.asarray(y_train)
     num_classes = int(head_out_features(model))
-    steps_per_epoch = len(_batches(np.arange(len(y_np)), cfg.batch_size))
+    steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
     device = torch.device(cfg.device)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     amp_dtype, scaler = _autocast(device, cfg.precision)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
+    forward = torch.compile(forward) if cfg.compile else forward
     y_train_t = torch.from_numpy(y_np).to(device)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
     head = head_parameter_names(model)
@@ -193,13 +220,15 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             stopper.load_state_dict(ckpt["early_stopping"])
             rows, best_state, best_epoch = ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
             start_epoch = ckpt["epoch"] + 1
-            _set_rng_state(ckpt["rng"], gen)
-            print(f"train: resuming from {cfg.resume_path} after epoch {ckpt['epoch']}", flush=True)
+            _set_rng_state(ckpt["rng"], gen, aug_gen)
+            if rank == 0:
+                print(f"train: resuming from {cfg.resume_path} after epoch {ckpt['epoch']}", flush=True)
             for row in rows:  # the new run gets the whole curve
-                if on_epoch:
+                if on_epoch and rank == 0:
                     on_epoch(row["epoch"], row)
         else:
-            print(f"train: {cfg.resume_path} was made with other params, data or code; starting fresh", flush=True)
+            if rank == 0:
+                print(f"train: {cfg.resume_path} was made with other params, data or code; starting fresh", flush=True)
 
     train_images, train_seconds = 0, 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -207,20 +236,21 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             break
         trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.unfreeze_stages, epoch,
                                                            cfg.head_epochs))
-        if epoch == start_epoch or (cfg.finetune == "two_phase" and epoch == cfg.head_epochs + 1):
+        if progress and (epoch == start_epoch or (cfg.finetune == "two_phase" and epoch == cfg.head_epochs + 1)):
             print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
                   f"parameters train ({cfg.finetune})", flush=True)
         model.train()
         freeze_batchnorm_stats(model)
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(_batches(epoch_order(y_np, cfg.sampler, gen), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
+        order = shard(epoch_order(y_np, cfg.sampler, gen), rank, world)
+        bar = tqdm(_batches(order, cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (progress and sys.stderr.isatty()), leave=True,
                    mininterval=0.5, dynamic_ncols=True)
         for idx in bar:
             idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
             xb = torch.from_numpy(x_train[idx]).to(device, non_blocking=True)
             yb = y_train_t[idx]
-            xb = normalize(augment_batch(xb, cfg.augment, mean, gen), mean, std)
+            xb = normalize(augment_batch(xb, cfg.augment, mean, aug_gen), mean, std)
             target = yb
             if mixer is not None:
                 xb, target = mixer(xb, yb)  # soft targets, one λ per batch
@@ -249,6 +279,10 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+        if world > 1:  # every rank's share of the epoch, summed
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
         epoch_seconds = time.perf_counter() - t0
         train_images += seen
         train_seconds += epoch_seconds
@@ -267,15 +301,15 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
         if stopper.step(row[r.monitor]):
             best_epoch = epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if on_epoch:
+        if on_epoch and rank == 0:
             on_epoch(epoch, row)
-        if cfg.resume_path:
+        if cfg.resume_path and rank == 0:
             with atomic_path(cfg.resume_path) as tmp:
                 torch.save({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(),
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                             "scaler": scaler.state_dict() if scaler else None,
                             "early_stopping": stopper.state_dict(), "history": rows, "best_state": best_state,
-                            "best_epoch": best_epoch, "rng": _rng_state(gen)}, tmp)
+                            "best_epoch": best_epoch, "rng": _rng_state(gen, aug_gen)}, tmp)
         if stopper.should_stop and progress:
             print(f"train: early stopping after epoch {epoch}: {r.monitor} has not improved by more than "
                   f"{r.min_delta} for {r.patience} epochs; best epoch {best_epoch}", flush=True)
@@ -286,7 +320,9 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
                "best_val_loss": float(best["val_loss"]), "epochs_run": len(rows),
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs),
                "train_images_per_second": train_images / train_seconds if train_seconds else 0.0,
-               "train_seconds": train_seconds, "threads": threads}
-    if cfg.resume_path:
+               "train_seconds": train_seconds, "threads": threads, "processes": world}
+    if world > 1:
+        torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
+    if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
     return TrainResult(best_state, best_epoch, history, metrics)

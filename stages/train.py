@@ -8,7 +8,12 @@ stage is re-run with the same params, data and code; deleted when training compl
 Run: `dvc repro train`."""
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 import pipeline
 from pipeline import paths, tracking
@@ -52,8 +57,33 @@ def arch_kwargs_for(params: Params, num_classes: int) -> dict:
     return kwargs
 
 
-def main() -> dict:
+def launch_torchrun(nproc: int) -> None:
+    """Re-run this stage as `nproc` DDP processes on this machine (torchrun --standalone)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "stages.train"]
+    print(f"train: launching {' '.join(cmd[1:])}", flush=True)
+    sys.exit(subprocess.run(cmd).returncode)
+
+
+def main() -> dict | None:
     params = load_params()
+    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        launch_torchrun(params.train.nproc)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(params.train.device)
+    if world > 1:
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return _train(params, device, rank)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(params: Params, device: str, rank: int) -> dict | None:
     meta = load_meta(paths.PREPARED_DIR)
     mean, std, classes = meta["mean"], meta["std"], meta["classes"]
     arch_kwargs = arch_kwargs_for(params, len(classes))
@@ -75,11 +105,14 @@ def main() -> dict:
                       augment=AugmentConfig(**params.augment.model_dump()), finetune=params.finetune,
                       **params.transfer.model_dump(),
                       class_weights=resolve_class_weights(t.class_weights, train_xy[1], classes),
-                      sampler=t.sampler, device=pick_device(t.device), precision=t.precision, compile=t.compile,
+                      sampler=t.sampler, device=device, precision=t.precision, compile=t.compile,
                       num_threads=t.num_threads, resume_path=paths.RESUME_CHECKPOINT,
                       fingerprint=fingerprint(params, data_hash))
     paths.RESUME_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
 
+    if rank > 0:  # DDP workers train; rank 0 logs, checkpoints and writes the outputs
+        train(model, train_xy, load_split("val", paths.PREPARED_DIR), mean, std, cfg)
+        return None
     tags = tracking.run_tags(params.dataset, params.model) | {"data_hash": data_hash}
     run_id = tracking.start_run(params.mlflow.experiment, params.flat(), tags, paths.MLFLOW_RUN)
     print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {meta['counts']['train']} images, "

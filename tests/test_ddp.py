@@ -1,0 +1,27 @@
+"""Distributed training for real: `train.nproc: 2` runs the train stage under torchrun with
+DDP on the CPU (gloo): one checkpoint, one MLflow run, metrics over both processes."""
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run, set_params
+
+
+def test_torchrun_two_processes(project: Path):
+    set_params(project, **{"train.nproc": 2, "epochs": 2})
+    for stage in ("download", "prepare"):
+        run(["python", "-m", f"stages.{stage}"], project)
+    out = run(["python", "-m", "stages.train"], project)
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in out.stdout
+    summary = json.loads((project / "metrics/train.json").read_text())
+    assert summary["processes"] == 2 and summary["threads"] == 1
+    assert summary["best_val_accuracy"] > 0.5
+    assert (project / "models/model.pt").exists() and not (project / "checkpoints/last.pt").exists()
+    assert out.stdout.count("train: best epoch") == 1  # rank 0 alone reports and writes
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    run(["python", "-m", "stages.evaluate"], project)  # the checkpoint is a plain one (no DDP prefixes)
