@@ -7,7 +7,7 @@ value and what is allowed, before the stage touches any output.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,7 +92,7 @@ class Params(_Section):
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     lr: float = Field(0.003, gt=0, le=10)
-    image_size: int = Field(32, ge=8, le=1024)
+    image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     pretrained: bool = False
     weights: str | None = None
@@ -114,7 +114,7 @@ class Params(_Section):
     def _image_size_fits_the_model(self) -> "Params":
         from pipeline.models import min_image_size
 
-        if self.image_size < (need := min_image_size(self.model)):
+        if self.image_size != "auto" and self.image_size < (need := min_image_size(self.model)):
             raise ValueError(f"image_size={self.image_size}: {self.model} needs at least {need} px "
                              f"(e.g. -S image_size={max(need, 64)})")
         return self
@@ -141,6 +141,23 @@ class Params(_Section):
         if problem := model_name_problem(value):
             raise ValueError(problem)
         return value
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 8 <= value <= 1024):
+            return value
+        raise ValueError("use auto or a whole number of pixels from 8 to 1024")
+
+    @property
+    def size(self) -> int:
+        """image_size in pixels: `auto` is 32, or the model's minimum when larger (AlexNet: 64)."""
+        from pipeline.models import min_image_size
+
+        if self.image_size == "auto":
+            need = min_image_size(self.model)
+            return 32 if need <= 32 else 1 << (need - 1).bit_length()
+        return self.image_size
 
     def flat(self) -> dict[str, Any]:
         """All params as `section.key: value`, for MLflow."""

@@ -1,7 +1,7 @@
 """Stage `prepare`: decode every image once, resize, split (seeded, stratified), train-split
 statistics, manifest, data report, augmentation preview.
 
-Reads params: dataset, data_dir, image_size, seed, data, augment. Reads: data/raw/ (or
+Reads params: dataset, data_dir, image_size (and model, for image_size: auto), seed, data, augment. Reads: data/raw/ (or
 data_dir for dataset=folder). Writes: data/prepared/ ({split}_x.npy, {split}_y.npy,
 meta.json, manifest.csv), metrics/data_report.{json,md}, metrics/augmented_samples.png.
 Run: `dvc repro prepare`."""
@@ -24,7 +24,7 @@ from pipeline.report import data_report, summary_line, to_markdown
 def main() -> dict:
     params = load_params()
     source = load_source(params.dataset, paths.RAW_DIR, Path(params.data_dir))
-    meta = prepare(source, params.image_size, params.data.val_fraction, params.data.test_fraction,
+    meta = prepare(source, params.size, params.data.val_fraction, params.data.test_fraction,
                    params.seed, paths.PREPARED_DIR, resize_policy=params.data.resize, progress=True)
     manifest = pd.read_csv(paths.MANIFEST, keep_default_na=False, dtype=str)
     report = data_report(manifest, meta["classes"], source.notes)
@@ -33,7 +33,7 @@ def main() -> dict:
         tmp.write_text(to_markdown(report, manifest))
     counts = meta["counts"]
     print(f"prepare: {params.dataset}, {len(meta['classes'])} classes, train/val/test = "
-          f"{counts['train']}/{counts['val']}/{counts['test']} images at {params.image_size}px; "
+          f"{counts['train']}/{counts['val']}/{counts['test']} images at {params.size}px; "
           f"mean={np.round(meta['mean'], 4).tolist()} std={np.round(meta['std'], 4).tolist()}")
     print(f"prepare: {summary_line(report)} (details: {paths.DATA_REPORT_MD})")
 
