@@ -75,3 +75,38 @@ def test_queued_experiments_log_into_the_main_store(project: Path):
     assert "test_accuracy" in by_name["q-lr-004"].data.metrics
     # nothing was written into the (deleted) temporary copies: the store is the main repo's
     assert (project / "mlflow.db").exists() and not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def write_messy_folder(root: Path) -> None:
+    """Three classes of 12 distinguishable images each in a pre-split layout, with bad files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for split, count in (("train", 12), ("valid", 4)):
+        for name, colour in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-25, 26, (20, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'JPG'}")
+    (root / "train" / "red" / "empty.png").write_bytes(b"")
+    (root / "train" / "green" / "fake.jpg").write_text("not an image")
+    (root / "train" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "train" / "yellow").mkdir()  # an empty class folder: ignored, reported
+
+
+def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
+    images = tmp_path / "images"
+    write_messy_folder(images)
+    run(["dvc", "exp", "run", "-S", "dataset=folder", "-S", f"data_dir={images}", "-S", "epochs=3",
+         "--name", "folder-exp"], project)
+    report = json.loads((project / "metrics/data_report.json").read_text())
+    assert report["per_split"]["val"] == 12 and report["images_used"] == 48
+    assert report["skipped_by_reason"].get("empty file") == 1
+    assert sum(report["skipped_by_reason"].values()) == report["files_skipped"] >= 2
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["n_test"] > 0 and evaluation["accuracy"] > 0.5
+    _, runs = runs_by_exp(project)
+    assert {r.data.tags.get("dvc_exp_name"): r.data.tags["dataset"] for r in runs}["folder-exp"] == "folder"

@@ -1,0 +1,168 @@
+"""The user's own images as a data set: class folders, in either layout.
+
+    root/<class>/**/*.jpg                       split by prepare (stratified, seeded)
+    root/{train, val|valid|validation, test}/<class>/**/*.jpg   splits kept; missing ones carved out of train
+
+Every file under a class folder is considered and ends up in the manifest: used, or skipped
+with its reason (hidden file, not an image extension, empty file, duplicate, conflicting
+labels here; truncated / corrupt / unreadable when prepare decodes it). Files are read once
+here to hash them (sha256 of the bytes: duplicates and conflicting labels) and decoded once
+by prepare; the OS page cache makes the second read cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import UserError
+from pipeline.source import BadImage, Source
+
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "": 0}
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(root: Path) -> list[tuple[str, str, Path]]:
+    """(split, class, folder) for every class folder; split '' in the unsplit layout."""
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    splits = {d.name.lower(): d for d in dirs if d.name.lower() in SPLIT_NAMES}
+    if splits:
+        return [(SPLIT_NAMES[name], c.name, c) for name, d in sorted(splits.items(), key=lambda kv: SPLIT_ORDER[SPLIT_NAMES[kv[0]]])
+                for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    return [("", d.name, d) for d in dirs]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan_folder(root: Path) -> Source:
+    """Find every candidate image under `root`, hash it, and set aside what cannot be used
+    before decoding: hidden files, other extensions, empty files, duplicates, conflicts."""
+    if not root.is_dir():
+        raise UserError(f"data_dir={str(root)!r} is not a folder; expected root/<class>/*.jpg "
+                        "or root/train|val|test/<class>/*.jpg")
+    class_dirs = _class_dirs(root)
+    stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    skipped: list[dict] = []
+    candidates: list[tuple[str, str, Path, str]] = []  # split, class, path, hash
+    files_per_class: dict[str, int] = defaultdict(int)
+    empty_dirs = []
+    for split, cls, folder in class_dirs:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if not files:
+            empty_dirs.append(str(folder.relative_to(root)))
+            continue
+        files_per_class[cls] += len(files)
+        for path in files:
+            rel = str(path.relative_to(root))
+            reason = ("hidden file" if _hidden(path, root) else
+                      "not an image extension" if path.suffix.lower() not in EXTENSIONS else "")
+            if not reason:
+                try:
+                    if path.stat().st_size == 0:
+                        reason = "empty file"
+                    else:
+                        candidates.append((split, cls, path, _sha256(path)))
+                        continue
+                except OSError as exc:
+                    reason = f"unreadable: {exc.strerror}"
+            skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": ""})
+    classes = sorted(files_per_class)
+    if not class_dirs:
+        raise UserError(f"data_dir={str(root)!r} has no class folders; expected root/<class>/*.jpg "
+                        "or root/train|val|test/<class>/*.jpg")
+    if len(classes) < 2:
+        raise UserError(f"data_dir={str(root)!r} has {len(classes)} class folder(s) with files "
+                        f"({', '.join(classes) or 'none'}); at least 2 classes are needed")
+
+    # Duplicates (same bytes, same class): keep the first; conflicts (same bytes, other classes): skip all.
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, _, digest) in enumerate(candidates):
+        by_hash[digest].append(i)
+    drop: dict[int, str] = {}
+    conflicts = 0
+    for digest, idx in by_hash.items():
+        labels = sorted({candidates[i][1] for i in idx})
+        if len(labels) > 1:
+            conflicts += 1
+            drop.update({i: f"conflicting labels: {', '.join(labels)}" for i in idx})
+        elif len(idx) > 1:
+            first = min(idx, key=lambda i: (SPLIT_ORDER[candidates[i][0]], str(candidates[i][2])))
+            drop.update({i: f"duplicate of {candidates[first][2].relative_to(root)}" for i in idx if i != first})
+    for i, reason in drop.items():
+        split, cls, path, digest = candidates[i]
+        skipped.append({"path": str(path.relative_to(root)), "class": cls, "split": split, "reason": reason,
+                        "hash": digest})
+    kept = [c for i, c in enumerate(candidates) if i not in drop]
+    index = {c: k for k, c in enumerate(classes)}
+    layout = "pre-split" if any(s for s, _, _ in class_dirs) else "class folders"
+    return Source(
+        classes=classes,
+        items=[path for _, _, path, _ in kept],
+        labels=np.array([index[cls] for _, cls, _, _ in kept], dtype=np.int64),
+        decode=decode_image,
+        splits=[split for split, _, _, _ in kept] if layout == "pre-split" else None,
+        names=[str(path.relative_to(root)) for _, _, path, _ in kept],
+        hashes=[digest for _, _, _, digest in kept],
+        skipped=skipped,
+        notes={"layout": layout, "duplicates": sum(r.startswith("duplicate") for r in drop.values()),
+               "conflicting_images": conflicts, "empty_class_folders": empty_dirs, "stray_files": stray},
+    )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB, correctly: alpha composited on white (not dropped into whatever
+    colour the transparent pixels hold), 16/32-bit grayscale scaled by its range (not clipped),
+    CMYK and palettes through Pillow's own conversions."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16) >> 8  # 0..65535 → 0..255
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "I":  # 32-bit ints: PNG stores 16-bit grayscale this way in some Pillow versions
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if arr.max() > 255 else 255
+        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: Path, size_hint: int) -> Image.Image:
+    """Open, fully decode (so truncation shows here) and convert one file to RGB.
+    Raises `BadImage(reason)` for anything that is not a usable image."""
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG" and size_hint:
+                img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise BadImage("decompression bomb (more pixels than Pillow's limit)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (cannot identify)") from None
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise BadImage("truncated image") from None
+        raise BadImage(f"unreadable: {exc.strerror or exc}") from None
+    except (SyntaxError, ValueError) as exc:  # Pillow raises these for some broken headers
+        raise BadImage(f"corrupt image: {exc}") from None
+

@@ -1,0 +1,147 @@
+"""The user's folder data set, with every kind of file real folders contain; asserts exactly
+what is used, skipped (with reason) and reported, and the RGB each image mode becomes."""
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.data import load_meta, prepare
+from pipeline.errors import UserError
+from pipeline.folder import decode_image, scan_folder
+from pipeline.source import BadImage
+
+RNG = np.random.default_rng(0)
+
+
+def photo(seed: int, size=(20, 24)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3)).astype(np.uint8)
+
+
+def jpeg_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def build_messy(root: Path) -> dict[str, str]:
+    """Pre-split layout (train/ + valid/, no test/). Returns {relative path: expected reason ('' = used)}."""
+    expected: dict[str, str] = {}
+
+    def put(rel: str, reason: str, writer) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path)
+        expected[rel] = reason
+
+    for split, n in (("train", 6), ("valid", 2)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                put(f"{split}/{cls}/{i}.png", "", lambda p, s=hash((split, cls, i)) % 10_000: Image.fromarray(photo(s)).save(p))
+    # mixed formats and modes, all usable
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = RNG.integers(0, 256, (16, 16, 3))  # noise under full transparency
+    rgba[:8, :, 3] = 255
+    rgba[:8, :, :3] = (10, 200, 30)
+    put("train/cat/rgba.png", "", lambda p: Image.fromarray(rgba, "RGBA").save(p))
+    put("train/cat/gray.jpeg", "", lambda p: Image.fromarray(photo(1)[..., 0], "L").save(p))
+    pal = Image.fromarray(photo(2)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    put("train/dog/palette.gif", "", lambda p: pal.save(p, transparency=0))
+    put("train/dog/cmyk.jpg", "", lambda p: Image.new("CMYK", (16, 16), (255, 0, 0, 0)).save(p, "JPEG", quality=100))
+    deep = np.full((16, 16), 65535, np.uint16)
+    deep[8:] = 32768
+    put("train/dog/deep16.png", "", lambda p: Image.fromarray(deep).save(p))
+    put("train/dog/photo.BMP", "", lambda p: Image.fromarray(photo(3)).save(p, "BMP"))
+    put("train/dog/photo.webp", "", lambda p: Image.fromarray(photo(4)).save(p, "WEBP"))
+    put("train/cat/photo.tiff", "", lambda p: Image.fromarray(photo(5)).save(p, "TIFF"))
+    put("valid/dog/UPPER.JPG", "", lambda p: p.write_bytes(jpeg_bytes(photo(6))))
+    # files that must be skipped, each with its reason
+    put("train/cat/empty.png", "empty file", lambda p: p.write_bytes(b""))
+    put("train/cat/truncated.jpg", "truncated image", lambda p: p.write_bytes(jpeg_bytes(photo(7, (64, 64)))[:600]))
+    put("train/dog/fake.jpg", "not an image (cannot identify)", lambda p: p.write_text("this is text"))
+    put("train/.DS_Store", None, lambda p: p.write_bytes(b"\0\1\2"))  # not in a class folder: ignored
+    put("train/dog/.DS_Store", "hidden file", lambda p: p.write_bytes(b"\0\1\2"))
+    put("train/dog/._photo.jpg", "hidden file", lambda p: p.write_bytes(b"\0\5\6"))
+    put("train/cat/notes.txt", "not an image extension", lambda p: p.write_text("labels checked"))
+    put("train/cat/dup.png", "duplicate of train/cat/0.png", lambda p: p.write_bytes((root / "train/cat/0.png").read_bytes()))
+    twin = jpeg_bytes(photo(8))
+    put("train/cat/twin.jpg", "conflicting labels: cat, dog", lambda p: p.write_bytes(twin))
+    put("train/dog/twin.jpg", "conflicting labels: cat, dog", lambda p: p.write_bytes(twin))
+    (root / "train" / "bird").mkdir()  # an empty class folder
+    del expected["train/.DS_Store"]
+    return expected
+
+
+def test_messy_folder_used_skipped_and_reported(tmp_path: Path):
+    root = tmp_path / "images"
+    expected = build_messy(root)
+    source = scan_folder(root)
+    assert source.classes == ["cat", "dog"]  # the empty 'bird' folder is not a class
+    assert source.notes["layout"] == "pre-split" and source.notes["empty_class_folders"] == ["train/bird"]
+    meta = prepare(source, 16, 0.15, 0.15, 0, tmp_path / "prepared")
+    manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv", keep_default_na=False)
+    got = {r.path: (r.reason if r.status == "skipped" else "") for r in manifest.itertuples()}
+    assert got == expected
+    used = manifest[manifest.status == "used"]
+    assert set(used.split) == {"train", "val", "test"}  # valid/ kept as val, test carved out of train
+    assert (used[used.path.str.startswith("valid/")].split == "val").all()
+    assert len(used[used.split == "val"]) == 5 and meta["counts"]["val"] == 5
+    assert used.hash.str.len().eq(64).all()
+
+
+def test_modes_become_the_right_rgb(tmp_path: Path):
+    root = tmp_path / "images"
+    build_messy(root)
+    rgba = np.asarray(decode_image(root / "train/cat/rgba.png", 16))
+    assert (rgba[:8] == (10, 200, 30)).all() and (rgba[8:] == 255).all()  # transparent → white, not noise
+    deep = np.asarray(decode_image(root / "train/dog/deep16.png", 16))
+    assert (deep[:8] == 255).all() and (deep[8:] == 128).all()  # 16-bit scaled, not clipped
+    cyan = np.asarray(decode_image(root / "train/dog/cmyk.jpg", 16)).reshape(-1, 3).mean(0)
+    assert cyan[0] < 40 and cyan[1] > 215 and cyan[2] > 215
+    gray = np.asarray(decode_image(root / "train/cat/gray.jpeg", 16))
+    assert gray.shape == (20, 24, 3) and (gray[..., 0] == gray[..., 1]).all()
+    for name in ("train/dog/palette.gif", "train/dog/photo.webp", "train/cat/photo.tiff", "valid/dog/UPPER.JPG"):
+        img = decode_image(root / name, 16)
+        assert img.mode == "RGB" and img.size == (24, 20), name
+    for name, reason in (("train/cat/truncated.jpg", "truncated image"),
+                         ("train/dog/fake.jpg", "not an image (cannot identify)")):
+        with pytest.raises(BadImage, match=re.escape(reason)):
+            decode_image(root / name, 16)
+
+
+def test_class_folder_layout_is_split_stratified(tmp_path: Path):
+    for cls in ("a", "b", "c"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(photo(hash((cls, i)) % 10_000, (9, 9))).save(tmp_path / "imgs" / cls / f"{i}.png")
+    source = scan_folder(tmp_path / "imgs")
+    assert source.splits is None and source.notes["layout"] == "class folders"
+    meta = prepare(source, 8, 0.2, 0.2, 0, tmp_path / "prepared")
+    assert meta["counts"] == {"train": 18, "val": 6, "test": 6}
+    assert load_meta(tmp_path / "prepared")["classes"] == ["a", "b", "c"]
+
+
+def test_a_class_with_no_usable_image_is_an_error(tmp_path: Path):
+    for cls in ("good", "bad"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(photo(i, (9, 9))).save(tmp_path / "imgs" / "good" / f"{i}.png")
+    (tmp_path / "imgs" / "bad" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(UserError, match="class 'bad' has no usable image"):
+        prepare(scan_folder(tmp_path / "imgs"), 8, 0.2, 0.2, 0, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_folder_errors(tmp_path: Path):
+    with pytest.raises(UserError, match="is not a folder"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    Image.fromarray(photo(0, (9, 9))).save(tmp_path / "one" / "only" / "x.png")
+    with pytest.raises(UserError, match="at least 2 classes"):
+        scan_folder(tmp_path / "one")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UserError, match="no class folders"):
+        scan_folder(tmp_path / "none")
