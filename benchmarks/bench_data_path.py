@@ -7,7 +7,8 @@ taken side by side are what we track):
      of bare forward+backward+step on a tensor already in memory; same model, batch, threads.
      Target ≥ 0.95 (resnet18, 32 px, CPU).
   2. against the tutorial way (torchvision ImageFolder + PIL transforms + DataLoader with
-     workers) on the same image files, same model: epoch time ratio. Target: ours ≥ 1.5× faster.
+     workers) on the same image files, same model: images/s ratio. Target: ours ≥ 1.5× faster.
+  Both for resnet18 (compute-bound on a CPU) and our small CNN (where the data path shows).
   3. prepare throughput on the 60,000 real CIFAR-10 JPEGs (scan + decode + resize + split +
      write) ÷ a bare PIL open+decode loop over the same files. Target: within 1.5× (ratio ≥ 0.67).
      Peak memory (max RSS) of prepare and of one training epoch, each in its own process.
@@ -50,16 +51,20 @@ def phase_bare_decode(images: Path) -> dict:
     return {"files": len(files), "images_per_s": len(files) / (time.perf_counter() - t0)}
 
 
-def phase_prepare(images: Path, out: Path) -> dict:
-    from pipeline.data import prepare
+def phase_prepare(images: Path, out: Path, single: bool = False) -> dict:
+    from pipeline import data
     from pipeline.folder import scan_folder
 
+    if single:
+        data._PARALLEL_FROM = 1 << 62  # decode in-process, like the bare loop
     t0 = time.perf_counter()
     source = scan_folder(images)
-    meta = prepare(source, 32, 0.1, 0.15, 0, out)
+    scan_seconds = time.perf_counter() - t0
+    meta = data.prepare(source, 32, 0.1, 0.15, 0, out)
     seconds = time.perf_counter() - t0
     n = sum(meta["counts"].values())
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_rss_mb": peak_rss_mb()}
+    return {"images": n, "seconds": seconds, "scan_seconds": scan_seconds, "images_per_s": n / seconds,
+            "decode_processes": data.decode_workers(len(source.items)), "peak_rss_mb": peak_rss_mb()}
 
 
 def _subset(prepared: Path, n: int):
@@ -71,7 +76,7 @@ def _subset(prepared: Path, n: int):
     return x[:n], np.asarray(y[:n]), load_meta(prepared)
 
 
-def phase_loop(prepared: Path, n: int, batch_size: int) -> dict:
+def phase_loop(prepared: Path, n: int, batch_size: int, arch: str) -> dict:
     """The real training loop (pipeline.train.train), one epoch, plus a bare loop on the
     same model for the same number of steps, in one process, same threads."""
     import torch
@@ -88,9 +93,10 @@ def phase_loop(prepared: Path, n: int, batch_size: int) -> dict:
 
     def bare() -> float:
         seed_everything(0)
-        model = build_model("resnet18", num_classes=10).train()
+        # the compute our loop runs: channels_last, as pipeline.train uses
+        model = build_model(arch, num_classes=10).train().to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-        xb = torch.randn(batch_size, 3, 32, 32)
+        xb = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         yb = torch.randint(0, 10, (batch_size,))
         steps = len(y) // batch_size
         t0 = time.perf_counter()
@@ -103,7 +109,7 @@ def phase_loop(prepared: Path, n: int, batch_size: int) -> dict:
 
     def real() -> tuple[float, float]:
         seed_everything(0)
-        model = build_model("resnet18", num_classes=10)
+        model = build_model(arch, num_classes=10)
         # validation on 2 images only: the epoch figure below is the batch loop alone
         result = train(model, (x, y), (x[:2], y[:2]), meta["mean"], meta["std"], cfg, progress=True)
         row = result.history.iloc[0]
@@ -117,8 +123,8 @@ def phase_loop(prepared: Path, n: int, batch_size: int) -> dict:
             "real_images_per_s": real_ips, "real_epoch_seconds": real_seconds, "peak_rss_mb": peak_rss_mb()}
 
 
-def phase_tutorial(images: Path, n: int, batch_size: int, workers: int) -> dict:
-    """torchvision ImageFolder + PIL transforms + DataLoader(workers), one epoch of resnet18."""
+def phase_tutorial(images: Path, n: int, batch_size: int, workers: int, arch: str) -> dict:
+    """torchvision ImageFolder + PIL transforms + DataLoader(workers), one epoch, as the tutorials write it."""
     import torch
     import torch.nn.functional as F
     from torchvision import datasets, transforms
@@ -132,7 +138,7 @@ def phase_tutorial(images: Path, n: int, batch_size: int, workers: int) -> dict:
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=False)
     seed_everything(0)
-    model = build_model("resnet18", num_classes=len(ds.classes)).train()
+    model = build_model(arch, num_classes=len(ds.classes)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     t0 = time.perf_counter()
     seen = 0
@@ -174,18 +180,21 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=5000, help="images in the timed training epochs")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the tutorial baseline")
+    ap.add_argument("--models", default="resnet18,original", help="models for comparisons 1 and 2")
     args = ap.parse_args()
     if args.phase:
         name, *rest = args.phase
         fn = {"bare_decode": lambda: phase_bare_decode(Path(rest[0])),
-              "prepare": lambda: phase_prepare(Path(rest[0]), Path(rest[1])),
-              "loop": lambda: phase_loop(Path(rest[0]), int(rest[1]), int(rest[2])),
-              "tutorial": lambda: phase_tutorial(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))}[name]
+              "prepare": lambda: phase_prepare(Path(rest[0]), Path(rest[1]), rest[2:] == ["single"]),
+              "loop": lambda: phase_loop(Path(rest[0]), int(rest[1]), int(rest[2]), rest[3]),
+              "tutorial": lambda: phase_tutorial(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), rest[4])}[name]
         print(json.dumps(fn()))
         return
     if not ARCHIVE.exists():
         print(f"SKIP: {ARCHIVE} not found; this benchmark needs the CIFAR-10 JPEG archive from ../shared/data")
         return
+    models = args.models.split(",")
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
         with tarfile.open(ARCHIVE) as tar:
@@ -193,24 +202,36 @@ def main() -> None:
         images = tmp / "cifar10"
         subset = make_subset(images / "train", tmp / "subset", args.train_images)
         print("3. prepare vs bare PIL decode on all CIFAR-10 JPEGs ...", flush=True)
-        bare = run_phase("bare_decode", str(images))
-        prep = run_phase("prepare", str(images), str(tmp / "prepared"))
-        print("1. real train loop vs bare forward/backward/step (resnet18, 32 px) ...", flush=True)
-        loop = run_phase("loop", str(tmp / "prepared"), str(args.train_images), str(args.batch_size))
-        print("2. tutorial ImageFolder + DataLoader epoch ...", flush=True)
-        tut = run_phase("tutorial", str(subset), str(args.train_images), str(args.batch_size), str(args.workers))
-
-    eff = loop["real_images_per_s"] / loop["bare_images_per_s"]
-    speedup = tut["epoch_seconds"] / loop["real_epoch_seconds"] * (loop["images"] / tut["images"])
-    prep_ratio = prep["images_per_s"] / bare["images_per_s"]
-    print(json.dumps({"bare_decode": bare, "prepare": prep, "loop": loop, "tutorial": tut}, indent=1))
-    print(f"\n1. train-loop efficiency      {eff:.3f}  (real {loop['real_images_per_s']:.0f} img/s ÷ bare "
-          f"{loop['bare_images_per_s']:.0f} img/s, {loop['threads']} threads, batch {args.batch_size})  target ≥ 0.95")
-    print(f"2. speed-up vs tutorial path  {speedup:.2f}× (tutorial {tut['images_per_s']:.0f} img/s with "
-          f"{tut['workers']} workers, ours {loop['real_images_per_s']:.0f} img/s)  target ≥ 1.5×")
-    print(f"3. prepare ÷ bare decode      {prep_ratio:.2f}  (prepare {prep['images_per_s']:.0f} img/s over "
-          f"{prep['images']} images, bare PIL {bare['images_per_s']:.0f} img/s)  target ≥ 0.67")
-    print(f"   peak memory: prepare {prep['peak_rss_mb']:.0f} MB, one training epoch {loop['peak_rss_mb']:.0f} MB")
+        results["bare_decode"] = run_phase("bare_decode", str(images))  # also warms the page cache
+        results["prepare"] = run_phase("prepare", str(images), str(tmp / "prepared"))
+        results["prepare_1proc"] = run_phase("prepare", str(images), str(tmp / "prepared1"), "single")
+        for arch in models:
+            print(f"1. real train loop vs bare forward/backward/step ({arch}, 32 px) ...", flush=True)
+            results[f"loop_{arch}"] = run_phase("loop", str(tmp / "prepared"), str(args.train_images),
+                                                str(args.batch_size), arch)
+            print(f"2. tutorial ImageFolder + DataLoader epoch ({arch}) ...", flush=True)
+            results[f"tutorial_{arch}"] = run_phase("tutorial", str(subset), str(args.train_images),
+                                                    str(args.batch_size), str(args.workers), arch)
+    print(json.dumps(results, indent=1))
+    bare, prep, prep1 = results["bare_decode"], results["prepare"], results["prepare_1proc"]
+    print()
+    for arch in models:
+        loop, tut = results[f"loop_{arch}"], results[f"tutorial_{arch}"]
+        eff = loop["real_images_per_s"] / loop["bare_images_per_s"]
+        speedup = loop["real_images_per_s"] / tut["images_per_s"]
+        print(f"1. train-loop efficiency, {arch:<9} {eff:.3f}  (real {loop['real_images_per_s']:.0f} img/s ÷ bare "
+              f"{loop['bare_images_per_s']:.0f} img/s, {loop['threads']} threads, batch {args.batch_size})  target ≥ 0.95")
+        print(f"2. speed-up vs tutorial, {arch:<9} {speedup:.2f}×  (ours {loop['real_images_per_s']:.0f} img/s, "
+              f"tutorial {tut['images_per_s']:.0f} img/s with {tut['workers']} workers)  target ≥ 1.5×")
+    print(f"3. prepare ÷ bare decode        {prep['images_per_s'] / bare['images_per_s']:.2f}  (prepare "
+          f"{prep['images_per_s']:.0f} img/s over {prep['images']} images with {prep['decode_processes']} decode "
+          f"processes, scan {prep['scan_seconds']:.1f} s; bare PIL {bare['images_per_s']:.0f} img/s, 1 process)  "
+          f"target ≥ 0.67")
+    print(f"   prepare in 1 process ÷ bare  {prep1['images_per_s'] / bare['images_per_s']:.2f}  "
+          f"({prep1['images_per_s']:.0f} img/s)")
+    print(f"   peak memory: prepare {prep1['peak_rss_mb']:.0f} MB (1 process; {prep['peak_rss_mb']:.0f} MB in the "
+          f"parent of {prep['decode_processes']}), one training epoch "
+          + ", ".join(f"{a} {results[f'loop_{a}']['peak_rss_mb']:.0f} MB" for a in models))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ file considered and the data report.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,16 +138,58 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(m) for m in mean], [float(s) for s in std]
 
 
-def _decode_all(source: Source, image_size: int, policy: str, out: np.ndarray, progress: bool) -> list[str]:
-    """Decode + resize every item into `out` (N×3×S×S); return a skip reason per item ('' = used)."""
-    reasons = [""] * len(source.items)
-    for i, item in enumerate(tqdm(source.items, desc="prepare: decoding", unit="img", disable=not progress,
-                                  mininterval=1.0, leave=False)):
+_DECODE_CHUNK = 256   # images per task handed to a decode worker
+_PARALLEL_FROM = 4096  # fewer images than this: decode in-process (a pool costs more than it saves)
+_WORK: tuple | None = None  # (source, image_size, policy, out path) for forked decode workers
+
+
+def _decode_range(bounds: tuple[int, int]) -> list[str]:
+    """Decode items start..stop-1 into the memory-mapped output; a skip reason per item ('' = used)."""
+    source, image_size, policy, out_path = _WORK
+    out = np.load(out_path, mmap_mode="r+")
+    reasons = []
+    for i in range(*bounds):
         try:
-            out[i] = resize(source.decode(item, image_size), image_size, policy).transpose(2, 0, 1)
+            out[i] = resize(source.decode(source.items[i], image_size), image_size, policy).transpose(2, 0, 1)
+            reasons.append("")
         except BadImage as exc:
-            reasons[i] = str(exc)
+            reasons.append(str(exc))
+    out.flush()
     return reasons
+
+
+def decode_workers(n_items: int) -> int:
+    """Processes for decoding: every core this process may use (at most 8) for a large set."""
+    return 1 if n_items < _PARALLEL_FROM else max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _decode_all(source: Source, image_size: int, policy: str, out_path: Path, progress: bool) -> list[str]:
+    """Decode + resize every item into the N×3×S×S array at `out_path`; a skip reason per item.
+    Large sets are decoded by forked worker processes, each writing its own slices of the
+    shared memory-mapped file (decoding is CPU-bound Python + libjpeg: threads would not scale)."""
+    global _WORK
+    n = len(source.items)
+    chunks = [(start, min(start + _DECODE_CHUNK, n)) for start in range(0, n, _DECODE_CHUNK)]
+    workers = decode_workers(n)
+    bar = tqdm(total=n, desc=f"prepare: decoding ({workers} process{'es' if workers > 1 else ''})", unit="img",
+               disable=not progress, mininterval=1.0, leave=False)
+    _WORK = (source, image_size, policy, out_path)
+    try:
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = []
+                for part in pool.imap(_decode_range, chunks):  # in order: results line up with items
+                    results.append(part)
+                    bar.update(len(part))
+        else:
+            results = []
+            for bounds in chunks:
+                results.append(_decode_range(bounds))
+                bar.update(len(results[-1]))
+    finally:
+        _WORK = None
+        bar.close()
+    return [reason for part in results for reason in part]
 
 
 def _assign_splits(source: Source, used: np.ndarray, val_fraction: float, test_fraction: float,
@@ -171,7 +215,8 @@ def prepare(source: Source, image_size: int, val_fraction: float, test_fraction:
     with atomic_dir(out_dir) as tmp:
         all_x = open_memmap(tmp / "_decoded.npy", mode="w+", dtype=np.uint8,
                             shape=(len(source.items), 3, image_size, image_size))
-        reasons = _decode_all(source, image_size, resize_policy, all_x, progress)
+        all_x.flush()  # the header and size on disk, before the workers map the file
+        reasons = _decode_all(source, image_size, resize_policy, tmp / "_decoded.npy", progress)
         used = np.array([i for i, r in enumerate(reasons) if not r], dtype=np.int64)
         counts = np.bincount(source.labels[used], minlength=len(classes))
         if empty := [classes[k] for k in np.flatnonzero(counts == 0)]:

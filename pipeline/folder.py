@@ -12,6 +12,7 @@ by prepare; the OS page cache makes the second read cheap.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,10 +28,6 @@ SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "": 0}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def _class_dirs(root: Path) -> list[tuple[str, str, Path]]:
     """(split, class, folder) for every class folder; split '' in the unsplit layout."""
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -41,12 +38,28 @@ def _class_dirs(root: Path) -> list[tuple[str, str, Path]]:
     return [("", d.name, d) for d in dirs]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _walk(folder: str) -> list[str]:
+    """Every file under `folder`, as paths relative to it, in a stable order (by path parts).
+    os.scandir, not pathlib: for 60,000 files pathlib's object overhead was most of the scan."""
+    out: list[str] = []
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(folder, rel_dir)) as entries:
+            for e in entries:
+                rel = os.path.join(rel_dir, e.name) if rel_dir else e.name
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(rel)
+                elif e.is_file(follow_symlinks=True):
+                    out.append(rel)
+    return sorted(out, key=lambda r: r.split(os.sep))
+
+
+def _read_hash(path: str) -> str:
+    """sha256 of the file's bytes; '' for an empty file."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return hashlib.sha256(data).hexdigest() if data else ""
 
 
 def scan_folder(root: Path) -> Source:
@@ -58,26 +71,26 @@ def scan_folder(root: Path) -> Source:
     class_dirs = _class_dirs(root)
     stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     skipped: list[dict] = []
-    candidates: list[tuple[str, str, Path, str]] = []  # split, class, path, hash
+    candidates: list[tuple[str, str, str, str]] = []  # split, class, path relative to root, hash
     files_per_class: dict[str, int] = defaultdict(int)
     empty_dirs = []
     for split, cls, folder in class_dirs:
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        files = _walk(str(folder))
+        folder_rel = str(folder.relative_to(root))
         if not files:
-            empty_dirs.append(str(folder.relative_to(root)))
+            empty_dirs.append(folder_rel)
             continue
         files_per_class[cls] += len(files)
-        for path in files:
-            rel = str(path.relative_to(root))
-            reason = ("hidden file" if _hidden(path, root) else
-                      "not an image extension" if path.suffix.lower() not in EXTENSIONS else "")
+        for name in files:
+            rel = os.path.join(folder_rel, name)
+            reason = ("hidden file" if any(part.startswith(".") for part in name.split(os.sep)) else
+                      "not an image extension" if os.path.splitext(name)[1].lower() not in EXTENSIONS else "")
             if not reason:
                 try:
-                    if path.stat().st_size == 0:
-                        reason = "empty file"
-                    else:
-                        candidates.append((split, cls, path, _sha256(path)))
+                    if digest := _read_hash(os.path.join(root, rel)):
+                        candidates.append((split, cls, rel, digest))
                         continue
+                    reason = "empty file"
                 except OSError as exc:
                     reason = f"unreadable: {exc.strerror}"
             skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": ""})
@@ -101,22 +114,21 @@ def scan_folder(root: Path) -> Source:
             conflicts += 1
             drop.update({i: f"conflicting labels: {', '.join(labels)}" for i in idx})
         elif len(idx) > 1:
-            first = min(idx, key=lambda i: (SPLIT_ORDER[candidates[i][0]], str(candidates[i][2])))
-            drop.update({i: f"duplicate of {candidates[first][2].relative_to(root)}" for i in idx if i != first})
+            first = min(idx, key=lambda i: (SPLIT_ORDER[candidates[i][0]], candidates[i][2]))
+            drop.update({i: f"duplicate of {candidates[first][2]}" for i in idx if i != first})
     for i, reason in drop.items():
-        split, cls, path, digest = candidates[i]
-        skipped.append({"path": str(path.relative_to(root)), "class": cls, "split": split, "reason": reason,
-                        "hash": digest})
+        split, cls, rel, digest = candidates[i]
+        skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": digest})
     kept = [c for i, c in enumerate(candidates) if i not in drop]
     index = {c: k for k, c in enumerate(classes)}
     layout = "pre-split" if any(s for s, _, _ in class_dirs) else "class folders"
     return Source(
         classes=classes,
-        items=[path for _, _, path, _ in kept],
+        items=[root / rel for _, _, rel, _ in kept],
         labels=np.array([index[cls] for _, cls, _, _ in kept], dtype=np.int64),
         decode=decode_image,
         splits=[split for split, _, _, _ in kept] if layout == "pre-split" else None,
-        names=[str(path.relative_to(root)) for _, _, path, _ in kept],
+        names=[rel for _, _, rel, _ in kept],
         hashes=[digest for _, _, _, digest in kept],
         skipped=skipped,
         notes={"layout": layout, "duplicates": sum(r.startswith("duplicate") for r in drop.values()),
@@ -153,10 +165,11 @@ def decode_image(path: Path, size_hint: int) -> Image.Image:
             if img.format == "JPEG" and size_hint:
                 img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if img.format != "JPEG" or "exif" in img.info:  # a JPEG's orientation lives in its EXIF block
+                img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except Image.DecompressionBombError:
-        raise BadImage("decompression bomb (more pixels than Pillow's limit)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: where a caller made it an error
+        raise BadImage(f"decompression bomb (more pixels than the limit, {Image.MAX_IMAGE_PIXELS:,})") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (cannot identify)") from None
     except OSError as exc:

@@ -145,3 +145,23 @@ def test_folder_errors(tmp_path: Path):
     (tmp_path / "none").mkdir()
     with pytest.raises(UserError, match="no class folders"):
         scan_folder(tmp_path / "none")
+
+
+def test_parallel_decoding_matches_in_process_decoding(tmp_path: Path, monkeypatch):
+    """Large sets are decoded by forked worker processes writing into one memory-mapped file:
+    the arrays, labels, splits and skip reasons are exactly those of decoding in-process."""
+    from pipeline import data
+
+    root = tmp_path / "images"
+    build_messy(root)
+    source = scan_folder(root)
+    prepare(source, 16, 0.15, 0.15, 0, tmp_path / "serial")
+    monkeypatch.setattr(data, "_PARALLEL_FROM", 1)  # this small set now takes the pool path...
+    monkeypatch.setattr(data, "_DECODE_CHUNK", 3)   # ...in many small tasks
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})  # 2 workers even on 1 core
+    assert data.decode_workers(len(source.items)) == 2
+    prepare(source, 16, 0.15, 0.15, 0, tmp_path / "parallel")
+    for name in ("train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "test_y.npy"):
+        assert np.array_equal(np.load(tmp_path / "serial" / name), np.load(tmp_path / "parallel" / name)), name
+    assert (tmp_path / "serial" / "manifest.csv").read_text() == (tmp_path / "parallel" / "manifest.csv").read_text()
+    assert np.load(tmp_path / "parallel" / "train_x.npy").any()  # real pixels, not an untouched file
