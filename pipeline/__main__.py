@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {summary,models} ...` (also installed as `pipeline`)."""
+"""Command line: `python -m pipeline {summary,models,predict} ...` (also installed as `pipeline`)."""
 from pipeline.cli import main
 
 main()

@@ -1,7 +1,8 @@
 """Self-describing checkpoints and the inference they support.
 
 A checkpoint holds everything needed to rebuild and use the model without params.yaml:
-architecture name and kwargs, weights, class names, preprocessing (mean, std, image size),
+architecture name and kwargs, weights, class names, preprocessing (mean, std, image size,
+and prepare's resize policy, which `pipeline predict` applies to images of other sizes),
 the params that made it and its training summary. It contains only tensors and plain Python
 values, so it loads with `torch.load(weights_only=True)` (no arbitrary pickles).
 """
@@ -24,14 +25,14 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
                     classes: list[str], mean: list[float], std: list[float], image_size: int,
-                    params: dict[str, Any], summary: dict[str, Any]) -> None:
+                    params: dict[str, Any], summary: dict[str, Any], resize: str = "center_crop") -> None:
     ckpt = {
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "arch_kwargs": arch_kwargs,
         "state_dict": state_dict,
         "classes": classes,
-        "preprocessing": {"mean": mean, "std": std, "image_size": image_size, "channels": 3},
+        "preprocessing": {"mean": mean, "std": std, "image_size": image_size, "channels": 3, "resize": resize},
         "params": params,
         "summary": summary,
     }

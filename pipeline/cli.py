@@ -1,7 +1,9 @@
-"""`pipeline summary -m NAME` and `pipeline models [PATTERN]`."""
+"""`pipeline summary -m NAME`, `pipeline models [PATTERN]` and `pipeline predict MODEL IMAGE...`."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from pipeline.errors import UserError, run_cli
 
@@ -27,6 +29,20 @@ def _models(args: argparse.Namespace) -> None:
           + " (ours, then timm's; any of them works as `model:` in params.yaml)")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from pipeline.predict import EXIT_SOME_FAILED, run
+
+    if run(args.model, args.images, args.top_k, args.json, args.max_pixels):
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pipeline", description="Tools around the image-classification pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -39,6 +55,18 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the available model names")
     m.add_argument("pattern", nargs="?", default="", help="glob pattern, e.g. 'efficientnet*'")
     m.set_defaults(fn=_models)
+    p = sub.add_parser("predict", help="top-k classes of image files with an exported model or a checkpoint",
+                       description="Predict image files with the evaluation preprocessing (RGB, prepare's resize, "
+                                   "the model's mean/std). Unreadable files are reported on stderr, one line each; "
+                                   "the others are still predicted and the exit status is 1.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="models/model.onnx (exported) or models/model.pt (checkpoint)")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files of any size and mode")
+    p.add_argument("-k", "--top-k", type=_positive, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')
+    p.add_argument("--max-pixels", type=_positive, default=None,
+                   help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
+    p.set_defaults(fn=_predict)
     return ap
 
 

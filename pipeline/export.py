@@ -1,7 +1,16 @@
-"""ONNX export, checked against PyTorch with ONNX Runtime."""
+"""ONNX export, checked against PyTorch with ONNX Runtime; the model describes itself.
+
+The ONNX file carries its classes and preprocessing in `metadata_props` (string values:
+`classes`, `mean`, `std` as JSON lists, `image_size`, `resize`, `arch`, and a one-line
+`preprocessing` recipe), and the same dict is written as JSON beside it, so `pipeline
+predict` (or any ONNX Runtime user) needs nothing else.
+"""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -10,22 +19,56 @@ from torch import nn
 from pipeline.errors import UserError
 
 MAX_ABS_DIFF = 1e-4
+META_KEYS = ("arch", "classes", "image_size", "resize", "mean", "std")
+_JSON_KEYS = ("classes", "mean", "std")  # stored as JSON text in the ONNX metadata
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path) -> None:
-    """Write `path` with a dynamic batch axis (input `images`, output `logits`)."""
+def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a user of the exported model needs, from a checkpoint: classes and preprocessing.
+    Checkpoints made before `resize` was recorded used prepare's default, center_crop."""
+    prep = ckpt["preprocessing"]
+    size, resize = prep["image_size"], prep.get("resize", "center_crop")
+    return {
+        "arch": ckpt["arch"], "classes": list(ckpt["classes"]), "image_size": size, "resize": resize,
+        "mean": list(prep["mean"]), "std": list(prep["std"]),
+        "preprocessing": f"RGB; resize to {size}x{size} ({resize}); x/255; (x - mean) / std per channel; "
+                         f"float32 NCHW input 'images' → output 'logits'",
+    }
+
+
+def onnx_metadata(card: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in card.items()}
+
+
+def read_onnx_metadata(props: dict[str, str]) -> dict[str, Any] | None:
+    """The model card back from ONNX metadata strings; None when keys are missing."""
+    if any(k not in props for k in META_KEYS):
+        return None
+    card = {k: json.loads(v) if k in _JSON_KEYS else v for k, v in props.items()}
+    card["image_size"] = int(card["image_size"])
+    return card
+
+
+def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `path` with a dynamic batch axis (input `images`, output `logits`) and `metadata`
+    in the model's metadata_props."""
     example = torch.zeros(2, 3, image_size, image_size)
     onnx_program = torch.onnx.export(
         model.eval(), (example,), dynamo=True, input_names=["images"], output_names=["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
+    onnx_program.model.metadata_props.update(metadata or {})
     onnx_program.save(str(path))
 
 
-def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def onnx_session(path: Path):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    sess = onnx_session(path)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
@@ -45,3 +88,31 @@ def check_parity(result: dict) -> None:
             f"max |logit diff| {result['max_abs_logit_diff']:.2e} (limit {MAX_ABS_DIFF:g}); "
             "the model uses an op that exports differently: report it with the model name"
         )
+
+
+def latency_ms(fn: Callable[[], object], warmup: int = 10, runs: int = 100, budget_s: float = 2.0) -> dict:
+    """p50/p95 wall time of `fn()` in ms: `warmup` untimed calls, then up to `runs` timed ones,
+    stopping early once `budget_s` is spent (at least 10 timed calls), so a big model stays quick."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < runs and (len(times) < 10 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "runs": len(times)}
+
+
+@torch.inference_mode()
+def batch1_latency(model: nn.Module, path: Path, x: np.ndarray) -> dict[str, float]:
+    """Batch-1 CPU latency of PyTorch eager and of ONNX Runtime on one normalised image `x` (1×3×S×S)."""
+    sess = onnx_session(path)
+    name = sess.get_inputs()[0].name
+    xt = torch.from_numpy(x)
+    out: dict[str, float] = {}
+    for engine, fn in (("torch", lambda: model(xt)), ("onnx", lambda: sess.run(None, {name: x}))):
+        t = latency_ms(fn)
+        out |= {f"{engine}_latency_ms_p50": t["p50"], f"{engine}_latency_ms_p95": t["p95"],
+                f"{engine}_latency_runs": t["runs"]}
+    return out

@@ -6,6 +6,7 @@ value and what is allowed, before the stage touches any output.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,6 +84,17 @@ class TransferParams(_Section):
 
 class MlflowParams(_Section):
     experiment: str = Field("image-classification", min_length=1)
+    register_model: str | None = Field(None, min_length=1)
+    model_alias: str = "candidate"
+
+    @field_validator("model_alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        # MLflow's own rules, checked here so a bad alias fails before training, not after export
+        if not re.fullmatch(r"[\w-]+", value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError("use letters, digits, '_' and '-' (not 'latest' or v<number>: MLflow reserves them), "
+                             "e.g. candidate or champion")
+        return value
 
 
 class Params(_Section):

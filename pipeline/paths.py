@@ -20,6 +20,7 @@ MODELS_DIR = Path("models")
 CHECKPOINT = MODELS_DIR / "model.pt"
 MLFLOW_RUN = MODELS_DIR / "mlflow_run.json"
 ONNX_MODEL = MODELS_DIR / "model.onnx"
+ONNX_META = MODELS_DIR / "model.json"  # classes and preprocessing beside the ONNX model
 RESUME_CHECKPOINT = Path("checkpoints/last.pt")
 
 METRICS_DIR = Path("metrics")
@@ -34,6 +35,9 @@ PER_CLASS = METRICS_DIR / "per_class.csv"
 PREDICTIONS = METRICS_DIR / "predictions.csv"
 CONFUSION_JSON = METRICS_DIR / "confusion_matrix.json"
 CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
+MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
+GRADCAM_PNG = METRICS_DIR / "gradcam.png"
+EVAL_REPORT_MD = METRICS_DIR / "report.md"
 EXPORT_METRICS = METRICS_DIR / "export.json"
 
 

@@ -28,8 +28,30 @@ def tracking_uri() -> str:
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    _create_sqlite_store_once(uri)
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Create a new SQLite store under an exclusive file lock. Two queued experiments
+    (`dvc queue start -j 2`) that both find no mlflow.db would otherwise run MLflow's schema
+    migrations on the same file at once; after creation, SQLite's own locking (and `_retry`)
+    is enough."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists() and db.stat().st_size > 0:
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + "-init.lock"), "w") as lock:  # git-ignored: mlflow.db-*
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)  # creates the schema (once: the others wait)
 
 
 def git_commit() -> str | None:
@@ -40,8 +62,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_tags(dataset: str, model: str) -> dict[str, str]:
-    tags = {"dataset": dataset, "model": model}
+def run_tags(dataset: str, model: str, finetune: str = "full", pretrained: bool = False) -> dict[str, str]:
+    """What the MLflow UI's run table needs to tell runs apart at a glance: model, data set,
+    transfer strategy, the git commit, and the DVC experiment and its baseline."""
+    tags = {"dataset": dataset, "model": model, "finetune": finetune, "pretrained": str(pretrained).lower()}
     if commit := git_commit():
         tags["git_commit"] = commit
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_baseline_rev")):
@@ -62,11 +86,33 @@ def _retry(fn, *args, **kwargs):
             time.sleep(0.25 * 2**attempt)
 
 
+def artifact_root() -> Path:
+    """Where a local store keeps artifacts: `<repo root>/mlartifacts` (git-ignored)."""
+    return paths.repo_root() / "mlartifacts"
+
+
+def use_experiment(mlflow: Any, experiment: str) -> None:
+    """Make `experiment` active, creating it if needed. With a local SQLite store, MLflow would
+    fix the new experiment's artifact location at `./mlruns` of the *current directory*: for
+    a queued experiment, a temporary copy that DVC deletes afterwards, taking every later
+    run's artifacts and models with it. So a new experiment gets `<repo root>/mlartifacts`.
+    A tracking server chooses its own artifact location."""
+    if tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retry(mlflow.create_experiment, experiment, artifact_location=artifact_root().as_uri())
+        except MlflowException:
+            if mlflow.get_experiment_by_name(experiment) is None:  # not "a parallel run created it first"
+                raise
+    _retry(mlflow.set_experiment, experiment)
+
+
 def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
               run_file: Path = paths.MLFLOW_RUN) -> str:
     """Create the pipeline's run, log params and tags, record its id in `run_file`."""
     mlflow = _mlflow()
-    _retry(mlflow.set_experiment, experiment)
+    use_experiment(mlflow, experiment)
     name = tags.get("dvc_exp_name") or f"{tags.get('model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = _retry(mlflow.start_run, run_name=name, tags=tags)
     try:
@@ -93,7 +139,7 @@ def resume_run(run_file: Path = paths.MLFLOW_RUN) -> Iterator[Any]:
         mlflow.get_run(run_id)
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
         log.warning("MLflow run %s not found in %s; logging into a new run", run_id, tracking_uri())
-        _retry(mlflow.set_experiment, info.get("experiment", "image-classification"))
+        use_experiment(mlflow, info.get("experiment", "image-classification"))
         run_id = _retry(mlflow.start_run).info.run_id
         mlflow.end_run()
     with mlflow.start_run(run_id=run_id):
@@ -107,3 +153,21 @@ def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None)
 def log_artifacts(mlflow: Any, files: list[Path], artifact_path: str | None = None) -> None:
     for f in files:
         _retry(mlflow.log_artifact, str(f), artifact_path=artifact_path)
+
+
+def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: Any, metadata: dict[str, Any],
+                   register_as: str | None = None, alias: str = "candidate") -> Any:
+    """Log the ONNX file at `path` as the active run's model `model` (MLflow 3 logged model,
+    with signature, input example and `metadata` in its MLmodel file). With `register_as`,
+    also register it as a new version of that registered model and point `alias` at it.
+    Returns MLflow's ModelInfo (`model_uri`, `registered_model_version`)."""
+    import onnx
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(input_example, output_example)
+    info = _retry(mlflow.onnx.log_model, onnx.load(str(path)), name="model", signature=signature,
+                  input_example=input_example, metadata=metadata, registered_model_name=register_as,
+                  save_as_external_data=path.stat().st_size >= 2**31)  # one file unless over protobuf's 2 GB
+    if register_as:
+        _retry(mlflow.MlflowClient().set_registered_model_alias, register_as, alias, str(info.registered_model_version))
+    return info

@@ -113,7 +113,8 @@ def _train(params: Params, device: str, rank: int) -> dict | None:
     if rank > 0:  # DDP workers train; rank 0 logs, checkpoints and writes the outputs
         train(model, train_xy, load_split("val", paths.PREPARED_DIR), mean, std, cfg)
         return None
-    tags = tracking.run_tags(params.dataset, params.model) | {"data_hash": data_hash}
+    tags = tracking.run_tags(params.dataset, params.model, params.finetune,
+                                  params.pretrained or params.weights is not None) | {"data_hash": data_hash}
     run_id = tracking.start_run(params.mlflow.experiment, params.flat(), tags, paths.MLFLOW_RUN)
     print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {meta['counts']['train']} images, "
           f"device {cfg.device}, class weights {cfg.class_weights or 'none'}, sampler {cfg.sampler}; "
@@ -124,7 +125,7 @@ def _train(params: Params, device: str, rank: int) -> dict | None:
         summary = result.metrics | {"parameters": n_params}
         save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=arch_kwargs, state_dict=result.best_state,
                         classes=classes, mean=mean, std=std, image_size=meta["image_size"],
-                        params=params.model_dump(), summary=summary)
+                        resize=meta["resize"], params=params.model_dump(), summary=summary)
         with atomic_path(paths.TRAIN_HISTORY) as tmp:
             result.history.to_csv(tmp, index=False)
         learning_curves(result.history, result.best_epoch, paths.LEARNING_CURVES_PNG)

@@ -72,3 +72,26 @@ def prepared_digits(tmp_path_factory) -> Path:
     download("digits", base / "raw")
     prepare(load_source("digits", base / "raw"), 16, 0.15, 0.15, 0, base / "prepared")
     return base / "prepared"
+
+
+REGISTERED_MODEL = "tiny-digits"  # mlflow.register_model in `exported_pipeline`
+
+
+@pytest.fixture(scope="session")
+def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
+    """download → prepare → train → evaluate → export, once, in-process on tiny digits in a
+    temporary folder, with a real SQLite MLflow store and the model registered as
+    REGISTERED_MODEL with alias `champion`. Returns (work dir, tracking URI, each stage's result)."""
+    from stages import download, evaluate, export, prepare, train
+
+    work = tmp_path_factory.mktemp("exported")
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(work, **TINY, **{"mlflow.register_model": REGISTERED_MODEL, "mlflow.model_alias": "champion"})
+    uri = f"sqlite:///{work / 'store.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        download.main()
+        results = {"prepare": prepare.main(), "train": train.main(), "evaluate": evaluate.main(),
+                   "export": export.main()}
+    return work, uri, results

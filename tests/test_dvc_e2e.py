@@ -55,26 +55,45 @@ def test_repro_then_experiments(project: Path):
     assert "lower-lr" in json.dumps(shown)
 
 
-def test_queued_experiments_log_into_the_main_store(project: Path):
-    run(["dvc", "exp", "run", "--queue", "-S", "lr=0.002", "--name", "q-lr-002"], project)
-    run(["dvc", "exp", "run", "--queue", "-S", "lr=0.004", "--name", "q-lr-004"], project)
-    run(["dvc", "queue", "start"], project)
-    deadline = time.time() + 480
+def test_parallel_queue_records_every_run_in_the_main_store(project: Path):
+    """Four queued experiments run two at a time (`dvc queue start -j 2`): four complete runs in
+    the default SQLite store, nothing lost to "database is locked", nothing in the temp copies."""
+    lrs = ["0.002", "0.004", "0.006", "0.008"]
+    for lr in lrs:
+        run(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "--name", f"q-lr-{lr[2:]}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.time() + 900
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], project).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
-    assert "Failed" not in status, run(["dvc", "queue", "logs", "q-lr-002"], project, check=False).stdout
+    logs = "\n".join(run(["dvc", "queue", "logs", f"q-lr-{lr[2:]}"], project, check=False).stdout for lr in lrs)
     run(["dvc", "queue", "stop", "--kill"], project, check=False)
-    _, runs = runs_by_exp(project)
+    assert "Failed" not in status and "locked" not in logs, status + logs[-4000:]
+    client, runs = runs_by_exp(project)
     by_name = {r.data.tags.get("dvc_exp_name"): r for r in runs}
-    assert {"q-lr-002", "q-lr-004"} <= set(by_name), status
-    assert by_name["q-lr-002"].data.params["lr"] == "0.002"
-    assert by_name["q-lr-004"].data.params["lr"] == "0.004"
-    assert "test_accuracy" in by_name["q-lr-004"].data.metrics
+    assert len(runs) == 4 and set(by_name) == {f"q-lr-{lr[2:]}" for lr in lrs}, status
+    for lr in lrs:
+        r = by_name[f"q-lr-{lr[2:]}"]
+        assert r.data.params["lr"] == lr and r.info.status == "FINISHED"
+        # complete: every stage logged into it
+        assert {"test_accuracy", "test_f1_macro", "export_top1_agreement", "best_val_accuracy"} <= set(r.data.metrics)
+        # its artifacts live in the main repo (not in the deleted temporary copy it ran in)
+        assert r.info.artifact_uri.startswith((project / "mlartifacts").as_uri()), r.info.artifact_uri
+        assert {"eval.json", "report.md", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+    models = client.search_logged_models([runs[0].info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
+    for m in models:
+        assert m.artifact_location.startswith((project / "mlartifacts").as_uri())
+        assert (Path(m.artifact_location.removeprefix("file://")) / "model.onnx").stat().st_size > 0
     # nothing was written into the (deleted) temporary copies: the store is the main repo's
     assert (project / "mlflow.db").exists() and not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+    # dvc exp show lists the four with the same headline metrics
+    shown = run(["dvc", "exp", "show", "--csv", "--only-changed"], project).stdout
+    for lr in lrs:
+        assert f"q-lr-{lr[2:]}" in shown
+    assert "accuracy" in shown.splitlines()[0]
 
 
 def write_messy_folder(root: Path) -> None:

@@ -41,15 +41,19 @@ def pipeline_run(tmp_path_factory):
 
 def test_outputs_and_returned_metrics_agree(pipeline_run):
     work, _, results = pipeline_run
-    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.ONNX_MODEL, paths.TRAIN_HISTORY, paths.PER_CLASS,
-                paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG, paths.LEARNING_CURVES_PNG,
-                paths.AUGMENTED_SAMPLES_PNG):
+    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.ONNX_MODEL, paths.ONNX_META, paths.TRAIN_HISTORY,
+                paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG, paths.LEARNING_CURVES_PNG,
+                paths.AUGMENTED_SAMPLES_PNG, paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG, paths.EVAL_REPORT_MD):
         assert (work / rel).stat().st_size > 0, rel
     assert read_json(work / paths.EVAL_METRICS) == results["evaluate"]
+    assert set(results["evaluate"]) == {  # 10 classes: top-5 is reported
+        "accuracy", "balanced_accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
+        "precision_weighted", "recall_weighted", "f1_weighted", "log_loss", "ece", "n_test"}
     assert read_json(work / paths.TRAIN_METRICS) == results["train"]
     assert read_json(work / paths.EXPORT_METRICS) == results["export"]
     assert results["evaluate"]["accuracy"] > 0.8  # 2 epochs at 16 px: it learns
     assert results["export"]["top1_agreement"] == 1.0 and results["export"]["max_abs_logit_diff"] <= MAX_ABS_DIFF
+    assert results["export"]["onnx_latency_ms_p50"] > 0 and results["export"]["torch_latency_ms_p95"] > 0
     assert not list(work.rglob("*.tmp*"))  # no temporary files left behind
 
 
@@ -88,14 +92,44 @@ def test_one_mlflow_run_holds_everything(pipeline_run):
     assert run.data.params["epochs"] == "2"
     assert run.data.tags["dataset"] == "digits" and run.data.tags["dvc_exp_name"] == "tiny-exp"
     assert run.info.run_name == "tiny-exp"
+    # a local store keeps artifacts under the repo root, wherever the stage ran from
+    assert run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())
+    assert run.data.tags["finetune"] == "full" and run.data.tags["pretrained"] == "false"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2]
     assert run.data.metrics["test_accuracy"] == pytest.approx(results["evaluate"]["accuracy"])
     assert run.data.metrics["export_top1_agreement"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
-            "augmented_samples.png", "eval.json", "per_class.csv", "onnx"} <= artifacts
-    assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+            "augmented_samples.png", "eval.json", "per_class.csv", "onnx", "misclassified.png", "gradcam.png",
+            "report.md"} <= artifacts
+    assert {f"test_{k}" for k in results["evaluate"]} <= set(run.data.metrics)
+    assert run.data.metrics["test_ece"] == pytest.approx(results["evaluate"]["ece"])
+    assert {"onnx/model.json", "onnx/export.json"} <= {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+    # the ONNX model itself is the run's logged model; nothing is registered by default
+    assert [m.source_run_id for m in client.search_logged_models([exp.experiment_id])] == [run.info.run_id]
+    assert client.search_registered_models() == []
+
+
+def test_evaluate_confusion_pictures_and_report(pipeline_run):
+    from PIL import Image
+
+    work, _, results = pipeline_run
+    n_test = results["evaluate"]["n_test"]
+    assert len(pd.read_csv(work / paths.PREDICTIONS)) == n_test
+    confusion = read_json(work / paths.CONFUSION_JSON)
+    assert np.sum(confusion["matrix"]) == n_test
+    assert np.sum(confusion["normalized"], axis=1) == pytest.approx(np.ones(10), abs=1e-5)
+    for png in (paths.CONFUSION_PNG, paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG):
+        with Image.open(work / png) as img:
+            assert img.format == "PNG" and min(img.size) > 100, png
+    report = (work / paths.EVAL_REPORT_MD).read_text()
+    assert read_json(work / paths.MLFLOW_RUN)["run_id"] in report
+    assert f"| accuracy | {results['evaluate']['accuracy']:.4f} |" in report
+    assert "best epoch" in report  # the train summary from metrics/train.json
+    for picture in ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png",
+                    "augmented_samples.png"):
+        assert f"]({picture})" in report, picture
 
 
 def test_onnx_parity_is_checked_for_real(pipeline_run):

@@ -1,0 +1,155 @@
+"""`pipeline predict MODEL IMAGE...`: the top-k classes of image files.
+
+MODEL is an exported ONNX model (classes and preprocessing read from its metadata, or from the
+JSON beside it) or a checkpoint (models/model.pt). Every image goes through exactly the
+evaluation preprocessing: decoded to RGB as prepare decodes a folder data set
+(`pipeline.folder.decode_image`: EXIF rotation, alpha on white, 16-bit scaled), resized with
+prepare's policy (`pipeline.data.resize`), normalised with the stored mean/std. A file that
+cannot be read (missing, not an image, truncated, more pixels than the limit) is one line on
+stderr; the others are still predicted, and the exit status is 1 at the end.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.source import BadImage
+
+EXIT_SOME_FAILED = 1
+BATCH = 64  # images decoded and run at once
+
+
+@dataclass(frozen=True)
+class Predictor:
+    classes: list[str]
+    image_size: int
+    resize: str
+    logits: Callable[[np.ndarray], np.ndarray]  # uint8 N×3×S×S → N×K float32 (normalises inside)
+
+
+def load_predictor(path: Path) -> Predictor:
+    """An ONNX model (`.onnx`) or one of our checkpoints (anything else)."""
+    if not path.is_file():
+        raise UserError(f"model {str(path)!r} is not a file; give models/model.onnx (dvc repro export) "
+                        "or models/model.pt (dvc repro train)")
+    return _onnx_predictor(path) if path.suffix.lower() == ".onnx" else _checkpoint_predictor(path)
+
+
+def _checkpoint_predictor(path: Path) -> Predictor:
+    from pipeline.checkpoint import load_checkpoint, predict_logits
+    from pipeline.export import model_card
+
+    model, ckpt = load_checkpoint(path)
+    card = model_card(ckpt)
+    return Predictor(card["classes"], card["image_size"], card["resize"],
+                     lambda x: predict_logits(model, x, card["mean"], card["std"]))
+
+
+def _onnx_predictor(path: Path) -> Predictor:
+    import torch
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+
+    from pipeline.augment import normalize
+    from pipeline.export import onnx_session, read_onnx_metadata
+    from pipeline.io import read_json
+
+    try:
+        sess = onnx_session(path)
+    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-run export") from None
+    card = read_onnx_metadata(sess.get_modelmeta().custom_metadata_map)
+    beside = path.with_suffix(".json")
+    if card is None and beside.is_file():
+        card = read_json(beside)
+    if card is None:
+        raise UserError(f"{path} has no classes/preprocessing in its metadata and there is no {beside.name} beside it; "
+                        "export it with this pipeline (dvc repro export)")
+    name = sess.get_inputs()[0].name
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: normalize(torch.from_numpy(x), card["mean"], card["std"]).numpy()})[0]
+
+    return Predictor(list(card["classes"]), int(card["image_size"]), card["resize"], logits)
+
+
+def preprocess(path: Path, image_size: int, policy: str) -> np.ndarray:
+    """One image file → uint8 3×S×S, exactly as prepare turns a folder image into a row of its arrays."""
+    from pipeline.data import resize
+    from pipeline.folder import decode_image
+
+    return resize(decode_image(path, image_size), image_size, policy).transpose(2, 0, 1)
+
+
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Refuse images above `max_pixels` (default: Pillow's MAX_IMAGE_PIXELS, ~89 M): Pillow
+    warns above the limit and refuses above twice it; here both are refusals."""
+    saved = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_files(predictor: Predictor, files: list[Path], k: int,
+                  max_pixels: int | None = None) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
+    """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
+    k = min(k, len(predictor.classes))
+    for start in range(0, len(files), BATCH):
+        chunk, images, reasons = files[start:start + BATCH], [], {}
+        with pixel_limit(max_pixels):
+            for f in chunk:
+                try:
+                    images.append(preprocess(f, predictor.image_size, predictor.resize))
+                except BadImage as exc:
+                    reasons[f] = str(exc)
+        probs = iter(softmax(predictor.logits(np.stack(images))) if images else [])
+        for f in chunk:
+            if f in reasons:
+                yield f, None, reasons[f]
+                continue
+            p = next(probs)
+            yield f, [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]], ""
+
+
+def format_table(path: Path, top: list[tuple[str, float]]) -> str:
+    width = max(5, *(len(label) for label, _ in top))
+    rows = [f"{path}", f"  {'rank':>4}  {'label':<{width}}  probability"]
+    rows += [f"  {i:>4}  {label:<{width}}  {p:11.4f}" for i, (label, p) in enumerate(top, 1)]
+    return "\n".join(rows)
+
+
+def run(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False,
+        max_pixels: int | None = None) -> int:
+    """Print predictions for `images`; return how many could not be read."""
+    predictor = load_predictor(model)
+    failed = 0
+    for path, top, reason in predict_files(predictor, images, top_k, max_pixels):
+        if top is None:
+            failed += 1
+            sys.stdout.flush()  # keep the error next to its neighbours in a terminal
+            print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
+        elif as_json:
+            print(json.dumps({"image": str(path), "top_k": [{"label": lb, "probability": p} for lb, p in top]}))
+        else:
+            print(format_table(path, top) + "\n")
+    return failed

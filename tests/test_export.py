@@ -1,0 +1,111 @@
+"""The export stage on tiny digits (real ONNX Runtime, real SQLite MLflow store): the ONNX
+model describes itself, its latency is measured, a failed parity check writes nothing, and the
+model is logged to the run, loads from MLflow, and is registered with its alias."""
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import paths
+from pipeline.checkpoint import load_checkpoint
+from pipeline.errors import UserError
+from pipeline.export import model_card, onnx_logits, onnx_session, read_onnx_metadata
+from pipeline.io import read_json
+from stages import export
+from tests.conftest import REGISTERED_MODEL
+
+
+@pytest.fixture
+def store(exported_pipeline):
+    """mlflow's global tracking URI pointed at the pipeline's store for one test, then restored."""
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(exported_pipeline[1])
+    yield exported_pipeline
+    mlflow.set_tracking_uri(before)
+
+
+def normalised_test_split(work):
+    _, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    prep = ckpt["preprocessing"]
+    x = np.load(work / paths.PREPARED_DIR / "test_x.npy").astype(np.float32) / 255
+    return ((x - np.float32(prep["mean"])[:, None, None]) / np.float32(prep["std"])[:, None, None]).astype(np.float32)
+
+
+def test_onnx_metadata_and_json_beside_it_round_trip(exported_pipeline):
+    work, _, _ = exported_pipeline
+    _, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    props = {p.key: p.value for p in onnx.load(work / paths.ONNX_MODEL).metadata_props}
+    assert json.loads(props["classes"]) == [str(i) for i in range(10)] == ckpt["classes"]
+    assert json.loads(props["mean"]) == ckpt["preprocessing"]["mean"] and len(json.loads(props["std"])) == 3
+    assert json.loads(props["std"]) == ckpt["preprocessing"]["std"]
+    assert props["image_size"] == "16" and props["resize"] == "center_crop" and props["arch"] == "original"
+    assert ckpt["preprocessing"]["resize"] == read_json(work / paths.PREPARED_META)["resize"]  # train records it
+    # the same card, read back through ONNX Runtime's API and from the JSON beside the model
+    card = read_onnx_metadata(onnx_session(work / paths.ONNX_MODEL).get_modelmeta().custom_metadata_map)
+    assert card == read_json(work / paths.ONNX_META) == model_card(ckpt)
+
+
+def test_export_metrics_have_parity_latency_and_size(exported_pipeline):
+    work, _, results = exported_pipeline
+    metrics = read_json(work / paths.EXPORT_METRICS)
+    assert metrics == results["export"]
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_logit_diff"] <= 1e-4 and metrics["n_checked"] == 270
+    latency = {k: v for k, v in metrics.items() if "p50" in k or "p95" in k}
+    assert set(latency) == {"torch_latency_ms_p50", "torch_latency_ms_p95", "onnx_latency_ms_p50", "onnx_latency_ms_p95"}
+    assert all(v > 0 for v in latency.values())
+    assert metrics["torch_latency_ms_p95"] >= metrics["torch_latency_ms_p50"]
+    assert metrics["onnx_latency_ms_p95"] >= metrics["onnx_latency_ms_p50"]
+    assert 10 <= metrics["torch_latency_runs"] <= 100 and 10 <= metrics["onnx_latency_runs"] <= 100
+    assert metrics["onnx_bytes"] == (work / paths.ONNX_MODEL).stat().st_size
+
+
+def test_failed_parity_check_writes_nothing(exported_pipeline, tmp_path, monkeypatch):
+    work, uri, _ = exported_pipeline
+    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.PARAMS):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / rel, tmp_path / rel)
+    shutil.copytree(work / paths.PREPARED_DIR, tmp_path / paths.PREPARED_DIR)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr("pipeline.export.MAX_ABS_DIFF", 0.0)  # the real ~1e-6 difference now fails the check
+    with pytest.raises(UserError, match="ONNX export disagrees"):
+        export.main()
+    assert not (tmp_path / paths.MODELS_DIR / "model.onnx").exists() and not (tmp_path / paths.ONNX_META).exists()
+    assert not (tmp_path / paths.METRICS_DIR).exists()
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_mlflow_run_has_the_onnx_model_and_it_predicts(store):
+    work, uri, _ = store
+    client = MlflowClient(uri)
+    run_id = read_json(work / paths.MLFLOW_RUN)["run_id"]
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [(m.name, m.source_run_id) for m in models] == [("model", run_id)]
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]
+
+    x = normalised_test_split(work)
+    proto = mlflow.onnx.load_model(models[0].model_uri)
+    assert {p.key: p.value for p in proto.metadata_props}["classes"] == json.dumps([str(i) for i in range(10)])
+    pyfunc = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
+    assert pyfunc.metadata.metadata["classes"] == [str(i) for i in range(10)]
+    logits = pyfunc.predict(x)["logits"]
+    np.testing.assert_allclose(logits, onnx_logits(work / paths.ONNX_MODEL, x), atol=1e-5)
+
+
+def test_registered_version_carries_the_alias(store):
+    work, uri, _ = store
+    client = MlflowClient(uri)
+    run_id = read_json(work / paths.MLFLOW_RUN)["run_id"]
+    version = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    assert int(version.version) == 1 and version.run_id == run_id and version.aliases == ["champion"]
+    [logged] = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert version.source == logged.model_uri  # the version is the run's logged model
+    x = normalised_test_split(work)[:5]
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion").predict(x)["logits"]
+    np.testing.assert_allclose(served, onnx_logits(work / paths.ONNX_MODEL, x), atol=1e-5)

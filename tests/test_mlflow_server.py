@@ -1,0 +1,95 @@
+"""The pipeline against a real `mlflow server` on 127.0.0.1 (temporary SQLite backend and
+artifact root): `dvc repro` with MLFLOW_TRACKING_URI pointing at it, then the run, its
+metrics, artifacts and model read back through the server's REST API."""
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import VENV_BIN, clean_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real tracking server with its own SQLite store and proxied artifact root."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, tmp_path / "artifacts"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_pipeline_logs_to_a_tracking_server(project: Path, mlflow_server):
+    url, artifact_root = mlflow_server
+    run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
+    assert not (project / "mlflow.db").exists()  # nothing went to the default local store
+
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name("image-classification")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.run_id == json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert r.info.status == "FINISHED"
+    assert r.data.params["lr"] == "0.003" and r.data.params["model"] == "original"
+    assert {"dataset": "digits", "model": "original", "finetune": "full"}.items() <= r.data.tags.items()
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert r.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
+
+    # artifacts went through the server into its artifact root, and come back byte for byte
+    names = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"confusion_matrix.png", "learning_curves.png", "eval.json", "onnx"} <= names
+    downloaded = Path(client.download_artifacts(r.info.run_id, "eval.json", str(project / "dl")))
+    assert json.loads(downloaded.read_text()) == evaluation
+    assert list(artifact_root.rglob("confusion_matrix.png"))
+
+    # the logged model: found through the server and usable
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [r.info.run_id]
+    import numpy as np
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    size = json.loads((project / "models/model.json").read_text())["image_size"]
+    out = pyfunc.predict(np.zeros((2, 3, size, size), dtype=np.float32))
+    logits = next(iter(out.values())) if isinstance(out, dict) else np.asarray(out)
+    assert np.asarray(logits).shape == (2, 10)

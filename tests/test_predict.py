@@ -1,0 +1,165 @@
+"""`python -m pipeline predict` as a user runs it (real subprocess, real ONNX Runtime), with the
+exported ONNX model and with the checkpoint: it agrees with the evaluate stage on the test
+split, applies the evaluation preprocessing to images of other sizes and modes, and reports
+unreadable files one line each while still predicting the others."""
+import json
+import sys
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import paths
+from pipeline.checkpoint import load_checkpoint, predict_logits
+from pipeline.data import resize
+from pipeline.errors import UserError
+from pipeline.predict import load_predictor, softmax
+from tests.conftest import run
+
+MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}
+# |log-probability| difference allowed vs PyTorch on the same input: ONNX Runtime's logits may
+# differ by up to the export limit 1e-4 (so log-probabilities by 2e-4); the checkpoint is PyTorch
+# itself, at another batch size. Log space, because confident predictions saturate probabilities.
+TOLERANCE = {"onnx": 2e-4, "checkpoint": 1e-5}
+
+
+def predict(work, model: str, files, *args, check=True):
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(work / MODELS[model]), *map(str, files), *args]
+    return run(cmd, work, check=check)
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def test_pngs(exported_pipeline, tmp_path_factory):
+    """The prepared test split written as PNG files at the prepared size (resize is the identity)."""
+    work = exported_pipeline[0]
+    folder = tmp_path_factory.mktemp("test_pngs")
+    x = np.load(work / paths.PREPARED_DIR / "test_x.npy")
+    files = [folder / f"{i:03d}.png" for i in range(len(x))]
+    for f, image in zip(files, x):
+        Image.fromarray(image.transpose(1, 2, 0)).save(f)
+    return files
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_predict_agrees_with_the_evaluate_stage(exported_pipeline, test_pngs, model):
+    work = exported_pipeline[0]
+    out = json_lines(predict(work, model, test_pngs, "--json", "--top-k", "3").stdout)
+    evaluated = pd.read_csv(work / paths.PREDICTIONS)
+    assert [o["image"] for o in out] == [str(f) for f in test_pngs]
+    assert [o["top_k"][0]["label"] for o in out] == evaluated["predicted"].astype(str).tolist()
+    # probabilities: best first, and those of the checkpoint on the prepared arrays
+    net, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    x = np.load(work / paths.PREPARED_DIR / "test_x.npy")
+    probs = softmax(predict_logits(net, x, ckpt["preprocessing"]["mean"], ckpt["preprocessing"]["std"]))
+    for o, p in zip(out, probs):
+        got = [t["probability"] for t in o["top_k"]]
+        assert len(got) == 3 and got == sorted(got, reverse=True)
+        np.testing.assert_allclose(np.log(got), np.log(np.sort(p)[::-1][:3]), atol=TOLERANCE[model])
+
+
+def other_sizes_and_modes(work, folder) -> dict:
+    """Test images enlarged to non-square sizes as RGBA (transparent pixels hold black, so
+    dropping alpha instead of compositing on white changes them) and as L; each with the
+    RGB array the evaluation preprocessing must see before resizing, built by hand."""
+    x = np.load(work / paths.PREPARED_DIR / "test_x.npy")[:4]
+    rng = np.random.default_rng(0)
+    out = {}
+    for i, image in enumerate(x):
+        gray = image[0]  # digits: the three channels are equal
+        big = np.asarray(Image.fromarray(gray).resize((40, 28) if i % 2 else (24, 52), Image.Resampling.NEAREST))
+        alpha = np.where(rng.random(big.shape) < 0.3, 0, 255).astype(np.uint8)
+        rgba = np.dstack([big, big // 2, big, alpha])
+        rgba[alpha == 0, :3] = 0
+        Image.fromarray(rgba, "RGBA").save(folder / f"rgba{i}.png")
+        out[folder / f"rgba{i}.png"] = np.where(alpha[..., None] == 0, 255, rgba[..., :3]).astype(np.uint8)
+        Image.fromarray(big, "L").save(folder / f"gray{i}.png")
+        out[folder / f"gray{i}.png"] = np.repeat(big[..., None], 3, axis=2)
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_other_sizes_and_modes_get_the_evaluation_preprocessing(exported_pipeline, tmp_path, model):
+    work = exported_pipeline[0]
+    expected_rgb = other_sizes_and_modes(work, tmp_path)
+    net, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    prep = ckpt["preprocessing"]
+    assert prep["resize"] == "center_crop"
+
+    def by_hand(rgb: np.ndarray, policy: str = prep["resize"]) -> np.ndarray:
+        """Log-probabilities of the checkpoint on `rgb` resized and normalised as evaluation does."""
+        x = resize(rgb, prep["image_size"], policy).transpose(2, 0, 1)[None]
+        return np.log(softmax(predict_logits(net, x, prep["mean"], prep["std"]))[0])
+
+    out = json_lines(predict(work, model, list(expected_rgb), "--json", "--top-k", "10").stdout)
+    assert [o["image"] for o in out] == [str(f) for f in expected_rgb]
+    for o, (path, rgb) in zip(out, expected_rgb.items()):
+        got = {t["label"]: t["probability"] for t in o["top_k"]}
+        expected = by_hand(rgb)
+        np.testing.assert_allclose(np.log([got[c] for c in ckpt["classes"]]), expected, atol=TOLERANCE[model],
+                                   err_msg=path.name)
+        # the comparison can tell: stretching instead of cropping gives other probabilities
+        assert np.abs(by_hand(rgb, "stretch") - expected).max() > 10 * TOLERANCE[model]
+        if path.name.startswith("rgba"):  # and so does dropping alpha instead of compositing on white
+            dropped = np.asarray(Image.open(path).convert("RGB"))
+            assert np.abs(by_hand(dropped) - expected).max() > 10 * TOLERANCE[model]
+
+
+def test_unreadable_files_are_one_line_each_and_the_rest_is_predicted(exported_pipeline, test_pngs, tmp_path):
+    work = exported_pipeline[0]
+    (tmp_path / "notes.jpg").write_text("not an image\n")
+    Image.new("L", (40, 40), 128).save(tmp_path / "bomb_warns.png")   # 1,600 px: above a 1,000 px limit
+    Image.new("L", (64, 64), 128).save(tmp_path / "bomb_errors.png")  # 4,096 px: above twice the limit
+    missing = tmp_path / "missing.png"
+    bad = [missing, tmp_path / "notes.jpg", tmp_path / "bomb_warns.png", tmp_path / "bomb_errors.png"]
+    files = [test_pngs[0], bad[0], bad[1], test_pngs[1], bad[2], bad[3], test_pngs[2]]
+    proc = predict(work, "onnx", files, "--max-pixels", "1000", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {missing}: unreadable: No such file or directory",
+                      f"error: {bad[1]}: not an image (cannot identify)",
+                      f"error: {bad[2]}: decompression bomb (more pixels than the limit, 1,000)",
+                      f"error: {bad[3]}: decompression bomb (more pixels than the limit, 1,000)"]
+    evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
+    tables = proc.stdout.strip().split("\n\n")
+    assert [t.splitlines()[0] for t in tables] == [str(test_pngs[i]) for i in range(3)]
+    assert [t.splitlines()[2].split()[1] for t in tables] == evaluated[:3]  # rank 1's label
+    assert all(len(t.splitlines()) == 2 + 5 for t in tables)  # header + the default top 5
+    # without the limit, the same two large images are ordinary images
+    ok = predict(work, "checkpoint", bad[2:], "--json")
+    assert [o["image"] for o in json_lines(ok.stdout)] == [str(f) for f in bad[2:]]
+
+
+def test_a_bad_model_path_is_one_line(exported_pipeline, test_pngs, tmp_path):
+    work = exported_pipeline[0]
+    proc = run([sys.executable, "-m", "pipeline", "predict", str(tmp_path / "nope.onnx"), str(test_pngs[0])],
+               tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: model '{tmp_path / 'nope.onnx'}' is not a file; give "
+                                        "models/model.onnx (dvc repro export) or models/model.pt (dvc repro train)"]
+    (tmp_path / "model.onnx").write_text("not onnx")
+    with pytest.raises(UserError, match="is not a readable ONNX model"):
+        load_predictor(tmp_path / "model.onnx")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_predictor(work / paths.ONNX_META)
+
+
+def test_onnx_without_metadata_falls_back_to_the_json_beside_it(exported_pipeline, tmp_path):
+    work = exported_pipeline[0]
+    proto = onnx.load(work / paths.ONNX_MODEL)
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "bare.onnx")
+    with pytest.raises(UserError, match="no classes/preprocessing in its metadata and there is no bare.json"):
+        load_predictor(tmp_path / "bare.onnx")
+    card = json.loads((work / paths.ONNX_META).read_text())
+    card["classes"] = [f"digit {c}" for c in card["classes"]]  # so we can see which source was read
+    (tmp_path / "bare.json").write_text(json.dumps(card))
+    predictor = load_predictor(tmp_path / "bare.onnx")
+    assert predictor.classes == card["classes"] and predictor.image_size == 16 and predictor.resize == "center_crop"
+    x = np.load(work / paths.PREPARED_DIR / "test_x.npy")[:8]
+    assert (predictor.logits(x).argmax(1) == load_predictor(work / paths.ONNX_MODEL).logits(x).argmax(1)).all()
