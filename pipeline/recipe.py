@@ -87,21 +87,30 @@ def make_mixer(r: Recipe, num_classes: int):
 
 
 class EarlyStopping:
-    """Tracks the monitored metric; `step()` says whether it improved, `should_stop` when
-    `patience` epochs passed without an improvement larger than `min_delta`."""
+    """Tracks the monitored metric; `step()` says whether this epoch is the best so far,
+    `should_stop` when `patience` epochs passed without an improvement larger than `min_delta`.
+
+    Accuracy on a small validation split moves in coarse steps (1/270 on digits), so epochs
+    often tie on it: a tie goes to the epoch with the lower validation loss (`tiebreak`), which
+    is the better-trained model, rather than to whichever came first. A tie does not count as
+    an improvement for patience."""
 
     def __init__(self, monitor: str, patience: int, min_delta: float):
         self.sign = -1.0 if monitor == "val_loss" else 1.0  # larger is better after the sign
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
         self.best = -math.inf
+        self.best_tiebreak = math.inf
         self.wait = 0
 
-    def step(self, value: float) -> bool:
+    def step(self, value: float, tiebreak: float | None = None) -> bool:
         score = self.sign * value
         if score > self.best + self.min_delta:
-            self.best, self.wait = score, 0
+            self.best, self.best_tiebreak, self.wait = score, math.inf if tiebreak is None else tiebreak, 0
             return True
         self.wait += 1
+        if tiebreak is not None and score == self.best and tiebreak < self.best_tiebreak:
+            self.best_tiebreak = tiebreak
+            return True
         return False
 
     @property
@@ -109,7 +118,7 @@ class EarlyStopping:
         return self.patience > 0 and self.wait >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "wait": self.wait}
+        return {"best": self.best, "best_tiebreak": self.best_tiebreak, "wait": self.wait}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.wait = float(state["best"]), int(state["wait"])
+        self.best, self.best_tiebreak, self.wait = float(state["best"]), float(state["best_tiebreak"]), int(state["wait"])

@@ -298,7 +298,7 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
             print(f"epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
         bar.set_postfix(summary)
         bar.close()
-        if stopper.step(row[r.monitor]):
+        if stopper.step(row[r.monitor], row["val_loss"] if r.monitor == "val_accuracy" else None):
             best_epoch = epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch and rank == 0:

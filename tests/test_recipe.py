@@ -60,6 +60,15 @@ def test_early_stopping_logic():
     assert not stop.should_stop and not stop.step(0.95) and stop.should_stop
 
 
+def test_accuracy_ties_go_to_the_lower_validation_loss():
+    stop = EarlyStopping("val_accuracy", patience=2, min_delta=0)
+    assert stop.step(0.98, 0.10)
+    assert stop.step(0.98, 0.05)       # same accuracy, lower loss: the better epoch to keep
+    assert not stop.step(0.98, 0.07)   # same accuracy, higher loss
+    assert stop.should_stop            # ties are not improvements: patience ran out
+    assert stop.step(0.99, 0.20)       # higher accuracy wins whatever the loss
+
+
 def test_training_stops_early_and_keeps_the_best_epoch():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (32, 3, 8, 8)).astype(np.uint8)
