@@ -104,15 +104,11 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def predict_files(predictor: Predictor, files: list[Path], k: int,
                   max_pixels: int | None = None) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
     """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
+    from pipeline.evaluate import softmax  # the evaluate stage's own, so probabilities agree
+
     k = min(k, len(predictor.classes))
     for start in range(0, len(files), BATCH):
         chunk, images, reasons = files[start:start + BATCH], [], {}

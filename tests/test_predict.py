@@ -15,7 +15,8 @@ from pipeline import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits
 from pipeline.data import resize
 from pipeline.errors import UserError
-from pipeline.predict import load_predictor, softmax
+from pipeline.evaluate import softmax
+from pipeline.predict import load_predictor
 from tests.conftest import run
 
 MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}
