@@ -52,8 +52,8 @@ def phase_bare_decode(images: Path) -> dict:
 
 
 def phase_prepare(images: Path, out: Path, single: bool = False) -> dict:
-    from pipeline import data
-    from pipeline.folder import scan_folder
+    from pipeline.data import prepare as data
+    from pipeline.data.folder import scan_folder
 
     if single:
         data._PARALLEL_FROM = 1 << 62  # decode in-process, like the bare loop
@@ -70,30 +70,30 @@ def phase_prepare(images: Path, out: Path, single: bool = False) -> dict:
 def _subset(prepared: Path, n: int):
     import numpy as np
 
-    from pipeline.data import load_meta, load_split
+    from pipeline.prepared import load_meta, load_split
 
     x, y = load_split("train", prepared)
     return x[:n], np.asarray(y[:n]), load_meta(prepared)
 
 
 def phase_loop(prepared: Path, n: int, batch_size: int, arch: str) -> dict:
-    """The real training loop (pipeline.train.train), one epoch, plus a bare loop on the
+    """The real training loop (pipeline.training.loop.train), one epoch, plus a bare loop on the
     same model for the same number of steps, in one process, same threads."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.augment import AugmentConfig
     from pipeline.models import build_model
-    from pipeline.recipe import Recipe
-    from pipeline.train import TrainConfig, seed_everything, train
+    from pipeline.params import AugmentParams, TrainParams
+    from pipeline.prepared import load_preprocessing
+    from pipeline.training.loop import TrainConfig, seed_everything, train
 
     x, y, meta = _subset(prepared, n)
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, seed=0, recipe=Recipe(optimizer="sgd"),
-                      augment=AugmentConfig(random_crop=True, crop_padding=4, hflip=True))
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, seed=0, train=TrainParams(optimizer="sgd"),
+                      augment=AugmentParams(random_crop=True, crop_padding=4, hflip=True))
 
     def bare() -> float:
         seed_everything(0)
-        # the compute our loop runs: channels_last, as pipeline.train uses
+        # the compute our loop runs: channels_last, as pipeline.training.loop uses
         model = build_model(arch, num_classes=10).train().to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         xb = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -111,9 +111,9 @@ def phase_loop(prepared: Path, n: int, batch_size: int, arch: str) -> dict:
         seed_everything(0)
         model = build_model(arch, num_classes=10)
         # validation on 2 images only: the epoch figure below is the batch loop alone
-        result = train(model, (x, y), (x[:2], y[:2]), meta["mean"], meta["std"], cfg, progress=True)
+        result = train(model, (x, y), (x[:2], y[:2]), load_preprocessing(prepared), cfg, progress=True)
         row = result.history.iloc[0]
-        return float(row["images_per_second"]), float(result.metrics["train_seconds"])
+        return float(row["images_per_second"]), float(result.timing["train_seconds"])
 
     bare()  # warm-up (allocator, kernels)
     bare_ips = bare()
@@ -130,7 +130,7 @@ def phase_tutorial(images: Path, n: int, batch_size: int, workers: int, arch: st
     from torchvision import datasets, transforms
 
     from pipeline.models import build_model
-    from pipeline.train import seed_everything
+    from pipeline.training.loop import seed_everything
 
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])

@@ -10,7 +10,7 @@ from pipeline.errors import UserError, run_cli
 
 def _summary(args: argparse.Namespace) -> None:
     from pipeline.models import build_model, check_model_name, min_image_size
-    from pipeline.summary import summarize
+    from pipeline.models.summary import summarize
 
     check_model_name(args.model)
     if args.image_size < (need := min_image_size(args.model)):
@@ -30,7 +30,7 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.predict import EXIT_SOME_FAILED, run
+    from pipeline.export.predict import EXIT_SOME_FAILED, run
 
     if run(args.model, args.images, args.top_k, args.json, args.max_pixels):
         sys.exit(EXIT_SOME_FAILED)

@@ -1,8 +1,12 @@
 """params.yaml → typed, validated objects, at the edge.
 
-Every stage calls `load_params()` first. Any problem (unknown key, wrong type, unknown model
-or data set, value out of range) raises `UserError` with one line naming the key, the bad
-value and what is allowed, before the stage touches any output.
+Every stage calls `load_params(keys=PARAMS)` first, with KEYS the params it reads (the same list as
+its `params:` in dvc.yaml: tests/test_dvc_yaml.py checks it). The whole file is validated
+(unknown key, wrong type, value out of range: `UserError`, one line naming the key, the bad
+value and what is allowed), and the stage gets a view that holds only its KEYS: reading any
+other key is an error, so a stage cannot depend on a param DVC does not know it depends on.
+Model names are checked against the registry (which imports torch and timm, seconds) only
+where `model` is read.
 """
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline import paths
 from pipeline.errors import UserError
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+
+
+def _check_models(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("skip_models", False)
 
 
 class _Section(BaseModel):
@@ -29,7 +37,21 @@ class DataParams(_Section):
     resize: Literal["center_crop", "stretch"] = "center_crop"
 
 
+def _range(low: float, high: float, what: str):
+    """A validator for a [min, max] pair inside [low, high]."""
+    def check(value: Any) -> Any:
+        ok = (isinstance(value, list) and len(value) == 2 and all(type(v) in (int, float) for v in value)
+              and low <= value[0] <= value[1] <= high and value[1] > 0)
+        if not ok:
+            raise ValueError(f"use [min, max] with {low:g} ≤ min ≤ max ≤ {high:g} ({what})")
+        return [float(v) for v in value]
+    return field_validator(what, mode="before")(classmethod(lambda cls, v: check(v)))
+
+
 class AugmentParams(_Section):
+    resized_crop: Literal["auto"] | bool = "auto"
+    resized_crop_scale: list[float] = [0.25, 1.0]
+    resized_crop_ratio: list[float] = [0.75, 4 / 3]
     random_crop: bool = True
     crop_padding: int = Field(2, ge=0, le=64)
     hflip: bool = False
@@ -37,6 +59,9 @@ class AugmentParams(_Section):
     scale: float = Field(0.0, ge=0, lt=1)
     color_jitter: float = Field(0.0, ge=0, lt=1)
     random_erasing: float = Field(0.0, ge=0, le=1)
+
+    _scale = _range(0.01, 1.0, "resized_crop_scale")
+    _ratio = _range(0.1, 10.0, "resized_crop_ratio")
 
 
 class TrainParams(_Section):
@@ -79,7 +104,9 @@ class TrainParams(_Section):
 class TransferParams(_Section):
     unfreeze_stages: int = Field(1, ge=0)
     head_epochs: int = Field(1, ge=1)
-    backbone_lr_mult: float = Field(1.0, gt=0, le=10)
+    backbone_lr_mult: float = Field(0.1, gt=0, le=10)
+    augmented_passes: int = Field(0, ge=0, le=100)
+    probe_l2: Literal["auto"] | Annotated[float, Field(ge=0, le=100)] = "auto"
 
 
 class MlflowParams(_Section):
@@ -103,7 +130,7 @@ class Params(_Section):
     model: str = "original"
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
-    lr: float = Field(0.003, gt=0, le=10)
+    lr: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
     image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     pretrained: bool = False
@@ -123,7 +150,9 @@ class Params(_Section):
         return value
 
     @model_validator(mode="after")
-    def _image_size_fits_the_model(self) -> "Params":
+    def _image_size_fits_the_model(self, info: ValidationInfo) -> "Params":
+        if not _check_models(info):
+            return self
         from pipeline.models import min_image_size
 
         if self.image_size != "auto" and self.image_size < (need := min_image_size(self.model)):
@@ -147,7 +176,9 @@ class Params(_Section):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, value: str) -> str:
+    def _known_model(cls, value: str, info: ValidationInfo) -> str:
+        if not _check_models(info):
+            return value
         from pipeline.models import model_name_problem
 
         if problem := model_name_problem(value):
@@ -161,15 +192,14 @@ class Params(_Section):
             return value
         raise ValueError("use auto or a whole number of pixels from 8 to 1024")
 
-    @property
-    def size(self) -> int:
-        """image_size in pixels: `auto` is 32, or the model's minimum when larger (AlexNet: 64)."""
-        from pipeline.models import min_image_size
-
-        if self.image_size == "auto":
-            need = min_image_size(self.model)
-            return 32 if need <= 32 else 1 << (need - 1).bit_length()
-        return self.image_size
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) in (int, float) and 0 < value <= 10):
+            return value
+        if type(value) in (int, float):
+            raise ValueError("Input should be greater than 0" if value <= 0 else "Input should be at most 10")
+        raise ValueError("use auto or a number, e.g. 0.001")
 
     def flat(self) -> dict[str, Any]:
         """All params as `section.key: value`, for MLflow."""
@@ -197,18 +227,44 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc}={err['input']!r}: {msg}" if loc else msg
 
 
-def parse_params(raw: Any, source: str = str(paths.PARAMS)) -> Params:
+def parse_params(raw: Any, source: str = str(paths.PARAMS), check_models: bool = True) -> Params:
     """Validate a params mapping; raise `UserError` naming the first bad key."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"skip_models": not check_models})
     except ValidationError as exc:
         raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
-def load_params(path: Path = paths.PARAMS) -> Params:
-    """Read and validate params.yaml."""
+class StageParams:
+    """The params a stage declared it reads (`section` or `section.key`), validated; reading
+    anything else raises AttributeError naming the key to declare."""
+
+    def __init__(self, params: BaseModel, keys: set[str], prefix: str = ""):
+        self._params, self._keys, self._prefix = params, keys, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        if key in self._keys or self._prefix.rstrip(".") in self._keys:
+            return getattr(self._params, name)
+        if any(k.startswith(key + ".") for k in self._keys):
+            return StageParams(getattr(self._params, name), self._keys, key + ".")
+        raise AttributeError(f"this stage reads params key {key!r} without declaring it: add it to the stage's "
+                             "PARAMS and to its params in dvc.yaml")
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """Every param, as a record (the checkpoint's, the MLflow run's), not as an input."""
+        return self._params.model_dump(**kwargs)
+
+    def flat(self) -> dict[str, Any]:
+        return self._params.flat()
+
+
+def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None) -> Params | StageParams:
+    """Read and validate params.yaml; with `keys`, a view of just those keys."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -217,4 +273,6 @@ def load_params(path: Path = paths.PARAMS) -> Params:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_params(raw, str(path))
+    reads_model = keys is None or "model" in keys
+    params = parse_params(raw, str(path), check_models=reads_model)
+    return params if keys is None else StageParams(params, set(keys))

@@ -12,6 +12,9 @@ from pathlib import Path
 PARAMS = Path("params.yaml")
 
 RAW_DIR = Path("data/raw")
+RESOLVED_DIR = Path("data/resolved")              # written by the check stage
+RESOLVED_PREPROCESSING = RESOLVED_DIR / "preprocessing.json"  # what the weights bring, or the data's own
+RESOLVED_WEIGHTS = RESOLVED_DIR / "weights.json"  # the weights file and its sha256 (train re-runs when it changes)
 PREPARED_DIR = Path("data/prepared")
 PREPARED_META = PREPARED_DIR / "meta.json"
 MANIFEST = PREPARED_DIR / "manifest.csv"
@@ -25,10 +28,12 @@ RESUME_CHECKPOINT = Path("checkpoints/last.pt")
 
 METRICS_DIR = Path("metrics")
 AUGMENTED_SAMPLES_PNG = METRICS_DIR / "augmented_samples.png"
+LR_FIND_PNG = METRICS_DIR / "lr_find.png"
 DATA_REPORT = METRICS_DIR / "data_report.json"
 DATA_REPORT_MD = METRICS_DIR / "data_report.md"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_HISTORY = METRICS_DIR / "train_history.csv"
+TRAIN_TIMING = METRICS_DIR / "train_timing.json"  # seconds and images/s: differ run to run, so not a DVC output
 LEARNING_CURVES_PNG = METRICS_DIR / "learning_curves.png"
 EVAL_METRICS = METRICS_DIR / "eval.json"
 PER_CLASS = METRICS_DIR / "per_class.csv"

@@ -1,5 +1,6 @@
-"""Pictures a person looks at: augmented samples, learning curves, confusion matrix,
-misclassified test images, Grad-CAM heat maps. PNGs at DPI dots per inch, written atomically."""
+"""Pictures a person looks at, the shared parts: image grids (augmented samples), learning
+curves, a curve with marks (the lr range test), a note where there is nothing to draw. PNGs at
+DPI dots per inch, written atomically. The evaluate stage's own: pipeline.evaluation.figures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ DPI = 100
 CELL = (1.3, 1.45)  # inches per image in a grid (width, height: room for a title)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -36,7 +37,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, suptitle: 
         ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
         ax.set_title(title, fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
-    _save(fig, path)
+    save(fig, path)
 
 
 def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
@@ -51,46 +52,25 @@ def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Learning curves")
-    _save(fig, path)
+    save(fig, path)
 
 
-def confusion_size(k: int) -> tuple[float, float]:
-    """Figure size (inches) of the two-panel confusion matrix for k classes."""
-    side = max(4.0, 0.55 * k + 2)
-    return 2 * side + 1.5, side
-
-
-def confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path) -> None:
-    """Two panels: counts, and row-normalised (each true class's fraction per prediction)."""
-    k = len(classes)
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=confusion_size(k), layout="constrained")
-    for ax, values, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised", ".2f")):
-        vmax = max(int(cm.max()), 1) if fmt == "d" else 1
-        im = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images" if fmt == "d" else "fraction of true class")
-        ax.set_xticks(range(k), classes, rotation=45, ha="right")
-        ax.set_yticks(range(k), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        ax.set_title(title)
-        if k <= 30:
-            for i in range(k):
-                for j in range(k):
-                    ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7,
-                            color="white" if values[i, j] > 0.5 * vmax else "black")
-    fig.suptitle(f"Confusion matrix (test, n={int(cm.sum())})")
-    _save(fig, path)
-
-
-def misclassified_grid(images: np.ndarray, titles: Sequence[str], path: Path, n_test: int, cols: int = 6) -> None:
-    """The given misclassified images (uint8 N×3×H×W) with their titles; with none, a figure
-    that says so (the file always exists, so DVC and MLflow always have it)."""
-    if len(images):
-        image_grid(images, titles, path, f"Most confidently misclassified test images ({len(images)} shown)\n"
-                   "true → predicted (confidence)", cols=cols)
-    else:
-        note_figure(f"No misclassified images\n(all {n_test} test images are correct)", path)
+def line_figure(x, y, path: Path, title: str, xlabel: str, ylabel: str, marks: dict[str, float] | None = None,
+                logx: bool = False) -> None:
+    """One curve, with labelled vertical marks (e.g. the suggested learning rate)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(x, y, "-", lw=1.5)
+    for label, at in (marks or {}).items():
+        ax.axvline(at, color="tab:red", ls="--", lw=1, label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    if marks:
+        ax.legend()
+    save(fig, path)
 
 
 NOTE_SIZE = (5.0, 1.5)  # inches
@@ -102,24 +82,4 @@ def note_figure(text: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=NOTE_SIZE)
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
-    _save(fig, path)
-
-
-def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], path: Path, pairs_per_row: int) -> None:
-    """Each image (uint8 N×3×H×W) beside its Grad-CAM heat map (N×H×W in [0, 1]) overlaid in
-    `jet`, `pairs_per_row` pairs per row (one class per row when that is the images per class)."""
-    n = len(images)
-    rows, cols = max(1, -(-n // pairs_per_row)), 2 * pairs_per_row
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL[0], rows * CELL[1]), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (img, heat, title) in enumerate(zip(images, heatmaps, titles)):
-        row, col = divmod(i, pairs_per_row)
-        ax_img, ax_cam = axes[row, 2 * col], axes[row, 2 * col + 1]
-        ax_img.imshow(img.transpose(1, 2, 0), interpolation="nearest")
-        ax_img.set_title(title, fontsize=8)
-        ax_cam.imshow(img.transpose(1, 2, 0).mean(axis=2), cmap="gray", interpolation="nearest")
-        ax_cam.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
-        ax_cam.set_title("Grad-CAM", fontsize=8)
-    fig.suptitle("Grad-CAM: where the model looks for its predicted class (true / predicted)", fontsize=10)
-    _save(fig, path)
+    save(fig, path)

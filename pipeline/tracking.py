@@ -7,6 +7,7 @@ depend on it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -124,24 +125,60 @@ def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
     return run.info.run_id
 
 
-@contextmanager
-def resume_run(run_file: Path = paths.MLFLOW_RUN) -> Iterator[Any]:
-    """Re-open the run that train started, yielding the `mlflow` module to log with.
+def bind_run(run_file: Path, checkpoint: Path) -> None:
+    """Record in `run_file` which checkpoint its run trained (the file's sha256), so that
+    evaluate and export continue this run only for that checkpoint."""
+    write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
 
-    If that run is not in the current store (another `MLFLOW_TRACKING_URI`, or DVC restored
-    train's outputs from its cache), a new run in the same experiment is created instead."""
-    mlflow = _mlflow()
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_to_continue(mlflow: Any, run_file: Path, checkpoint: Path | None) -> str | None:
+    """The id of train's run, when `run_file` names one in this store for this checkpoint."""
     from mlflow.exceptions import MlflowException
 
+    if not run_file.exists():
+        return None
     info = read_json(run_file)
-    run_id = info["run_id"]
+    if checkpoint is not None and info.get("checkpoint_sha256") != file_sha256(checkpoint):
+        return None  # DVC restored train's outputs from its cache: the run file is another run's
     try:
-        mlflow.get_run(run_id)
+        mlflow.get_run(info["run_id"])
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
-        log.warning("MLflow run %s not found in %s; logging into a new run", run_id, tracking_uri())
-        use_experiment(mlflow, info.get("experiment", "image-classification"))
-        run_id = _retry(mlflow.start_run).info.run_id
+        return None
+    return info["run_id"]
+
+
+@contextmanager
+def resume_run(run_file: Path = paths.MLFLOW_RUN, checkpoint: Path | None = None, experiment: str | None = None,
+               params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Re-open the run that train started, yielding the `mlflow` module to log with.
+
+    The run file is not a DVC output (it holds a run id: different every run), so it may be
+    missing, or another run's when DVC restored train's outputs from its cache (its
+    `checkpoint_sha256` then differs from `checkpoint`'s), or name a run of another store: a
+    new run in the same experiment is started instead, with `params` (the checkpoint's)."""
+    mlflow = _mlflow()
+    run_id = _run_to_continue(mlflow, run_file, checkpoint)
+    if run_id is None:
+        info = read_json(run_file) if run_file.exists() else {}
+        print(f"{os.environ.get('DVC_STAGE', 'mlflow')}: train's MLflow run is not in {tracking_uri()} for this "
+              "checkpoint (DVC restored it from its cache, or another store); logging into a new run", flush=True)
+        use_experiment(mlflow, experiment or info.get("experiment", "image-classification"))
+        run = _retry(mlflow.start_run)
+        if params:
+            _retry(mlflow.log_params, params)
+        run_id = run.info.run_id
         mlflow.end_run()
+        write_json(run_file, {"run_id": run_id, "experiment": experiment or info.get("experiment"),
+                              "tracking_uri": tracking_uri()} | ({"checkpoint_sha256": file_sha256(checkpoint)}
+                                                                if checkpoint is not None else {}))
     with mlflow.start_run(run_id=run_id):
         yield mlflow
 

@@ -4,13 +4,16 @@ Reads params: dataset. Writes: data/raw/. Run: `dvc repro download`."""
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.data import download
+from pipeline.data.registry import download
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
 
+PARAMS = ("dataset", "data_dir")
+
+
 def main() -> None:
-    params = load_params()
+    params = load_params(keys=PARAMS)
     path = download(params.dataset, paths.RAW_DIR, Path(params.data_dir))
     print(f"download: {params.dataset} → {path}")
 

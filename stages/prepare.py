@@ -1,31 +1,36 @@
-"""Stage `prepare`: decode every image once, resize, split (seeded, stratified), train-split
-statistics, manifest, data report, augmentation preview.
+"""Stage `prepare`: decode every image once, resize it to the preprocessing's stored size,
+split (seeded, stratified), train-split statistics, manifest, data report.
 
-Reads params: dataset, data_dir, image_size (and model, for image_size: auto), seed, data, augment. Reads: data/raw/ (or
-data_dir for dataset=folder). Writes: data/prepared/ ({split}_x.npy, {split}_y.npy,
-meta.json, manifest.csv), metrics/data_report.{json,md}, metrics/augmented_samples.png.
-Run: `dvc repro prepare`."""
+Reads params: dataset, data_dir, seed, data. Reads: data/resolved/preprocessing.json (the check
+stage's: the sizes and resize the weights ask for), data/raw/ (or data_dir for dataset=folder).
+Writes: data/prepared/ ({split}_x.npy, {split}_y.npy, meta.json with the completed
+preprocessing, manifest.csv), metrics/data_report.{json,md}. Run: `dvc repro prepare`."""
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import paths
-from pipeline.augment import AugmentConfig, augment_batch
-from pipeline.data import load_source, load_split, prepare
-from pipeline.errors import run_cli
-from pipeline.io import atomic_path, write_json
+from pipeline.data.registry import load_source
+from pipeline.data.prepare import prepare
+from pipeline.errors import UserError, run_cli
+from pipeline.io import atomic_path, read_json, write_json
 from pipeline.params import load_params
-from pipeline.plots import image_grid
-from pipeline.report import data_report, summary_line, to_markdown
+from pipeline.preprocess import Preprocessing
+from pipeline.data.report import data_report, summary_line, to_markdown
+
+
+PARAMS = ("dataset", "data_dir", "seed", "data")
 
 
 def main() -> dict:
-    params = load_params()
+    params = load_params(keys=PARAMS)
+    if not paths.RESOLVED_PREPROCESSING.exists():
+        raise UserError(f"{paths.RESOLVED_PREPROCESSING} is missing; run the check stage first (dvc repro check)")
+    plan = Preprocessing.from_dict(read_json(paths.RESOLVED_PREPROCESSING))
     source = load_source(params.dataset, paths.RAW_DIR, Path(params.data_dir))
-    meta = prepare(source, params.size, params.data.val_fraction, params.data.test_fraction,
-                   params.seed, paths.PREPARED_DIR, resize_policy=params.data.resize, progress=True)
+    meta = prepare(source, plan, params.data.val_fraction, params.data.test_fraction, params.seed,
+                   paths.PREPARED_DIR, progress=True)
     manifest = pd.read_csv(paths.MANIFEST, keep_default_na=False, dtype=str)
     report = data_report(manifest, meta["classes"], source.notes)
     write_json(paths.DATA_REPORT, report)
@@ -33,18 +38,9 @@ def main() -> dict:
         tmp.write_text(to_markdown(report, manifest))
     counts = meta["counts"]
     print(f"prepare: {params.dataset}, {len(meta['classes'])} classes, train/val/test = "
-          f"{counts['train']}/{counts['val']}/{counts['test']} images at {params.size}px; "
+          f"{counts['train']}/{counts['val']}/{counts['test']} images stored at {plan.stored_size}px; train-split "
           f"mean={np.round(meta['mean'], 4).tolist()} std={np.round(meta['std'], 4).tolist()}")
     print(f"prepare: {summary_line(report)} (details: {paths.DATA_REPORT_MD})")
-
-    # The augmentation the train stage applies, on 32 training images, for a person to check.
-    x, y = load_split("train", paths.PREPARED_DIR)
-    n = min(32, len(y))
-    aug = augment_batch(torch.from_numpy(np.array(x[:n])), AugmentConfig(**params.augment.model_dump()),
-                        meta["mean"], torch.Generator().manual_seed(params.seed))
-    on = ", ".join(f"{k}={v}" for k, v in params.augment.model_dump().items() if v)
-    image_grid((aug.numpy() * 255).round().astype(np.uint8), [meta["classes"][i] for i in y[:n]],
-               paths.AUGMENTED_SAMPLES_PNG, f"Augmented training samples ({on or 'no augmentation'})")
     return meta | {"report": report}
 
 

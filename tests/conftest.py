@@ -17,6 +17,13 @@ VENV_BIN = str(Path(sys.executable).parent)
 TINY = {"epochs": 2, "image_size": 16, "batch_size": 64}
 
 
+def plain(x, mean: float = 0.5, std: float = 0.3):
+    """The preprocessing of images stored at their model input size with a fixed mean/std."""
+    from pipeline.preprocess import Preprocessing
+
+    return Preprocessing(x.shape[-1], x.shape[-1], mean=(mean,) * 3, std=(std,) * 3)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would have: our venv first on PATH, no tracking URI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -66,7 +73,8 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
-    from pipeline.data import download, load_source, prepare
+    from pipeline.data.registry import download, load_source
+    from pipeline.data.prepare import prepare
 
     base = tmp_path_factory.mktemp("digits")
     download("digits", base / "raw")
@@ -82,7 +90,7 @@ def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
     """download → prepare → train → evaluate → export, once, in-process on tiny digits in a
     temporary folder, with a real SQLite MLflow store and the model registered as
     REGISTERED_MODEL with alias `champion`. Returns (work dir, tracking URI, each stage's result)."""
-    from stages import download, evaluate, export, prepare, train
+    from stages import check, download, evaluate, export, prepare, train
 
     work = tmp_path_factory.mktemp("exported")
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -91,6 +99,7 @@ def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        check.main()
         download.main()
         results = {"prepare": prepare.main(), "train": train.main(), "evaluate": evaluate.main(),
                    "export": export.main()}

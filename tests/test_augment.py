@@ -3,10 +3,11 @@ switched off means identity."""
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import (AugmentConfig, augment_batch, color_jitter, normalize, random_affine, random_crop,
-                              random_erasing, random_hflip)
+from pipeline.params import AugmentParams
+from pipeline.training.augment import (augment_batch, color_jitter, is_identity, random_affine, random_crop, random_erasing, random_hflip)
+from pipeline.preprocess import normalize
 
-OFF = AugmentConfig(random_crop=False, hflip=False)
+OFF = AugmentParams(random_crop=False, hflip=False)
 
 
 def distinct_images(n: int = 64, size: int = 12) -> torch.Tensor:
@@ -57,15 +58,15 @@ def test_affine_with_zero_range_is_identity():
 
 def test_switched_off_is_identity():
     x = distinct_images()
-    assert OFF.is_identity
+    assert is_identity(OFF)
     assert torch.equal(augment_batch(x, OFF, [0.5] * 3), x.float() / 255)
-    no_pad = AugmentConfig(random_crop=True, crop_padding=0)
+    no_pad = AugmentParams(random_crop=True, crop_padding=0)
     assert torch.equal(augment_batch(x, no_pad, [0.5] * 3), x.float() / 255)
 
 
 def test_same_generator_same_augmentation():
     x = distinct_images()
-    cfg = AugmentConfig(random_crop=True, crop_padding=2, hflip=True, rotate_degrees=10, scale=0.1,
+    cfg = AugmentParams(random_crop=True, crop_padding=2, hflip=True, rotate_degrees=10, scale=0.1,
                         color_jitter=0.2, random_erasing=0.5)
     a = augment_batch(x, cfg, [0.5] * 3, torch.Generator().manual_seed(5))
     b = augment_batch(x, cfg, [0.5] * 3, torch.Generator().manual_seed(5))

@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import channel_stats, download, load_meta, load_source, load_split, prepare
-from pipeline.source import Source
+from pipeline.data.prepare import channel_stats, prepare
+from pipeline.data.registry import download, load_source
+from pipeline.prepared import load_meta, load_split
+from pipeline.data.source import Source
 from pipeline.errors import UserError
 
 

@@ -21,7 +21,7 @@ def runs_by_exp(project: Path) -> dict:
 def test_repro_then_experiments(project: Path):
     # 1. dvc repro runs every stage and one MLflow run holds params, metrics, artifacts
     out = run(["dvc", "repro"], project).stdout
-    for stage in ("download", "prepare", "train", "evaluate", "export"):
+    for stage in ("check", "download", "prepare", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["accuracy"] > 0.8

@@ -9,14 +9,15 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.params import AugmentParams
 from pipeline import paths, plots
-from pipeline.augment import AugmentConfig, normalize
-from pipeline.eval_report import evaluation_report
-from pipeline.evaluate import (evaluation_metrics, expected_calibration_error, most_confident_mistakes,
-                               normalize_rows, per_class_sample)
-from pipeline.gradcam import grad_cam, gradcam_figure, split_model
+from pipeline.evaluation import figures
+from pipeline.preprocess import Preprocessing, normalize
+from pipeline.evaluation.report import evaluation_report
+from pipeline.evaluation.metrics import (evaluation_metrics, expected_calibration_error, most_confident_mistakes, normalize_rows, per_class_sample)
+from pipeline.evaluation.gradcam import grad_cam, gradcam_figure, split_model
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, train
+from pipeline.training.loop import TrainConfig, train
 from tests.conftest import ROOT
 
 ALL_KEYS = {"accuracy", "balanced_accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
@@ -123,26 +124,26 @@ def assert_png_size(path: Path, width_in: float, height_in: float) -> None:
 @pytest.mark.parametrize("k", [3, 12])
 def test_confusion_matrix_png(tmp_path, k):
     cm = np.arange(k * k).reshape(k, k)
-    plots.confusion_matrix(cm, [f"class {i}" for i in range(k)], tmp_path / "cm.png")
-    assert_png_size(tmp_path / "cm.png", *plots.confusion_size(k))  # two panels: twice as wide as high
-    assert plots.confusion_size(k)[0] > 2 * plots.confusion_size(k)[1]
+    figures.confusion_matrix(cm, [f"class {i}" for i in range(k)], tmp_path / "cm.png")
+    assert_png_size(tmp_path / "cm.png", *figures.confusion_size(k))  # two panels: twice as wide as high
+    assert figures.confusion_size(k)[0] > 2 * figures.confusion_size(k)[1]
 
 
 @pytest.mark.parametrize("n, rows", [(7, 2), (24, 4)])
 def test_misclassified_grid_png(tmp_path, n, rows):
     images = np.random.default_rng(0).integers(0, 256, (n, 3, 16, 16), dtype=np.uint8)
-    plots.misclassified_grid(images, ["3 → 8 (0.97)"] * n, tmp_path / "m.png", n_test=100)
+    figures.misclassified_grid(images, ["3 → 8 (0.97)"] * n, tmp_path / "m.png", n_test=100)
     assert_png_size(tmp_path / "m.png", 6 * plots.CELL[0], rows * plots.CELL[1])
 
 
 def test_misclassified_png_says_so_when_there_are_none(tmp_path):
-    plots.misclassified_grid(np.zeros((0, 3, 16, 16), np.uint8), [], tmp_path / "m.png", n_test=100)
+    figures.misclassified_grid(np.zeros((0, 3, 16, 16), np.uint8), [], tmp_path / "m.png", n_test=100)
     assert_png_size(tmp_path / "m.png", *plots.NOTE_SIZE)
 
 
 def test_gradcam_png_pairs_each_image_with_its_heat_map(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 3, 16, 16), dtype=np.uint8)
-    plots.gradcam_grid(images, np.random.default_rng(1).random((6, 16, 16)), ["a / b"] * 6, tmp_path / "g.png",
+    figures.gradcam_grid(images, np.random.default_rng(1).random((6, 16, 16)), ["a / b"] * 6, tmp_path / "g.png",
                        pairs_per_row=3)
     assert_png_size(tmp_path / "g.png", 2 * 3 * plots.CELL[0], 2 * plots.CELL[1])
 
@@ -151,6 +152,7 @@ def test_gradcam_png_pairs_each_image_with_its_heat_map(tmp_path):
 
 QUADRANTS = {"top-left": (slice(0, 16), slice(0, 16)), "bottom-right": (slice(16, 32), slice(16, 32))}
 MEAN, STD = [0.5] * 3, [0.25] * 3
+PREP = Preprocessing(32, 32, mean=tuple(MEAN), std=tuple(STD))
 
 
 def quadrant_data(n: int, seed: int, where: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +171,8 @@ def test_gradcam_highlights_the_only_informative_quadrant(quadrant):
     where = QUADRANTS[quadrant]
     torch.manual_seed(0)
     model = build_model("original", 2, width=16)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.003, seed=0, augment=AugmentConfig(random_crop=False))
-    result = train(model, quadrant_data(512, 0, where), quadrant_data(64, 1, where), MEAN, STD, cfg, progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.003, seed=0, augment=AugmentParams(random_crop=False))
+    result = train(model, quadrant_data(512, 0, where), quadrant_data(64, 1, where), PREP, cfg, progress=False)
     model.load_state_dict(result.best_state)
     x, y = quadrant_data(64, 2, where)
     heat, logits = grad_cam(model, normalize(torch.from_numpy(x), MEAN, STD))
@@ -199,7 +201,7 @@ def test_gradcam_is_skipped_with_a_note_for_a_vision_transformer(tmp_path):
     model = build_model("vit_tiny_patch16_224", 2, img_size=32, patch_size=8, depth=1).eval()
     assert split_model(model, 32) is None
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    note = gradcam_figure(model, images, np.array([0, 1, 0, 1]), ["a", "b"], MEAN, STD, tmp_path / "g.png")
+    note = gradcam_figure(model, images, np.array([0, 1, 0, 1]), ["a", "b"], PREP, tmp_path / "g.png")
     assert note and "skipped" in note
     assert_png_size(tmp_path / "g.png", *plots.NOTE_SIZE)
     with pytest.raises(ValueError, match="no spatial feature map"):
@@ -211,7 +213,8 @@ def test_gradcam_figure_one_row_per_class(tmp_path):
     model = build_model("original", 3, width=8).eval()
     y = np.repeat(np.arange(3), 5)
     images = np.random.default_rng(0).integers(0, 256, (15, 3, 16, 16), dtype=np.uint8)
-    assert gradcam_figure(model, images, y, ["a", "b", "c"], MEAN, STD, tmp_path / "g.png") is None
+    assert gradcam_figure(model, images, y, ["a", "b", "c"], Preprocessing(16, 16, mean=tuple(MEAN), std=tuple(STD)),
+                          tmp_path / "g.png") is None
     assert_png_size(tmp_path / "g.png", 2 * 3 * plots.CELL[0], 3 * plots.CELL[1])  # 3 classes × 3 pairs
 
 
@@ -244,5 +247,5 @@ def test_evaluate_outputs_are_declared_in_dvc_yaml():
     declared = {next(iter(e)) if isinstance(e, dict) else e
                 for section in ("outs", "metrics", "plots") for e in stage.get(section, [])}
     assert declared == {str(p) for p in OUTPUTS}
-    assert {"pipeline/gradcam.py", "pipeline/eval_report.py", "pipeline/evaluate.py"} <= set(stage["deps"])
+    assert "pipeline/evaluation" in stage["deps"]  # gradcam, report, metrics: the whole package
     assert str(paths.EVAL_REPORT_MD) == "metrics/report.md"

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
-from pipeline.export import model_card, onnx_logits, onnx_session, read_onnx_metadata
+from pipeline.export.onnx import model_card, onnx_logits, onnx_session, read_onnx_metadata
 from pipeline.io import read_json
 from stages import export
 from tests.conftest import REGISTERED_MODEL
@@ -43,7 +43,7 @@ def test_onnx_metadata_and_json_beside_it_round_trip(exported_pipeline):
     assert json.loads(props["mean"]) == ckpt["preprocessing"]["mean"] and len(json.loads(props["std"])) == 3
     assert json.loads(props["std"]) == ckpt["preprocessing"]["std"]
     assert props["image_size"] == "16" and props["resize"] == "center_crop" and props["arch"] == "original"
-    assert ckpt["preprocessing"]["resize"] == read_json(work / paths.PREPARED_META)["resize"]  # train records it
+    assert ckpt["preprocessing"]["resize"] == read_json(work / paths.PREPARED_META)["preprocessing"]["resize"]  # train records it
     # the same card, read back through ONNX Runtime's API and from the JSON beside the model
     card = read_onnx_metadata(onnx_session(work / paths.ONNX_MODEL).get_modelmeta().custom_metadata_map)
     assert card == read_json(work / paths.ONNX_META) == model_card(ckpt)
@@ -71,7 +71,7 @@ def test_failed_parity_check_writes_nothing(exported_pipeline, tmp_path, monkeyp
     shutil.copytree(work / paths.PREPARED_DIR, tmp_path / paths.PREPARED_DIR)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr("pipeline.export.MAX_ABS_DIFF", 0.0)  # the real ~1e-6 difference now fails the check
+    monkeypatch.setattr("pipeline.export.onnx.MAX_ABS_DIFF", 0.0)  # the real ~1e-6 difference now fails the check
     with pytest.raises(UserError, match="ONNX export disagrees"):
         export.main()
     assert not (tmp_path / paths.MODELS_DIR / "model.onnx").exists() and not (tmp_path / paths.ONNX_META).exists()

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data import load_meta, prepare
+from pipeline.prepared import load_meta
+from pipeline.data.prepare import prepare
 from pipeline.errors import UserError
-from pipeline.folder import decode_image, scan_folder
-from pipeline.source import BadImage
+from pipeline.images import decode_image
+from pipeline.data.folder import scan_folder
+from pipeline.images import BadImage
 
 RNG = np.random.default_rng(0)
 
@@ -150,7 +152,7 @@ def test_folder_errors(tmp_path: Path):
 def test_parallel_decoding_matches_in_process_decoding(tmp_path: Path, monkeypatch):
     """Large sets are decoded by forked worker processes writing into one memory-mapped file:
     the arrays, labels, splits and skip reasons are exactly those of decoding in-process."""
-    from pipeline import data
+    from pipeline.data import prepare as data
 
     root = tmp_path / "images"
     build_messy(root)

@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
+from pipeline.params import AugmentParams, TrainParams
 from pipeline.models import build_model
-from pipeline.recipe import EarlyStopping, Recipe, make_mixer, make_optimizer, make_scheduler, param_groups
-from pipeline.train import TrainConfig, seed_everything, train
+from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
+from pipeline.training.loop import TrainConfig, seed_everything, train
+from tests.conftest import plain
 
 
-def lrs(recipe: Recipe, epochs=4, steps=10, lr=0.1) -> list[float]:
+def lrs(recipe: TrainParams, epochs=4, steps=10, lr=0.1) -> list[float]:
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer(param_groups(model, recipe.weight_decay, lr), recipe, lr)
     sched = make_scheduler(opt, recipe, lr, epochs, steps)
@@ -26,31 +27,31 @@ def lrs(recipe: Recipe, epochs=4, steps=10, lr=0.1) -> list[float]:
 def test_optimizers_and_no_decay_on_norms_and_biases(name, cls):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     groups = param_groups(model, 0.05, 0.1)
-    opt = make_optimizer(groups, Recipe(optimizer=name), 0.1)
+    opt = make_optimizer(groups, TrainParams(optimizer=name), 0.1)
     assert isinstance(opt, cls)
     assert [p.ndim for p in opt.param_groups[0]["params"]] == [4] and opt.param_groups[0]["weight_decay"] == 0.05
     assert all(p.ndim == 1 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0
 
 
 def test_schedules():
-    cos = lrs(Recipe(scheduler="cosine", warmup_epochs=1))
+    cos = lrs(TrainParams(scheduler="cosine", warmup_epochs=1))
     assert cos[0] == pytest.approx(0.001) and cos[10] == pytest.approx(0.1)  # warmup from lr/100 to lr
     assert all(a < b for a, b in zip(cos[:10], cos[1:11]))
     assert all(a >= b for a, b in zip(cos[10:], cos[11:])) and cos[-1] < 0.002
-    step = lrs(Recipe(scheduler="step", step_epochs=2, step_gamma=0.5))
+    step = lrs(TrainParams(scheduler="step", step_epochs=2, step_gamma=0.5))
     assert step[0] == step[19] == pytest.approx(0.1) and step[20] == pytest.approx(0.05)
-    assert set(lrs(Recipe(scheduler="none"))) == {0.1}
-    one = lrs(Recipe(scheduler="onecycle"))
+    assert set(lrs(TrainParams(scheduler="none"))) == {0.1}
+    one = lrs(TrainParams(scheduler="onecycle"))
     assert max(one) == pytest.approx(0.1, rel=0.01) and one[0] < 0.01 and one[-1] < 0.001
 
 
 def test_mixup_and_cutmix_give_soft_targets():
     x, y = torch.rand(8, 3, 8, 8), torch.arange(8) % 4
-    for recipe in (Recipe(mixup_alpha=0.4), Recipe(cutmix_alpha=1.0), Recipe(mixup_alpha=0.2, cutmix_alpha=1.0)):
+    for recipe in (TrainParams(mixup_alpha=0.4), TrainParams(cutmix_alpha=1.0), TrainParams(mixup_alpha=0.2, cutmix_alpha=1.0)):
         mixed, target = make_mixer(recipe, 4)(x, y)
         assert mixed.shape == x.shape and target.shape == (8, 4)
         assert torch.allclose(target.sum(1), torch.ones(8))
-    assert make_mixer(Recipe(), 4) is None
+    assert make_mixer(TrainParams(), 4) is None
 
 
 def test_early_stopping_logic():
@@ -75,9 +76,9 @@ def test_training_stops_early_and_keeps_the_best_epoch():
     y = np.arange(32) % 2  # noise labels: validation cannot improve for long
     seed_everything(0)
     model = build_model("original", num_classes=2, width=8)
-    cfg = TrainConfig(epochs=30, batch_size=8, lr=0.01, seed=0, augment=AugmentConfig(random_crop=False),
-                      recipe=Recipe(patience=2, monitor="val_loss"), num_threads=1)
-    result = train(model, (x, y), (x[:16], y[:16] ^ 1), [0.5] * 3, [0.3] * 3, cfg, progress=False)
+    cfg = TrainConfig(epochs=30, batch_size=8, lr=0.01, seed=0, augment=AugmentParams(random_crop=False),
+                      train=TrainParams(patience=2, monitor="val_loss", num_threads=1))
+    result = train(model, (x, y), (x[:16], y[:16] ^ 1), plain(x), cfg, progress=False)
     assert result.metrics["stopped_early"] and result.metrics["epochs_run"] < 30
     assert result.metrics["epochs_run"] == result.best_epoch + 2
     assert result.history["val_loss"].min() == pytest.approx(result.history["val_loss"].iloc[result.best_epoch - 1])
@@ -92,9 +93,9 @@ def test_grad_clip_bounds_the_update():
         seed_everything(0)
         model = build_model("original", num_classes=2, width=8)
         before = [p.detach().clone() for p in model.parameters()]
-        cfg = TrainConfig(epochs=1, batch_size=16, lr=1.0, seed=0, augment=AugmentConfig(random_crop=False),
-                          recipe=Recipe(optimizer="sgd", momentum=0.0, weight_decay=0.0, scheduler="none",
-                                        grad_clip=clip), num_threads=1)
-        train(model, (x, y), (x[:2], y[:2]), [0.5] * 3, [0.3] * 3, cfg, progress=False)
+        cfg = TrainConfig(epochs=1, batch_size=16, lr=1.0, seed=0, augment=AugmentParams(random_crop=False),
+                          train=TrainParams(optimizer="sgd", momentum=0.0, weight_decay=0.0, scheduler="none",
+                                       grad_clip=clip, num_threads=1))
+        train(model, (x, y), (x[:2], y[:2]), plain(x), cfg, progress=False)
         deltas[clip] = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert deltas[1e-3] <= 1e-3 * 1.0001 < deltas[0.0]

@@ -1,7 +1,7 @@
 """The data report, from a manifest: counts per class and split, skipped by reason, imbalance."""
 import pandas as pd
 
-from pipeline.report import data_report, summary_line, to_markdown
+from pipeline.data.report import data_report, summary_line, to_markdown
 
 
 def manifest() -> pd.DataFrame:

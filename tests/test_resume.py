@@ -19,7 +19,7 @@ def stage(project: Path, name: str) -> None:
 
 def outcome(project: Path) -> tuple[dict, pd.DataFrame, dict]:
     stage(project, "evaluate")
-    history = pd.read_csv(project / "metrics/train_history.csv").drop(columns="images_per_second")
+    history = pd.read_csv(project / "metrics/train_history.csv")
     weights = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
     return json.loads((project / "metrics/eval.json").read_text()), history, weights
 
@@ -27,6 +27,7 @@ def outcome(project: Path) -> tuple[dict, pd.DataFrame, dict]:
 @pytest.fixture
 def prepared(project: Path) -> Path:
     set_params(project, epochs=5, image_size=16, **{"augment.hflip": True, "train.label_smoothing": 0.1})
+    stage(project, "check")
     stage(project, "download")
     stage(project, "prepare")
     return project

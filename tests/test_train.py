@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
+from pipeline.params import AugmentParams, TrainParams
 from pipeline.errors import UserError
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, epoch_order, resolve_class_weights, seed_everything, train
+from pipeline.training.loop import TrainConfig, epoch_order, resolve_class_weights, seed_everything, train
+from tests.conftest import plain
 
 
 def dark_and_bright(n_per_class: int = 24, size: int = 8):
@@ -29,9 +30,9 @@ def fit(class_weights=None, sampler="shuffle", epochs=4, seed=0, data=None):
     x, y = data if data is not None else dark_and_bright()
     seed_everything(seed)
     model = build_model("original", num_classes=2, width=8)
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.01, seed=seed, augment=AugmentConfig(random_crop=False),
-                      class_weights=class_weights, sampler=sampler, num_threads=1)
-    result = train(model, (x, y), (x, y), [0.5] * 3, [0.3] * 3, cfg, progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.01, seed=seed, augment=AugmentParams(random_crop=False),
+                      class_weights=class_weights, train=TrainParams(sampler=sampler, num_threads=1))
+    result = train(model, (x, y), (x, y), plain(x), cfg, progress=False)
     return model, result, x
 
 
@@ -51,7 +52,7 @@ def test_class_weights_reach_the_loss():
 
     for weights, expected in (([0.0, 1.0], 1), ([1.0, 0.0], 0)):
         model, _, x = fit(class_weights=weights, data=noise(), epochs=2)
-        pred = predict_logits(model, x, [0.5] * 3, [0.3] * 3).argmax(1)
+        pred = predict_logits(model, x, plain(x)).argmax(1)
         assert (pred == expected).all(), (weights, pred)
     _, result, _ = fit(class_weights=None)
     assert result.history["val_accuracy"].iloc[-1] == 1.0

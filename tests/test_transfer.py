@@ -4,14 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
+from pipeline.params import AugmentParams, TrainParams, TransferParams
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import UserError
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, seed_everything, train
-from tests.conftest import ROOT, run
-from pipeline.transfer import (apply_trainable, build_transfer_model, freeze_batchnorm_stats, head_parameter_names,
-                               trainable_names)
+from pipeline.preprocess import Preprocessing
+from pipeline.training.loop import TrainConfig, seed_everything, train
+from tests.conftest import plain, ROOT, run
+from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
+from pipeline.models.weights import build_transfer_model, resolve_preprocessing
+
+ONE_THREAD = TrainParams(num_threads=1)
 
 
 def names_for(model, strategy, stages=1, epoch=1, head_epochs=1):
@@ -51,9 +54,9 @@ def test_linear_probe_trains_only_the_head_and_keeps_bn_statistics():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (32, 3, 8, 8)).astype(np.uint8)
     y = np.arange(32) % 2
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=0, augment=AugmentConfig(random_crop=False),
-                      finetune="linear_probe", num_threads=1)
-    result = train(model, (x, y), (x, y), [0.5] * 3, [0.3] * 3, cfg, progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=0, augment=AugmentParams(random_crop=False),
+                      finetune="linear_probe", train=ONE_THREAD)
+    result = train(model, (x, y), (x, y), plain(x), cfg, progress=False)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k]) and "num_batches_tracked" not in k}
     assert changed == {"head.weight", "head.bias"}  # running_mean/var of frozen BN unchanged too
@@ -65,9 +68,10 @@ def test_two_phase_unfreezes_after_the_head_epochs():
     model = build_model("original", num_classes=2, width=8)
     x = np.random.default_rng(0).integers(0, 256, (16, 3, 8, 8)).astype(np.uint8)
     y = np.arange(16) % 2
-    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=0, augment=AugmentConfig(random_crop=False),
-                      finetune="two_phase", head_epochs=1, backbone_lr_mult=0.1, num_threads=1)
-    history = train(model, (x, y), (x, y), [0.5] * 3, [0.3] * 3, cfg, progress=False).history
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=0, augment=AugmentParams(random_crop=False),
+                      finetune="two_phase", transfer=TransferParams(head_epochs=1), backbone_lr_mult=0.1,
+                      train=ONE_THREAD)
+    history = train(model, (x, y), (x, y), plain(x), cfg, progress=False).history
     total = sum(p.numel() for p in model.parameters())
     assert list(history["trainable_params"]) == [8 * 4 * 2 + 2, total, total]
 
@@ -86,15 +90,14 @@ def test_fine_tune_from_a_checkpoint_of_another_task(tmp_path):
     seed_everything(1)
     a = build_model("original", num_classes=10, width=8)
     x = np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
-    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, seed=1, augment=AugmentConfig(random_crop=False), num_threads=1)
-    res = train(a, (x, np.arange(40) % 10), (x, np.arange(40) % 10), [0.5] * 3, [0.3] * 3, cfg, progress=False)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, seed=1, augment=AugmentParams(random_crop=False), train=ONE_THREAD)
+    res = train(a, (x, np.arange(40) % 10), (x, np.arange(40) % 10), plain(x), cfg, progress=False)
     path = tmp_path / "a.pt"
     save_checkpoint(path, arch="original", arch_kwargs={"num_classes": 10, "width": 8}, state_dict=res.best_state,
-                    classes=[str(i) for i in range(10)], mean=[0.5] * 3, std=[0.3] * 3, image_size=8, params={},
-                    summary={})
+                    classes=[str(i) for i in range(10)], prep=plain(x), params={}, summary={})
     seed_everything(2)
-    b, prep = build_transfer_model("original", 3, False, str(path), {"width": 8})
-    assert prep is None
+    b, loaded = build_transfer_model("original", 3, False, str(path), {"width": 8})
+    assert loaded
     for name, value in b.state_dict().items():
         if name.startswith("head."):
             assert value.shape[0] == 3
@@ -108,7 +111,7 @@ def test_missing_weights_file_and_offline_hub_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         build_transfer_model("resnet18", 3, False, str(tmp_path / "nope.pth"), {})
     # the hub client reads HF_HUB_OFFLINE when imported: a fresh process, as a user's offline run
-    code = ("from pipeline.errors import run_cli\nfrom pipeline.transfer import build_transfer_model\n"
+    code = ("from pipeline.errors import run_cli\nfrom pipeline.models.weights import build_transfer_model\n"
             "run_cli(lambda: build_transfer_model('resnet18', 3, True, None, {}))")
     proc = run(["python", "-c", code], ROOT, check=False, HF_HUB_OFFLINE="1")
     assert proc.returncode == 2
@@ -119,6 +122,124 @@ def test_missing_weights_file_and_offline_hub_are_one_line_errors(tmp_path):
 def test_timm_state_dict_file_with_pretrained_preprocessing(tmp_path):
     ref = build_model("resnet18", num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
-    model, prep = build_transfer_model("resnet18", 5, True, str(tmp_path / "resnet18.pth"), {})
+    model, _ = build_transfer_model("resnet18", 5, False, str(tmp_path / "resnet18.pth"), {})
+    prep = resolve_preprocessing("resnet18", False, str(tmp_path / "resnet18.pth"), "auto", "center_crop").to_dict()
     assert prep["mean"] == [0.485, 0.456, 0.406] and prep["std"] == [0.229, 0.224, 0.225]
     assert torch.equal(model.conv1.weight, ref.conv1.weight) and model.fc.out_features == 5
+
+
+# --- weights bring their preprocessing; a neutral head; the cached-feature probe (issue 9) -----
+
+
+def lite0_weights(tmp_path) -> str:
+    """A state dict of timm's tf_efficientnet_lite0 (random weights, 1,000 classes), as a user's
+    downloaded ImageNet file would be; its pretrained config: mean = std = 0.5, crop_pct 0.875."""
+    path = tmp_path / "lite0.pth"
+    torch.save(build_model("tf_efficientnet_lite0", num_classes=1000).state_dict(), path)
+    return str(path)
+
+
+def test_preprocessing_follows_the_weights(tmp_path):
+    weights = lite0_weights(tmp_path)
+    # a timm state dict alone (no pretrained: true) brings the model's pretrained config
+    prep = resolve_preprocessing("tf_efficientnet_lite0", False, weights, "auto", "center_crop")
+    assert (prep.mean, prep.std, prep.image_size, prep.stored_size) == ((0.5,) * 3, (0.5,) * 3, 224, 256)
+    assert prep.interpolation == "bicubic" and prep.source == "pretrained:tf_efficientnet_lite0"
+    assert "pretrained config" in prep.reason and "weights" in prep.reason
+    # pretrained: true: the same config, no network needed to know it
+    hub = resolve_preprocessing("resnet18", True, None, 128, "center_crop")
+    assert hub.mean == (0.485, 0.456, 0.406) and hub.image_size == 128 and hub.stored_size == int(128 / 0.95)
+    # from scratch: the data set's statistics, filled in by prepare
+    scratch = resolve_preprocessing("tf_efficientnet_lite0", False, None, "auto", "stretch")
+    assert scratch.mean is None and (scratch.image_size, scratch.stored_size, scratch.resize) == (32, 32, "stretch")
+    assert scratch.with_stats([0.1] * 3, [0.2] * 3).mean == (0.1,) * 3
+    # one of our checkpoints: the preprocessing recorded in it
+    recorded = Preprocessing(48, 54, "center_crop", "bicubic", (0.2, 0.3, 0.4), (0.5, 0.6, 0.7), "data", "")
+    model = build_model("original", num_classes=3, width=8)
+    save_checkpoint(tmp_path / "ours.pt", arch="original", arch_kwargs={"num_classes": 3, "width": 8},
+                    state_dict=model.state_dict(), classes=["a", "b", "c"], prep=recorded, params={}, summary={})
+    ours = resolve_preprocessing("original", False, str(tmp_path / "ours.pt"), "auto", "center_crop")
+    assert (ours.mean, ours.std, ours.image_size, ours.stored_size) == (recorded.mean, recorded.std, 48, 54)
+    assert ours.source.startswith("checkpoint:") and Preprocessing.from_dict(ours.to_dict()) == ours
+
+
+def test_a_remade_head_starts_neutral(tmp_path):
+    """The first loss of a fine-tune is ln K: every class starts at probability 1/K (timm's
+    EfficientNet head init would start a 2-class head at a loss of ~2.5)."""
+    model, loaded = build_transfer_model("tf_efficientnet_lite0", 2, False, lite0_weights(tmp_path), {})
+    assert loaded
+    x = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model.eval()(x), torch.arange(16) % 2)
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-6)
+    scratch = build_model("tf_efficientnet_lite0", num_classes=2)  # from scratch the head keeps timm's init
+    assert scratch.get_classifier().weight.abs().sum() > 0
+
+
+def digits_split(prepared):
+    from pipeline.prepared import load_meta, load_split
+
+    meta = load_meta(prepared)
+    return (load_split("train", prepared), load_split("val", prepared), load_split("test", prepared),
+            Preprocessing.from_dict(meta["preprocessing"]))
+
+
+def probe_config(**kw):
+    return TrainConfig(epochs=15, batch_size=64, lr=0.01, seed=0, finetune="linear_probe", train=ONE_THREAD, **kw)
+
+
+def test_cached_feature_probe_matches_fitting_the_head_directly(prepared_digits):
+    """The probe runs the frozen backbone once per image, and its head is as good as a
+    logistic regression fitted on the same features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.checkpoint import predict_logits
+    from pipeline.training.probe import extract_features, train_linear_probe
+
+    train_xy, val_xy, (x_test, y_test), prep = digits_split(prepared_digits)
+    seed_everything(0)
+    model = build_model("original", num_classes=10, width=8)  # a random frozen backbone: features still separate digits
+    calls = []
+    model.features[0].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))  # the first convolution
+    result = train_linear_probe(model, train_xy, val_xy, prep, probe_config(), progress=False)
+    assert sum(calls) == len(train_xy[1]) + len(val_xy[1])  # each image through the backbone once, for 15 epochs
+    model.load_state_dict(result.best_state)
+    probe_acc = (predict_logits(model, x_test, prep).argmax(1) == y_test).mean()
+    f = {s: extract_features(model, x, prep) for s, x in (("train", train_xy[0]), ("test", x_test))}
+    mean, std = f["train"].mean(0), f["train"].std(0) + 1e-6
+    clf = LogisticRegression(C=1 / (result.metrics["probe_l2"] * len(train_xy[1])), max_iter=5000)
+    direct = clf.fit((f["train"] - mean) / std, train_xy[1]).score((f["test"] - mean) / std, y_test)
+    assert probe_acc > 0.8 and abs(probe_acc - direct) <= 0.02, (probe_acc, direct)
+    # the backbone did not move: only the head differs from the model's initial weights
+    seed_everything(0)
+    fresh = build_model("original", num_classes=10, width=8)
+    changed = {k for k, v in fresh.state_dict().items() if not torch.equal(v, result.best_state[k])}
+    assert changed <= {"head.weight", "head.bias"}
+
+
+def test_probe_is_deterministic(prepared_digits):
+    from pipeline.training.probe import train_linear_probe
+
+    train_xy, val_xy, _, prep = digits_split(prepared_digits)
+    states = []
+    for _ in range(2):
+        seed_everything(0)
+        model = build_model("original", num_classes=10, width=8)
+        states.append(train_linear_probe(model, train_xy, val_xy, prep, probe_config(transfer=TransferParams(augmented_passes=2)),
+                                         progress=False).best_state)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_random_resized_crop_per_sample_and_centre_crop_for_evaluation():
+    from pipeline.training.augment import augment_batch, random_resized_crop
+
+    x = (torch.arange(3 * 36 * 36).reshape(1, 3, 36, 36) % 251).to(torch.uint8).expand(32, -1, -1, -1).clone()
+    gen = torch.Generator().manual_seed(0)
+    out = random_resized_crop(x.float() / 255, 32, (0.25, 1.0), (0.75, 4 / 3), gen)
+    assert out.shape == (32, 3, 32, 32) and len({o.sum().item() for o in out}) > 20  # a box per image
+    full = random_resized_crop(x[:2].float() / 255, 36, (1.0, 1.0), (1.0, 1.0))  # the whole image, same size
+    assert torch.allclose(full, x[:2].float() / 255, atol=1e-6)
+    aug = augment_batch(x, AugmentParams(random_crop=False), [0.5] * 3, gen, size=32, resized=False)
+    assert torch.equal(aug, x[:, :, 2:34, 2:34].float() / 255)  # no resized crop: the centre
+    prep = Preprocessing(32, 36, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert torch.equal(prep.center_crop(x), x[:, :, 2:34, 2:34])

@@ -21,8 +21,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from pipeline import tvsets
-from pipeline.data import load_split, prepare, resize
+from pipeline.data import tvsets
+from pipeline.prepared import load_split
+from pipeline.data.prepare import prepare
+from pipeline.images import resize
 from pipeline.errors import UserError
 
 CIFAR10 = "cifar-10-python.tar.gz"

@@ -5,13 +5,11 @@ The heat map of class c is ReLU(Σ_k α_k A_k), where A is the last spatial feat
 Written here with autograd (about 40 lines) rather than taken from the `grad-cam` package,
 which would pull in OpenCV for the same few lines.
 
-Target layer, per model family in the registry (pipeline.models):
-- `original` (SmallCNN) and torchvision `alexnet`: `model.features`, taken *before* its final
-  max-pool so the map has twice the resolution (4×4 instead of 2×2 for a 32-px SmallCNN);
-- timm models: the output of `forward_features` (the map that feeds the pooling and head),
-  NCHW or NHWC (`output_fmt`, Swin);
-- anything else (vision transformers: tokens, no spatial map) has none: `split_model` returns
-  None and the caller skips Grad-CAM.
+Target layer: the model's `forward_features` output, the last spatial feature map, which
+`forward_head` pools into the logits (every model in the registry offers both: timm's own,
+ours and AlexNet taking the map *before* their final max-pool, for twice the resolution).
+NCHW or NHWC (timm's `output_fmt`, Swin). A model whose features are tokens, not a map
+(vision transformers), has none: `split_model` returns None and the caller skips Grad-CAM.
 """
 from __future__ import annotations
 
@@ -23,39 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augment import normalize
-from pipeline.evaluate import per_class_sample
-from pipeline.models import SmallCNN
-from pipeline.plots import gradcam_grid, note_figure
+from pipeline.evaluation.metrics import per_class_sample
+from pipeline.evaluation.figures import gradcam_grid
+from pipeline.plots import note_figure
+from pipeline.preprocess import Preprocessing
 
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], bool]
-
-
-def _features_then(features: nn.Sequential, rest: Callable[[torch.Tensor], torch.Tensor]) -> Split:
-    """(feature map, head from it, channels_last) for a `features` Sequential followed by `rest`."""
-    if isinstance(features[-1], nn.MaxPool2d):
-        body, pool = features[:-1], features[-1]
-        return body, lambda a: rest(pool(a)), False
-    return features, rest, False
 
 
 def split_model(model: nn.Module, image_size: int) -> Split | None:
     """Split `model` into (image → feature map, feature map → logits, channels_last), or None
     when it has no spatial feature map to explain at this input size."""
-    if isinstance(model, SmallCNN):
-        return _features_then(model.features, lambda a: model.head(model.dropout(torch.flatten(model.pool(a), 1))))
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):  # timm
-        channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
-        was_training = model.training
-        with torch.no_grad():  # in eval mode: a probe must not move BatchNorm statistics
-            probe = model.eval().forward_features(torch.zeros(1, 3, image_size, image_size,
-                                                              device=next(model.parameters()).device))
-        model.train(was_training)
-        return (model.forward_features, model.forward_head, channels_last) if probe.ndim == 4 else None
-    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier"):  # AlexNet, VGG
-        pool = getattr(model, "avgpool", nn.Identity())
-        return _features_then(model.features, lambda a: model.classifier(torch.flatten(pool(a), 1)))
-    return None
+    channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
+    was_training = model.training
+    with torch.no_grad():  # in eval mode: a probe must not move BatchNorm statistics
+        probe = model.eval().forward_features(torch.zeros(1, 3, image_size, image_size,
+                                                          device=next(model.parameters()).device))
+    model.train(was_training)
+    return (model.forward_features, model.forward_head, channels_last) if probe.ndim == 4 else None
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = None,
@@ -85,18 +68,18 @@ def grad_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = N
 
 
 def gradcam_figure(model: nn.Module, images: np.ndarray, y_true: np.ndarray, classes: list[str],
-                   mean: list[float], std: list[float], path: Path) -> str | None:
-    """Draw Grad-CAM for a few test images per class (uint8 N×3×H×W) into `path`. A model with
-    no spatial feature map gets a picture saying so; the note is also returned."""
-    split = split_model(model, images.shape[-1])
+                   prep: Preprocessing, path: Path) -> str | None:
+    """Draw Grad-CAM for a few test images per class (stored uint8 N×3×S×S) into `path`. A
+    model with no spatial feature map gets a picture saying so; the note is also returned."""
+    split = split_model(model, prep.image_size)
     if split is None:
         note = f"Grad-CAM skipped: {type(model).__name__} has no spatial feature map (e.g. a vision transformer)"
         note_figure(note, path)
         return note
     idx = per_class_sample(y_true, len(classes))
-    picked = np.array(images[idx])
+    picked = np.array(prep.center_crop(images[idx]))
     device = next(model.parameters()).device
-    heat, logits = grad_cam(model, normalize(torch.from_numpy(picked).to(device), mean, std), split=split)
+    heat, logits = grad_cam(model, prep.normalize(torch.from_numpy(picked).to(device)), split=split)
     pred = logits.argmax(1).numpy()
     titles = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_true[idx], pred)]
     per_row = int(np.bincount(y_true[idx]).max()) if len(idx) else 1

@@ -17,15 +17,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
+from pipeline.data.source import Source
 from pipeline.errors import UserError
-from pipeline.source import BadImage, Source
+from pipeline.images import decode_image
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "": 0}
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
 
 def _class_dirs(root: Path) -> list[tuple[str, str, Path]]:
@@ -134,48 +132,3 @@ def scan_folder(root: Path) -> Source:
         notes={"layout": layout, "duplicates": sum(r.startswith("duplicate") for r in drop.values()),
                "conflicting_images": conflicts, "empty_class_folders": empty_dirs, "stray_files": stray},
     )
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB, correctly: alpha composited on white (not dropped into whatever
-    colour the transparent pixels hold), 16/32-bit grayscale scaled by its range (not clipped),
-    CMYK and palettes through Pillow's own conversions."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.uint16) >> 8  # 0..65535 → 0..255
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
-    if img.mode == "I":  # 32-bit ints: PNG stores 16-bit grayscale this way in some Pillow versions
-        arr = np.asarray(img, dtype=np.int64)
-        top = 65535 if arr.max() > 255 else 255
-        return Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_image(path: Path, size_hint: int) -> Image.Image:
-    """Open, fully decode (so truncation shows here) and convert one file to RGB.
-    Raises `BadImage(reason)` for anything that is not a usable image."""
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG" and size_hint:
-                img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
-            img.load()
-            if img.format != "JPEG" or "exif" in img.info:  # a JPEG's orientation lives in its EXIF block
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: where a caller made it an error
-        raise BadImage(f"decompression bomb (more pixels than the limit, {Image.MAX_IMAGE_PIXELS:,})") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (cannot identify)") from None
-    except OSError as exc:
-        if "truncated" in str(exc).lower():
-            raise BadImage("truncated image") from None
-        raise BadImage(f"unreadable: {exc.strerror or exc}") from None
-    except (SyntaxError, ValueError) as exc:  # Pillow raises these for some broken headers
-        raise BadImage(f"corrupt image: {exc}") from None
-

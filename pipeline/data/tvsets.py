@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, atomic_path
-from pipeline.source import Source
+from pipeline.data.source import Source
 
 TIMEOUT_S = 30       # per socket operation: an offline machine fails in seconds, not minutes
 MARKER = ".complete"  # written last into an extraction folder: {file name: md5} it came from

@@ -1,6 +1,6 @@
 """The evaluation report: one Markdown page (metrics/report.md) that reads on GitHub and without
 MLflow: the run, its training summary, the test metrics, the per-class table and the pictures.
-(pipeline/report.py is the *data* report that prepare writes.)"""
+(pipeline/data/report.py is the *data* report that prepare writes.)"""
 from __future__ import annotations
 
 import os

@@ -16,91 +16,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
-from PIL import Image, ImageOps
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.errors import UserError
-from pipeline.io import atomic_dir, atomic_path, read_json, write_json
-from pipeline.source import SPLITS, BadImage, Source
+from pipeline.data.source import SPLITS, Source
+from pipeline.images import BadImage, resize
+from pipeline.io import atomic_dir, write_json
+from pipeline.preprocess import Preprocessing
 
-RESIZE_POLICIES = ("center_crop", "stretch")
 _CHUNK = 4096  # images per chunk when copying or reducing memory-mapped arrays
 
 
-# ---------------------------------------------------------------- download
-
-
-def download(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None) -> Path:
-    """Materialise `dataset` under `raw_dir`; return what was written. Idempotent.
-    For `folder` nothing is downloaded: the user's `data_dir` is checked to exist."""
-    if dataset == "digits":
-        return _download_digits(raw_dir)
-    if dataset == "folder":
-        if data_dir is None or not data_dir.is_dir():
-            raise UserError(f"data_dir={str(data_dir)!r} is not a folder; point data_dir at a folder of class "
-                            "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
-        # Nothing to fetch; record where the images are (prepare depends on data_dir itself).
-        target = raw_dir / "folder.json"
-        write_json(target, {"dataset": "folder", "data_dir": str(data_dir.resolve())})
-        return target
-    from pipeline import tvsets
-
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    return tvsets.download(dataset, raw_dir)
-
-
-def _download_digits(raw_dir: Path) -> Path:
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes): no network."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    # Pixel values are 0..16 (ink counts); scale to the 0..255 range of an ordinary image.
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    target = raw_dir / "digits.npz"
-    with atomic_path(target) as tmp:
-        np.savez_compressed(tmp, images=images, labels=digits.target.astype(np.int64),
-                            classes=np.array([str(c) for c in digits.target_names]))
-    return target
-
-
-def load_source(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None) -> Source:
-    if dataset == "folder":
-        from pipeline.folder import scan_folder
-
-        return scan_folder(Path(data_dir or "."))
-    if dataset != "digits":
-        from pipeline import tvsets
-
-        return tvsets.load_source(dataset, raw_dir)
-    path = raw_dir / "digits.npz"
-    if not path.exists():
-        raise UserError(f"{path} is missing; run the download stage first (dvc repro download)")
-    with np.load(path) as z:
-        gray, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
-    return Source(classes, range(len(gray)), labels,
-                  decode=lambda i, _size: np.repeat(gray[i][:, :, None], 3, axis=2),
-                  names=[f"digits/{i}" for i in range(len(gray))])
-
-
 # ---------------------------------------------------------------- prepare
-
-
-def resize(image: Image.Image | np.ndarray, size: int, policy: str = "center_crop") -> np.ndarray:
-    """RGB image of any size → size×size×3 uint8. `center_crop`: scale the shorter side to
-    `size`, crop the centre; `stretch`: scale each side to `size` (aspect ratio not kept).
-    Bilinear, antialiased when shrinking (Pillow's resize filters scale their support)."""
-    if isinstance(image, np.ndarray):
-        if image.shape[:2] == (size, size):
-            return image
-        image = Image.fromarray(image)
-    if image.size != (size, size):
-        if policy == "stretch":
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        else:
-            image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
@@ -140,17 +69,18 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 
 _DECODE_CHUNK = 256   # images per task handed to a decode worker
 _PARALLEL_FROM = 4096  # fewer images than this: decode in-process (a pool costs more than it saves)
-_WORK: tuple | None = None  # (source, image_size, policy, out path) for forked decode workers
+_WORK: tuple | None = None  # (source, preprocessing, out path) for forked decode workers
 
 
 def _decode_range(bounds: tuple[int, int]) -> list[str]:
     """Decode items start..stop-1 into the memory-mapped output; a skip reason per item ('' = used)."""
-    source, image_size, policy, out_path = _WORK
+    source, prep, out_path = _WORK
+    size = prep.stored_size
     out = np.load(out_path, mmap_mode="r+")
     reasons = []
     for i in range(*bounds):
         try:
-            out[i] = resize(source.decode(source.items[i], image_size), image_size, policy).transpose(2, 0, 1)
+            out[i] = resize(source.decode(source.items[i], size), size, prep.resize, prep.interpolation).transpose(2, 0, 1)
             reasons.append("")
         except BadImage as exc:
             reasons.append(str(exc))
@@ -163,7 +93,7 @@ def decode_workers(n_items: int) -> int:
     return 1 if n_items < _PARALLEL_FROM else max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def _decode_all(source: Source, image_size: int, policy: str, out_path: Path, progress: bool) -> list[str]:
+def _decode_all(source: Source, prep: Preprocessing, out_path: Path, progress: bool) -> list[str]:
     """Decode + resize every item into the N×3×S×S array at `out_path`; a skip reason per item.
     Large sets are decoded by forked worker processes, each writing its own slices of the
     shared memory-mapped file (decoding is CPU-bound Python + libjpeg: threads would not scale)."""
@@ -173,7 +103,7 @@ def _decode_all(source: Source, image_size: int, policy: str, out_path: Path, pr
     workers = decode_workers(n)
     bar = tqdm(total=n, desc=f"prepare: decoding ({workers} process{'es' if workers > 1 else ''})", unit="img",
                disable=not progress, mininterval=1.0, leave=False)
-    _WORK = (source, image_size, policy, out_path)
+    _WORK = (source, prep, out_path)
     try:
         if workers > 1:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -204,11 +134,15 @@ def _assign_splits(source: Source, used: np.ndarray, val_fraction: float, test_f
     return {s: np.sort(v) for s, v in out.items()}
 
 
-def prepare(source: Source, image_size: int, val_fraction: float, test_fraction: float, seed: int,
-            out_dir: Path = paths.PREPARED_DIR, resize_policy: str = "center_crop",
-            progress: bool = False) -> dict:
-    """Write `{split}_x.npy` (uint8 N×3×S×S), `{split}_y.npy` (int64), `manifest.csv` and
-    `meta.json` into `out_dir` (atomically: all or nothing); return the meta dict."""
+def prepare(source: Source, prep: Preprocessing | int, val_fraction: float, test_fraction: float, seed: int,
+            out_dir: Path = paths.PREPARED_DIR, progress: bool = False) -> dict:
+    """Write `{split}_x.npy` (uint8 N×3×S×S at the preprocessing's stored size), `{split}_y.npy`
+    (int64), `manifest.csv` and `meta.json` (classes, counts, the training split's mean/std and
+    the completed preprocessing) into `out_dir` (atomically: all or nothing); return the meta
+    dict. An int `prep` is a size to train from scratch at (the data set's statistics)."""
+    if isinstance(prep, int):
+        prep = Preprocessing(prep, prep)
+    image_size = prep.stored_size
     classes = source.classes
     if len(classes) < 2:
         raise UserError(f"the data set has {len(classes)} class(es) ({', '.join(classes) or 'none'}); at least 2 are needed")
@@ -216,7 +150,7 @@ def prepare(source: Source, image_size: int, val_fraction: float, test_fraction:
         all_x = open_memmap(tmp / "_decoded.npy", mode="w+", dtype=np.uint8,
                             shape=(len(source.items), 3, image_size, image_size))
         all_x.flush()  # the header and size on disk, before the workers map the file
-        reasons = _decode_all(source, image_size, resize_policy, tmp / "_decoded.npy", progress)
+        reasons = _decode_all(source, prep, tmp / "_decoded.npy", progress)
         used = np.array([i for i, r in enumerate(reasons) if not r], dtype=np.int64)
         counts = np.bincount(source.labels[used], minlength=len(classes))
         if empty := [classes[k] for k in np.flatnonzero(counts == 0)]:
@@ -235,8 +169,8 @@ def prepare(source: Source, image_size: int, val_fraction: float, test_fraction:
         mean, std = channel_stats(np.load(tmp / "train_x.npy", mmap_mode="r"))
         manifest = _manifest(source, reasons, splits)
         manifest.to_csv(tmp / paths.MANIFEST.name, index=False)
-        meta = {"classes": classes, "image_size": image_size, "resize": resize_policy, "mean": mean, "std": std,
-                "counts": {s: int(len(splits[s])) for s in SPLITS}}
+        meta = {"classes": classes, "counts": {s: int(len(splits[s])) for s in SPLITS}, "mean": mean, "std": std,
+                "preprocessing": prep.with_stats(mean, std).to_dict()}
         write_json(tmp / paths.PREPARED_META.name, meta)
     return meta
 
@@ -260,15 +194,3 @@ def _manifest(source: Source, reasons: list[str], splits: dict[str, np.ndarray])
     return rows.fillna("")
 
 
-def load_meta(prepared_dir: Path = paths.PREPARED_DIR) -> dict:
-    path = prepared_dir / paths.PREPARED_META.name
-    if not path.exists():
-        raise UserError(f"{path} is missing; run the prepare stage first (dvc repro prepare)")
-    return read_json(path)
-
-
-def load_split(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped uint8 images (N×3×S×S) and labels of one prepared split."""
-    x = np.load(prepared_dir / f"{split}_x.npy", mmap_mode="r")
-    y = np.load(prepared_dir / f"{split}_y.npy")
-    return x, y

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.source import SPLITS
+from pipeline.data.source import SPLITS
 
 
 def reason_kind(reason: str) -> str:

@@ -2,9 +2,10 @@
 
 MODEL is an exported ONNX model (classes and preprocessing read from its metadata, or from the
 JSON beside it) or a checkpoint (models/model.pt). Every image goes through exactly the
-evaluation preprocessing: decoded to RGB as prepare decodes a folder data set
-(`pipeline.folder.decode_image`: EXIF rotation, alpha on white, 16-bit scaled), resized with
-prepare's policy (`pipeline.data.resize`), normalised with the stored mean/std. A file that
+evaluation preprocessing (the model's `Preprocessing`): decoded to RGB as prepare decodes a
+folder data set (`pipeline.images.decode_image`: EXIF rotation, alpha on white, 16-bit scaled),
+resized to the stored size with prepare's policy (`pipeline.images.resize`), centre-cropped to the
+model's input and normalised with the stored mean/std. A file that
 cannot be read (missing, not an image, truncated, more pixels than the limit) is one line on
 stderr; the others are still predicted, and the exit status is 1 at the end.
 """
@@ -22,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.source import BadImage
+from pipeline.preprocess import Preprocessing
+from pipeline.images import BadImage
 
 EXIT_SOME_FAILED = 1
 BATCH = 64  # images decoded and run at once
@@ -31,9 +33,16 @@ BATCH = 64  # images decoded and run at once
 @dataclass(frozen=True)
 class Predictor:
     classes: list[str]
-    image_size: int
-    resize: str
-    logits: Callable[[np.ndarray], np.ndarray]  # uint8 N×3×S×S → N×K float32 (normalises inside)
+    prep: Preprocessing
+    logits: Callable[[np.ndarray], np.ndarray]  # stored uint8 N×3×S×S → N×K float32 (crops, normalises inside)
+
+    @property
+    def image_size(self) -> int:
+        return self.prep.image_size
+
+    @property
+    def resize(self) -> str:
+        return self.prep.resize
 
 
 def load_predictor(path: Path) -> Predictor:
@@ -45,21 +54,18 @@ def load_predictor(path: Path) -> Predictor:
 
 
 def _checkpoint_predictor(path: Path) -> Predictor:
-    from pipeline.checkpoint import load_checkpoint, predict_logits
-    from pipeline.export import model_card
+    from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
 
     model, ckpt = load_checkpoint(path)
-    card = model_card(ckpt)
-    return Predictor(card["classes"], card["image_size"], card["resize"],
-                     lambda x: predict_logits(model, x, card["mean"], card["std"]))
+    prep = preprocessing(ckpt)
+    return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
     import torch
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-    from pipeline.augment import normalize
-    from pipeline.export import onnx_session, read_onnx_metadata
+    from pipeline.export.onnx import onnx_session, read_onnx_metadata
     from pipeline.io import read_json
 
     try:
@@ -74,19 +80,22 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UserError(f"{path} has no classes/preprocessing in its metadata and there is no {beside.name} beside it; "
                         "export it with this pipeline (dvc repro export)")
     name = sess.get_inputs()[0].name
+    prep = Preprocessing.from_dict(card)
 
     def logits(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: normalize(torch.from_numpy(x), card["mean"], card["std"]).numpy()})[0]
+        return sess.run(None, {name: prep.model_input(torch.from_numpy(x)).numpy()})[0]
 
-    return Predictor(list(card["classes"]), int(card["image_size"]), card["resize"], logits)
+    return Predictor(list(card["classes"]), prep, logits)
 
 
-def preprocess(path: Path, image_size: int, policy: str) -> np.ndarray:
-    """One image file → uint8 3×S×S, exactly as prepare turns a folder image into a row of its arrays."""
-    from pipeline.data import resize
-    from pipeline.folder import decode_image
+def preprocess(path: Path, prep: Preprocessing) -> np.ndarray:
+    """One image file → uint8 3×S×S at the stored size, exactly as prepare turns a folder image
+    into a row of its arrays (the centre crop and normalisation follow in `Predictor.logits`)."""
+    from pipeline.images import resize
+    from pipeline.images import decode_image
 
-    return resize(decode_image(path, image_size), image_size, policy).transpose(2, 0, 1)
+    size = prep.stored_size
+    return resize(decode_image(path, size), size, prep.resize, prep.interpolation).transpose(2, 0, 1)
 
 
 @contextmanager
@@ -107,7 +116,7 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
 def predict_files(predictor: Predictor, files: list[Path], k: int,
                   max_pixels: int | None = None) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
     """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
-    from pipeline.evaluate import softmax  # the evaluate stage's own, so probabilities agree
+    from pipeline.evaluation.metrics import softmax  # the evaluate stage's own, so probabilities agree
 
     k = min(k, len(predictor.classes))
     for start in range(0, len(files), BATCH):
@@ -115,7 +124,7 @@ def predict_files(predictor: Predictor, files: list[Path], k: int,
         with pixel_limit(max_pixels):
             for f in chunk:
                 try:
-                    images.append(preprocess(f, predictor.image_size, predictor.resize))
+                    images.append(preprocess(f, predictor.prep))
                 except BadImage as exc:
                     reasons[f] = str(exc)
         probs = iter(softmax(predictor.logits(np.stack(images))) if images else [])

@@ -1,31 +1,13 @@
 """The training recipe's parts: optimizer, learning-rate schedule with warmup, mixup/cutmix,
-early stopping. The loop in `pipeline.train` puts them together."""
+early stopping, each read from the `train:` section of params.yaml. The loop
+(`pipeline.training.loop`) puts them together."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Recipe:
-    optimizer: str = "adamw"        # sgd | adam | adamw | rmsprop
-    momentum: float = 0.9           # sgd, rmsprop
-    nesterov: bool = True           # sgd
-    weight_decay: float = 5e-4      # on conv/linear weights, not on norms and biases
-    scheduler: str = "cosine"       # cosine | step | onecycle | none
-    warmup_epochs: float = 0.0      # linear warmup from lr/100 (not for onecycle: it has its own)
-    step_epochs: int = 30           # step: multiply lr by step_gamma every step_epochs
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0        # 0 = off
-    cutmix_alpha: float = 0.0       # 0 = off; with both on, each batch picks one at random
-    grad_clip: float = 0.0          # max global gradient norm; 0 = off
-    patience: int = 0               # early stopping: epochs without improvement; 0 = off
-    min_delta: float = 0.0          # the smallest change that counts as an improvement
-    monitor: str = "val_accuracy"   # val_accuracy | val_loss: picks the best epoch and drives early stopping
+from pipeline.params import TrainParams  # the validated `train:` section is the recipe
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0,
@@ -41,7 +23,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_m
             for (backbone, decay), ps in groups.items() if ps]
 
 
-def make_optimizer(groups: list[dict], r: Recipe, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], r: TrainParams, lr: float) -> torch.optim.Optimizer:
     if r.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
     if r.optimizer == "adam":
@@ -52,7 +34,7 @@ def make_optimizer(groups: list[dict], r: Recipe, lr: float) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def lr_factor(step: int, total: int, warmup: int, r: Recipe, steps_per_epoch: int) -> float:
+def lr_factor(step: int, total: int, warmup: int, r: TrainParams, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr at optimisation step `step` (0-based) of `total`."""
     if step < warmup:
         return 0.01 + 0.99 * step / warmup
@@ -64,7 +46,7 @@ def lr_factor(step: int, total: int, warmup: int, r: Recipe, steps_per_epoch: in
     return 1.0
 
 
-def make_scheduler(opt: torch.optim.Optimizer, r: Recipe, lr: float, epochs: int, steps_per_epoch: int):
+def make_scheduler(opt: torch.optim.Optimizer, r: TrainParams, lr: float, epochs: int, steps_per_epoch: int):
     total = max(1, epochs * steps_per_epoch)
     if r.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
@@ -72,7 +54,7 @@ def make_scheduler(opt: torch.optim.Optimizer, r: Recipe, lr: float, epochs: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, r, steps_per_epoch))
 
 
-def make_mixer(r: Recipe, num_classes: int):
+def make_mixer(r: TrainParams, num_classes: int):
     """torchvision's batch MixUp / CutMix (one λ per batch, soft targets), or None."""
     if not (r.mixup_alpha or r.cutmix_alpha):
         return None

@@ -1,37 +1,23 @@
 """Training-time augmentation on whole batches, with per-sample randomness.
 
 torchvision's v2 transforms applied to a batched tensor draw one set of random parameters for
-the whole batch (every image gets the same crop). Here each image gets its own crop offset,
-flip, rotation/scale, colour jitter and erased box, all computed for the batch at once with
-masks and batched ops (as airbench does for crops), on whatever device the batch is on.
-Random numbers come from a CPU `torch.Generator`, so a seed gives the same augmentation on
-any device. Crop and flip work on uint8 (cheap); the rest on float in [0, 1].
+the whole batch (every image gets the same crop). Here each image gets its own crop (padded
+or random-resized), flip, rotation/scale, colour jitter and erased box, all computed for the
+batch at once with masks and batched ops (as airbench does for crops), on whatever device the
+batch is on. Random numbers come from a CPU `torch.Generator`, so a seed gives the same
+augmentation on any device. Padded crop and flip work on uint8 (cheap); the rest on float in [0, 1].
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.params import AugmentParams
+
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    random_crop: bool = True
-    crop_padding: int = 2       # pixels of zero padding on each side before the random crop
-    hflip: bool = False
-    rotate_degrees: float = 0.0  # random rotation in [-d, d]; 0 = off
-    scale: float = 0.0           # random zoom in [1-s, 1+s]; 0 = off
-    color_jitter: float = 0.0    # brightness, contrast, saturation factors in [1-j, 1+j]; 0 = off
-    random_erasing: float = 0.0  # probability of erasing one random box (2-33 % of the image)
-
-    @property
-    def is_identity(self) -> bool:
-        return not ((self.random_crop and self.crop_padding) or self.hflip or self.rotate_degrees or self.scale
-                    or self.color_jitter or self.random_erasing)
+_RRC_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to the whole image
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator | None, device) -> torch.Tensor:
@@ -55,6 +41,35 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -
         mask = shifts[:, 1] == s
         out[mask] = rows[mask, :, :, s:s + w]
     return out
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                        gen: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandomResizedCrop, per sample, on a float batch: a box of scale × the area
+    and aspect ratio in `ratio` (log-uniform) at a random position, resized to size×size. All
+    boxes in one `roi_align` call: bilinear at each output pixel's centre, averaging
+    ceil(box / size)² such samples where the box is larger than the output (antialiased)."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    area = _uniform(n * _RRC_TRIES, scale[0], scale[1], gen, "cpu").view(n, _RRC_TRIES) * (h * w)
+    log_ratio = _uniform(n * _RRC_TRIES, math.log(ratio[0]), math.log(ratio[1]), gen, "cpu").view(n, _RRC_TRIES)
+    bw = torch.sqrt(area * torch.exp(log_ratio)).round()
+    bh = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (bw >= 1) & (bw <= w) & (bh >= 1) & (bh <= h)
+    first = fits.float().argmax(1)
+    take = torch.arange(n)
+    bw = torch.where(fits.any(1), bw[take, first], torch.tensor(float(w)))
+    bh = torch.where(fits.any(1), bh[take, first], torch.tensor(float(h)))
+    top = (torch.rand(n, generator=gen) * (h - bh + 1)).floor()
+    left = (torch.rand(n, generator=gen) * (w - bw + 1)).floor()
+    boxes = torch.stack([take.float(), left, top, left + bw, top + bh], 1).to(x.device, x.dtype)
+    return roi_align(x.contiguous(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    offset = (x.shape[-1] - size) // 2
+    return x[..., offset:offset + size, offset:offset + size]
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -113,14 +128,30 @@ def random_erasing(x: torch.Tensor, p: float, fill: torch.Tensor, gen: torch.Gen
     return torch.where(mask, fill.to(x.device, x.dtype).view(1, -1, 1, 1), x)
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, mean: list[float],
-                  gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 N×C×H×W batch → augmented float32 in [0, 1] (not yet normalised)."""
-    if cfg.random_crop:
-        x = random_crop(x, cfg.crop_padding, gen)
-    if cfg.hflip:
-        x = random_hflip(x, gen)
-    x = x.float().div_(255.0)
+def is_identity(cfg: AugmentParams, resized: bool = False) -> bool:
+    return not (resized or (cfg.random_crop and cfg.crop_padding) or cfg.hflip or cfg.rotate_degrees or cfg.scale
+                or cfg.color_jitter or cfg.random_erasing)
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentParams, mean: list[float] | tuple[float, ...],
+                  gen: torch.Generator | None = None, size: int | None = None,
+                  resized: bool = False) -> torch.Tensor:
+    """uint8 N×C×S×S batch (as prepare stored it) → augmented float32 N×C×size×size in [0, 1],
+    not yet normalised. `resized`: a random-resized crop per image (scale and aspect ranges in
+    `cfg`) instead of the centre crop plus padded random crop."""
+    size = size or x.shape[-1]
+    if resized:
+        x = random_resized_crop(x.float().div_(255.0), size, tuple(cfg.resized_crop_scale),
+                                tuple(cfg.resized_crop_ratio), gen)
+        if cfg.hflip:
+            x = random_hflip(x, gen)
+    else:
+        x = center_crop(x, size)
+        if cfg.random_crop:
+            x = random_crop(x, cfg.crop_padding, gen)
+        if cfg.hflip:
+            x = random_hflip(x, gen)
+        x = x.float().div_(255.0)
     if cfg.rotate_degrees or cfg.scale:
         x = random_affine(x, cfg.rotate_degrees, cfg.scale, gen)
     if cfg.color_jitter:
@@ -128,11 +159,3 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, mean: list[float],
     if cfg.random_erasing:
         x = random_erasing(x, cfg.random_erasing, torch.tensor(mean), gen)
     return x
-
-
-def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (0..255) or float (0..1) N×C×H×W → float32 standardised per channel."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s

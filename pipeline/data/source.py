@@ -12,12 +12,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.images import BadImage  # noqa: F401  (raised by decoders; part of the Source contract)
+
 SPLITS = ("train", "val", "test")
-
-
-class BadImage(Exception):
-    """An item that cannot be used (corrupt, truncated, not an image, unreadable). The message
-    is the reason shown in the manifest and the data report, e.g. 'truncated image'."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """ONNX export, checked against PyTorch with ONNX Runtime; the model describes itself.
 
-The ONNX file carries its classes and preprocessing in `metadata_props` (string values:
-`classes`, `mean`, `std` as JSON lists, `image_size`, `resize`, `arch`, and a one-line
-`preprocessing` recipe), and the same dict is written as JSON beside it, so `pipeline
-predict` (or any ONNX Runtime user) needs nothing else.
+The ONNX file carries its model card in `metadata_props`: `arch`, `classes`, every field of
+the checkpoint's `Preprocessing` (`image_size`, `stored_size`, `resize`, `interpolation`,
+`mean`, `std`, `source`, `reason`) and a one-line `preprocessing` recipe; text as is, the rest
+as JSON. The same card is written as JSON beside it, so `pipeline predict` (or any ONNX Runtime
+user) needs nothing else.
 """
 from __future__ import annotations
 
@@ -16,37 +17,31 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.checkpoint import preprocessing
 from pipeline.errors import UserError
 
 MAX_ABS_DIFF = 1e-4
-META_KEYS = ("arch", "classes", "image_size", "resize", "mean", "std")
-_JSON_KEYS = ("classes", "mean", "std")  # stored as JSON text in the ONNX metadata
+META_KEYS = ("arch", "classes", "image_size", "resize", "mean", "std")  # a card without them is not ours
+_TEXT_KEYS = ("arch", "resize", "interpolation", "source", "reason", "preprocessing")  # stored as is; the rest JSON
 
 
 def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What a user of the exported model needs, from a checkpoint: classes and preprocessing.
-    Checkpoints made before `resize` was recorded used prepare's default, center_crop."""
-    prep = ckpt["preprocessing"]
-    size, resize = prep["image_size"], prep.get("resize", "center_crop")
-    return {
-        "arch": ckpt["arch"], "classes": list(ckpt["classes"]), "image_size": size, "resize": resize,
-        "mean": list(prep["mean"]), "std": list(prep["std"]),
-        "preprocessing": f"RGB; resize to {size}x{size} ({resize}); x/255; (x - mean) / std per channel; "
-                         f"float32 NCHW input 'images' → output 'logits'",
-    }
+    """What a user of the exported model needs, from a checkpoint: classes and preprocessing
+    (`Preprocessing.from_dict(card)` reads it back)."""
+    prep = preprocessing(ckpt)
+    return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(),
+            "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'"}
 
 
 def onnx_metadata(card: dict[str, Any]) -> dict[str, str]:
-    return {k: json.dumps(v) if k in _JSON_KEYS else str(v) for k, v in card.items()}
+    return {k: v if k in _TEXT_KEYS else json.dumps(v) for k, v in card.items()}
 
 
 def read_onnx_metadata(props: dict[str, str]) -> dict[str, Any] | None:
     """The model card back from ONNX metadata strings; None when keys are missing."""
     if any(k not in props for k in META_KEYS):
         return None
-    card = {k: json.loads(v) if k in _JSON_KEYS else v for k, v in props.items()}
-    card["image_size"] = int(card["image_size"])
-    return card
+    return {k: v if k in _TEXT_KEYS else json.loads(v) for k, v in props.items()}
 
 
 def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:

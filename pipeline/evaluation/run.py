@@ -1,0 +1,73 @@
+"""What the evaluate stage does: the checkpoint on the test split, every metric, table and
+picture of it, the one-page report, all logged to the MLflow run that train started."""
+import pandas as pd
+
+from pipeline import paths, tracking
+from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
+from pipeline.prepared import load_split
+from pipeline.evaluation.report import evaluation_report
+from pipeline.evaluation.metrics import evaluation_metrics, most_confident_mistakes, normalize_rows, softmax
+from pipeline.evaluation.gradcam import gradcam_figure
+from pipeline.io import atomic_path, read_json, write_json
+from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
+
+# DVC outputs (dvc.yaml declares exactly these), and what is logged to MLflow: they and the report
+OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
+           paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG]
+LOGGED = OUTPUTS + [paths.EVAL_REPORT_MD]
+
+
+def run() -> dict:
+    """Score models/model.pt on the test split; write and log every output; return the metrics."""
+    model, ckpt = load_checkpoint(paths.CHECKPOINT)
+    classes, prep = ckpt["classes"], preprocessing(ckpt)
+    x, y = load_split("test", paths.PREPARED_DIR)
+    probs = softmax(predict_logits(model, x, prep))
+    metrics, per_class, cm = evaluation_metrics(y, probs, classes)
+    write_tables(metrics, per_class, cm, y, probs.argmax(1), classes)
+    note = draw(model, x, y, probs, cm, classes, prep)
+    with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
+        write_report(ckpt, metrics, per_class, [note] if note else [])
+        tracking.log_metrics(mlflow, {f"test_{k}": v for k, v in metrics.items()})
+        tracking.log_artifacts(mlflow, LOGGED)
+    print("evaluate: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return metrics
+
+
+def write_tables(metrics: dict, per_class: pd.DataFrame, cm, y, pred, classes: list[str]) -> None:
+    write_json(paths.EVAL_METRICS, metrics)
+    with atomic_path(paths.PER_CLASS) as tmp:
+        per_class.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(paths.PREDICTIONS) as tmp:
+        pd.DataFrame({"actual": [classes[i] for i in y], "predicted": [classes[i] for i in pred]}).to_csv(tmp, index=False)
+    write_json(paths.CONFUSION_JSON, {"classes": classes, "matrix": cm.tolist(),
+                                      "normalized": normalize_rows(cm).round(6).tolist()})
+
+
+def draw(model, x, y, probs, cm, classes: list[str], prep) -> str | None:
+    """The confusion matrix, the most confident mistakes and Grad-CAM; a note when Grad-CAM
+    has nothing to explain (a vision transformer)."""
+    confusion_matrix(cm, classes, paths.CONFUSION_PNG)
+    wrong, pred = most_confident_mistakes(y, probs), probs.argmax(1)
+    misclassified_grid(prep.center_crop(x[wrong]),
+                       [f"{classes[y[i]]} → {classes[pred[i]]} ({probs[i].max():.2f})" for i in wrong],
+                       paths.MISCLASSIFIED_PNG, n_test=len(y))
+    note = gradcam_figure(model, x, y, classes, prep, paths.GRADCAM_PNG)
+    if note:
+        print(f"evaluate: {note}")
+    return note
+
+
+def write_report(ckpt: dict, metrics: dict, per_class: pd.DataFrame, notes: list[str]) -> None:
+    """metrics/report.md: it names the MLflow run, so it differs from run to run and is not a
+    DVC output (logged to the run instead)."""
+    run = read_json(paths.MLFLOW_RUN) if paths.MLFLOW_RUN.exists() else None
+    train_summary = read_json(paths.TRAIN_METRICS) if paths.TRAIN_METRICS.exists() else None
+    pictures = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
+                ("Most confidently misclassified", paths.MISCLASSIFIED_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
+                ("Augmented training samples", paths.AUGMENTED_SAMPLES_PNG)]
+    report = evaluation_report(ckpt=ckpt, run=run, train_summary=train_summary, metrics=metrics, per_class=per_class,
+                               pictures=pictures, report_path=paths.EVAL_REPORT_MD, notes=notes)
+    with atomic_path(paths.EVAL_REPORT_MD) as tmp:
+        tmp.write_text(report)

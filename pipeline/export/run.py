@@ -1,0 +1,41 @@
+"""What the export stage does: models/model.onnx from the checkpoint, checked against PyTorch
+with ONNX Runtime on the whole test split, its latency, and the model logged to MLflow."""
+import numpy as np
+import torch
+
+from pipeline import paths, tracking
+from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
+from pipeline.prepared import load_split
+from pipeline.export.onnx import (batch1_latency, check_parity, export_onnx, model_card, onnx_logits, onnx_metadata, parity)
+from pipeline.io import atomic_path, write_json
+
+
+def run(register_as: str | None, alias: str) -> dict:
+    """Export models/model.pt to ONNX, check it, time it, log (and register) it; return the metrics."""
+    model, ckpt = load_checkpoint(paths.CHECKPOINT)
+    card, prep = model_card(ckpt), preprocessing(ckpt)
+    x, _ = load_split("test", paths.PREPARED_DIR)
+    x_float = prep.model_input(torch.from_numpy(np.array(x))).numpy()
+    with atomic_path(paths.ONNX_MODEL) as tmp:
+        export_onnx(model, prep.image_size, tmp, onnx_metadata(card))
+        ort_logits = onnx_logits(tmp, x_float)
+        result = parity(predict_logits(model, x, prep), ort_logits)
+        check_parity(result)
+        result |= batch1_latency(model, tmp, x_float[:1])
+        write_json(paths.ONNX_META, card)
+    result["onnx_bytes"] = paths.ONNX_MODEL.stat().st_size
+    write_json(paths.EXPORT_METRICS, result)
+    with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
+        tracking.log_metrics(mlflow, {f"export_{k}": v for k, v in result.items()})
+        tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS], artifact_path="onnx")
+        info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, x_float[:1], {"logits": ort_logits[:1]}, card,
+                                       register_as, alias)
+    registered = (f", registered as {register_as} v{info.registered_model_version} "
+                  f"@{alias}" if register_as else "")
+    print(f"export: {paths.ONNX_MODEL} ({result['onnx_bytes'] / 1e6:.2f} MB); top-1 agreement "
+          f"{result['top1_agreement']:.2%}, max |logit diff| {result['max_abs_logit_diff']:.2e} "
+          f"on {result['n_checked']} test images; batch-1 CPU latency p50 torch "
+          f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms; "
+          f"MLflow model {info.model_uri}{registered}")
+    return result
+

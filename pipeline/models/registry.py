@@ -1,0 +1,203 @@
+"""The model registry: a name → an `Entry` that builds the model and carries its own rules.
+
+- `original`: our own small CNN (below), for learning and fast CPU runs.
+- `alexnet`: torchvision's AlexNet (timm has none); its head is the *last* Linear of
+  `classifier`, which is the one re-made for the data set's classes.
+- any timm model name (`resnet18`, `efficientnet_b0`, `convnext_tiny`, ...): built by timm,
+  which re-makes the head itself (`num_classes`) and takes `drop_rate` / `drop_path_rate`.
+
+Every model offers timm's interface, so the rest of the pipeline asks the model, not its type:
+`get_classifier()` (the head transfer learning re-makes), `feature_info` (its stages, for
+partial unfreezing), `forward_features(x)` (the last
+spatial feature map: Grad-CAM explains it) and `forward_head(fmap, pre_logits=False)` (pooling
+to the penultimate features: the linear probe caches them). Per-model rules (minimum input
+size, the pretrained preprocessing, whether it has BatchNorm: its default learning rate)
+are on the registry entry.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models.small_cnn import SmallCNN
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _alexnet_class() -> type[nn.Module]:
+    from torchvision.models import AlexNet as TorchvisionAlexNet
+
+    class AlexNet(TorchvisionAlexNet):
+        """torchvision's AlexNet (same modules, same state-dict names) with timm's interface."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            # the stages partial unfreezing counts from the end: 5 convolutions, 2 hidden Linears
+            self.feature_info = [dict(module=m) for m in ("features.0", "features.3", "features.6", "features.8",
+                                                          "features.10", "classifier.1", "classifier.4")]
+
+        def get_classifier(self) -> nn.Module:
+            return self.classifier[-1]  # the last Linear, not the first
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features[:-1](x)  # before the last max-pool, as for SmallCNN
+
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+            x = self.classifier[:-1](torch.flatten(self.avgpool(self.features[-1](x)), 1))
+            return x if pre_logits else self.classifier[-1](x)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.forward_head(self.forward_features(x))
+
+    return AlexNet
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Entry:
+    build: Callable[..., nn.Module]
+    min_image_size: int
+    description: str
+    pretrained: Callable[[], dict | None]          # the pretrained weights' preprocessing, None: no weights
+    has_batchnorm: bool = True                     # False: a lower default learning rate (lr: auto)
+
+
+def _original(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **kwargs: Any) -> nn.Module:
+    if drop_rate is not None:
+        kwargs["dropout"] = drop_rate
+    return SmallCNN(num_classes, in_chans, **kwargs)
+
+
+def _alexnet(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **_: Any) -> nn.Module:
+    assert in_chans == 3, "AlexNet takes 3-channel input"
+    return _alexnet_class()(num_classes=num_classes, dropout=0.5 if drop_rate is None else drop_rate)
+
+
+def _alexnet_pretrained() -> dict:
+    # torchvision's AlexNet_Weights.IMAGENET1K_V1.transforms(): resize 256, centre crop 224, bilinear
+    return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "crop_pct": 224 / 256,
+            "interpolation": "bilinear", "name": "torchvision AlexNet_Weights.IMAGENET1K_V1"}
+
+
+# Our own entries by name; every other name goes to timm (`entry()` makes its Entry).
+REGISTRY: dict[str, Entry] = {
+    "original": Entry(_original, 8, "our small CNN (0.29 M params), fast on a CPU", pretrained=lambda: None),
+    "alexnet": Entry(_alexnet, 63, "torchvision AlexNet (57 M params at 10 classes), needs ≥ 63 px",
+                     pretrained=_alexnet_pretrained, has_batchnorm=False),
+}
+
+
+def _timm_pretrained(name: str) -> dict | None:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
+    return {"mean": tuple(cfg.mean), "std": tuple(cfg.std), "input_size": int(cfg.input_size[-1]),
+            "crop_pct": float(cfg.crop_pct or 1.0), "interpolation": interpolation,
+            "name": f"timm {cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm {cfg.architecture}"}
+
+
+@lru_cache(maxsize=None)
+def _timm_has_batchnorm(name: str) -> bool:
+    import timm
+
+    with torch.device("meta"):  # no memory, no init: just the module types
+        model = timm.create_model(name, pretrained=False)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def entry(name: str) -> Entry:
+    """The registry entry of `name` (a timm name gets one made from timm's own metadata)."""
+    check_model_name(name)
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return Entry(lambda **kw: _timm_build(name, **kw), 8, "timm", pretrained=lambda: _timm_pretrained(name), has_batchnorm=_timm_has_batchnorm(name))
+
+
+def _timm_build(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    import timm
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The final classifier layer (what transfer learning re-makes)."""
+    return model.get_classifier()
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    head = {id(p) for p in head_of(model).parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in head}
+
+
+def reset_head(model: nn.Module) -> None:
+    """Start a re-made head neutral: zero weights and bias, so every class starts at
+    probability 1/K and the first loss is ln K (timm's EfficientNet init gives a 2-class head
+    on 1,280 features logits of ~10 and a first loss of ~2.5, which wrecks a short fine-tune)."""
+    head = head_of(model)
+    nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+
+
+def stage_prefixes(model: nn.Module) -> list[str]:
+    """Module names of the backbone's stages, first to last (timm's `feature_info`)."""
+    return [f["module"] for f in model.feature_info]
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The penultimate features (what the head sees) of normalised images."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _timm_names(pattern: str = "") -> list[str]:
+    import timm
+
+    return timm.list_models(pattern or "*")
+
+
+def model_name_problem(name: str) -> str | None:
+    """None for a name in the registry or in timm; else what is wrong, with close matches."""
+    if name in REGISTRY:
+        return None
+    import timm
+
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, list(REGISTRY) + _timm_names(), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "list them with: python -m pipeline models"
+    return f"unknown model; use one of {', '.join(REGISTRY)} or a timm model name ({hint})"
+
+
+def min_image_size(name: str) -> int:
+    """The smallest input a model accepts (AlexNet's fixed pooling needs 63 px)."""
+    return REGISTRY[name].min_image_size if name in REGISTRY else 8
+
+
+def check_model_name(name: str) -> None:
+    if problem := model_name_problem(name):
+        raise UserError(f"model={name!r}: {problem}")
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registry names and timm names matching a glob pattern (`resnet*`)."""
+    import fnmatch
+
+    ours = [n for n in REGISTRY if not pattern or fnmatch.fnmatch(n, pattern)]
+    return ours + _timm_names(pattern)
+
+
+def build_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    """A freshly initialised model (weights from the current torch RNG state)."""
+    return entry(name).build(num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -1,0 +1,150 @@
+"""Weights for transfer learning: where they come from and the preprocessing they bring.
+
+`pretrained: true` (timm's hub, torchvision for AlexNet), or `weights:` a local file: a
+timm/torchvision state dict (.pth/.safetensors) or one of our own checkpoints. Either way the
+head is re-made for this data set's classes and starts neutral (zero), and the weights bring
+their preprocessing (`resolve_preprocessing`). Which parameters then train is
+`pipeline.training.transfer`'s business.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models.registry import build_model, entry, head_parameter_names, min_image_size, reset_head
+from pipeline.preprocess import Preprocessing, stored_size_for
+
+
+# ---------------------------------------------------------------- weights files
+
+
+def _torch_load(path: Path):
+    if not path.is_file():
+        raise UserError(f"weights={str(path)!r}: no such file; give the path of a .pth/.safetensors state dict "
+                        "or of a models/model.pt checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise UserError(f"weights={str(path)!r} is not a readable safetensors file ({type(exc).__name__})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise UserError(f"weights={str(path)!r} is not a readable state dict ({type(exc).__name__})") from None
+
+
+def is_our_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and "state_dict" in obj and "arch" in obj and "preprocessing" in obj
+
+
+def read_weights(path: Path) -> tuple[dict, Preprocessing | None]:
+    """(state dict, the preprocessing recorded in it: our checkpoints only, else None)."""
+    obj = _torch_load(path)
+    if is_our_checkpoint(obj):
+        return obj["state_dict"], Preprocessing.from_dict(obj["preprocessing"])
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"], None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return obj["state_dict"], None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights={str(path)!r} holds no state dict (a mapping of tensor names to tensors)")
+    return obj, None
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def resolve_preprocessing(model: str, pretrained: bool, weights: str | None, image_size: int | str,
+                          resize: str) -> Preprocessing:
+    """The preprocessing a run uses: the weights' own (pretrained config, or a checkpoint's
+    record) when weights are loaded, else the data set's statistics (filled in by prepare).
+    `image_size: auto` is the weights' input size, or 32 (the model's minimum if larger)
+    from scratch; an explicit size wins, with the weights' crop ratio kept."""
+    if weights:
+        _, recorded = read_weights(Path(weights))
+        if recorded is not None:
+            size = recorded.image_size if image_size == "auto" else int(image_size)
+            return Preprocessing(size, stored_size_for(size, recorded.crop_pct), recorded.resize,
+                                 recorded.interpolation, recorded.mean, recorded.std, f"checkpoint:{weights}",
+                                 f"the preprocessing recorded in the checkpoint {weights} (weights: our checkpoint)")
+    if weights or pretrained:
+        cfg = entry(model).pretrained()
+        if cfg is None:
+            raise UserError(f"model={model!r} has no pretrained configuration; train it from scratch "
+                            "(pretrained: false, weights: null) or give one of our checkpoints as weights")
+        size = cfg["input_size"] if image_size == "auto" else int(image_size)
+        why = "weights: a state dict file" if weights else "pretrained: true"
+        return Preprocessing(size, stored_size_for(size, cfg["crop_pct"]), resize, cfg["interpolation"],
+                             tuple(cfg["mean"]), tuple(cfg["std"]), f"pretrained:{model}",
+                             f"the pretrained config of {cfg['name']} (mean {_fmt(cfg['mean'])}, std {_fmt(cfg['std'])}, "
+                             f"crop_pct {cfg['crop_pct']:g}), because {why}")
+    size = auto_size(model) if image_size == "auto" else int(image_size)
+    return Preprocessing(size, size, resize, "bilinear", None, None, "data",
+                         "the training split's own mean/std, because the model trains from scratch")
+
+
+def auto_size(model: str) -> int:
+    """`image_size: auto` from scratch: 32, or the model's minimum rounded up to a power of 2."""
+    need = min_image_size(model)
+    return 32 if need <= 32 else 1 << (need - 1).bit_length()
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+# ---------------------------------------------------------------- the model
+
+
+def load_matching(model: nn.Module, state: dict, source: str) -> list[str]:
+    """Copy every tensor whose name and shape match, except the head's (other classes).
+    Returns the names loaded; fails when nothing of the backbone matched."""
+    own = model.state_dict()
+    head = head_parameter_names(model)
+    loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and k not in head}
+    if not loadable:
+        raise UserError(f"{source}: none of its tensors fit this model (another architecture?)")
+    model.load_state_dict(loadable, strict=False)
+    return sorted(loadable)
+
+
+def _hub_state(name: str) -> dict:
+    """ImageNet weights from timm's hub (torchvision for AlexNet); offline: one line."""
+    try:
+        if name == "alexnet":
+            from torchvision.models import AlexNet_Weights, alexnet
+
+            return alexnet(weights=AlexNet_Weights.IMAGENET1K_V1).state_dict()
+        import timm
+
+        return timm.create_model(name, pretrained=True).state_dict()
+    except (OSError, RuntimeError, ValueError) as exc:  # hub/URL unreachable, offline, missing file
+        raise UserError(
+            f"cannot get pretrained weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"offline, download them elsewhere and set weights: PATH to the file") from None
+
+
+def build_transfer_model(name: str, num_classes: int, pretrained: bool, weights: str | None,
+                         arch_kwargs: dict) -> tuple[nn.Module, bool]:
+    """The model, with backbone weights loaded and a neutral new head when `weights` or
+    `pretrained` bring them; returns (model, whether weights were loaded)."""
+    model = build_model(name, num_classes=num_classes, **arch_kwargs)
+    if not (weights or pretrained):
+        return model, False
+    if weights:
+        state, _ = read_weights(Path(weights))
+        source = f"weights={weights!r}"
+    else:
+        if entry(name).pretrained() is None:
+            raise UserError(f"model={name!r} has no pretrained weights; use pretrained: false or a timm model")
+        state, source = _hub_state(name), f"pretrained {name}"
+    loaded = load_matching(model, state, source)
+    reset_head(model)
+    print(f"train: loaded {len(loaded)} of {len(model.state_dict())} tensors from {source.split('=', 1)[-1]}; "
+          f"head re-made for {num_classes} classes, starting at zero", flush=True)
+    return model, True

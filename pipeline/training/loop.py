@@ -1,0 +1,399 @@
+"""The training loop, in the parts torchvision's references have: `train_one_epoch`,
+`evaluate` (of the validation split), resume `save_resume`/`load_resume`, and `fit` that puts
+them together and keeps the best epoch on validation.
+
+What a batch is comes from outside: `ImageBatches` draws uint8 images from the prepared arrays
+and augments them per sample (`train`); `FeatureBatches` (pipeline.training.probe) draws cached
+penultimate features of a frozen backbone, so a linear probe trains in seconds."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.training.augment import augment_batch
+from pipeline.checkpoint import predict_logits
+from pipeline.io import atomic_path
+from pipeline.preprocess import Preprocessing
+from pipeline.params import AugmentParams, Params, TrainParams, TransferParams
+from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
+from pipeline.training.distributed import distributed, shard
+from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: the params sections as validated, plus what the train stage resolved
+    from them (`lr: auto`, `resized_crop: auto`, class weights, the device)."""
+    epochs: int
+    batch_size: int
+    lr: float                                          # resolved: `lr: auto` is a number here
+    seed: int
+    train: TrainParams = TrainParams()                 # optimizer, schedule, loss, sampler, precision, threads
+    augment: AugmentParams = AugmentParams()
+    finetune: str = Params.model_fields["finetune"].default
+    transfer: TransferParams = TransferParams()
+    backbone_lr_mult: float = 1.0                      # resolved: transfer.backbone_lr_mult when weights were loaded
+    resized_crop: bool = False                         # resolved from augment.resized_crop
+    class_weights: list[float] | None = None           # resolved from train.class_weights; None: all 1
+    device: str = "cpu"                                # resolved from train.device
+    resume_path: Path | None = None  # checkpoint written after every epoch, resumed from when it matches
+    fingerprint: str = ""     # hash of what makes the run (params, data, code): resume only when equal
+
+
+@dataclass
+class TrainResult:
+    best_state: dict
+    best_epoch: int
+    history: pd.DataFrame
+    metrics: dict = field(default_factory=dict)   # the same for the same inputs
+    timing: dict = field(default_factory=dict)    # seconds, images/s, threads: differ run to run
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def set_threads(num_threads: int) -> int:
+    n = num_threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def pick_device(spec: str) -> str:
+    """`auto`: cuda when a GPU is visible, else cpu. Asking for cuda without one is an error."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import UserError
+
+        raise UserError("train.device=cuda but no CUDA GPU is visible to torch; use train.device=auto or cpu")
+    return spec
+
+
+def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: list[str]) -> list[float] | None:
+    """`none` → None; `balanced` → n / (k · count_c) (scikit-learn's definition); a list is
+    checked against the number of classes."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(labels)
+        weights = np.zeros(len(classes))
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+        return [float(w) for w in weights]
+    if len(spec) != len(classes):
+        from pipeline.errors import UserError
+
+        raise UserError(f"train.class_weights has {len(spec)} values but the data set has {len(classes)} classes "
+                        f"({', '.join(classes)}); give one weight per class")
+    return [float(w) for w in spec]
+
+
+def epoch_order(labels: np.ndarray, sampler: str, gen: torch.Generator) -> np.ndarray:
+    """The training indices of one epoch: a permutation (`shuffle`), or `balanced`: as many
+    draws with replacement, each class equally likely (WeightedRandomSampler's scheme)."""
+    n = len(labels)
+    if sampler == "balanced":
+        counts = np.bincount(labels)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        return torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
+    return torch.randperm(n, generator=gen).numpy()
+
+
+def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # BatchNorm cannot train on a batch of one: fold a lone last sample out of the epoch.
+    return [b for b in batches if len(b) > 1]
+
+
+def head_out_features(model: nn.Module) -> int:
+    from pipeline.models import head_of
+
+    return head_of(model).out_features
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
+    y = torch.from_numpy(np.asarray(labels))
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+class ImageBatches:
+    """Training batches of prepared uint8 images, augmented per sample and normalised, and the
+    validation split under the evaluation preprocessing (centre crop, normalised)."""
+
+    def __init__(self, train_xy, val_xy, prep: Preprocessing, augment: AugmentParams, resized: bool, device):
+        self.x, self.y = train_xy
+        self.val_x, self.val_y = val_xy
+        self.prep, self.augment, self.resized, self.device = prep, augment, resized, device
+
+    def batch(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        xb = torch.from_numpy(self.x[idx]).to(self.device, non_blocking=True)
+        xb = augment_batch(xb, self.augment, self.prep.mean, gen, self.prep.image_size, self.resized)
+        return self.prep.normalize(xb).contiguous(memory_format=torch.channels_last)
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        return loss_and_accuracy(torch.from_numpy(predict_logits(model, self.val_x, self.prep)), self.val_y)
+
+
+def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "aug_gen": aug_gen.get_state(),
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict, gen: torch.Generator, aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    aug_gen.set_state(state["aug_gen"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on GPUs that have it, fp16 (with a grad scaler) otherwise; CPU: fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None, None
+    dtype = torch.float16 if precision == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, scaler
+
+
+@dataclass
+class _Optimization:
+    """Optimizer, schedule, loss and precision of one run: what a step needs."""
+    opt: torch.optim.Optimizer
+    sched: object
+    stopper: EarlyStopping
+    mixer: object
+    loss_weight: torch.Tensor | None
+    label_smoothing: float
+    grad_clip: float
+    amp_dtype: torch.dtype | None
+    scaler: object
+
+    def step(self, model: nn.Module, forward: nn.Module, xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(xb.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = forward(xb)
+        loss = F.cross_entropy(logits.float(), target, weight=self.loss_weight, label_smoothing=self.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        return loss, logits
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "early_stopping": self.stopper.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+
+
+def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> _Optimization:
+    r = cfg.train
+    amp_dtype, scaler = _autocast(device, cfg.train.precision)
+    opt = make_optimizer(param_groups(model, r.weight_decay, cfg.lr, cfg.backbone_lr_mult, head_parameter_names(model)),
+                         r, cfg.lr)
+    loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
+    return _Optimization(opt, make_scheduler(opt, r, cfg.lr, cfg.epochs, steps_per_epoch),
+                         EarlyStopping(r.monitor, r.patience, r.min_delta),
+                         make_mixer(r, int(head_out_features(model))), loss_weight, r.label_smoothing, r.grad_clip,
+                         amp_dtype, scaler)
+
+
+def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor, batches: list[np.ndarray],
+                    optim: _Optimization, gen: torch.Generator, bar) -> tuple[float, int, int]:
+    """One pass over `batches` of training indices: (loss sum, correct, images seen)."""
+    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    for idx in batches:
+        idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
+        xb, yb = data.batch(idx, gen), y[idx]
+        target = yb
+        if optim.mixer is not None:
+            xb, target = optim.mixer(xb, yb)  # soft targets, one λ per batch
+        loss, logits = optim.step(model, forward, xb, target)
+        loss_sum += loss.item() * len(idx)
+        hard = target.argmax(1) if target.ndim == 2 else target
+        correct += int((logits.argmax(1) == hard).sum())
+        seen += len(idx)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+    return loss_sum, correct, seen
+
+
+def save_resume(cfg: TrainConfig, epoch: int, model: nn.Module, optim: _Optimization, history: list[dict],
+                best_state: dict | None, best_epoch: int, gen: torch.Generator, aug_gen: torch.Generator) -> None:
+    """Everything needed to continue after `epoch` as if never interrupted."""
+    with atomic_path(cfg.resume_path) as tmp:
+        torch.save({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(), **optim.state_dict(),
+                    "history": history, "best_state": best_state, "best_epoch": best_epoch,
+                    "rng": _rng_state(gen, aug_gen)}, tmp)
+
+
+def load_resume(cfg: TrainConfig, model: nn.Module, optim: _Optimization, gen: torch.Generator,
+                aug_gen: torch.Generator, rank: int) -> tuple[int, list[dict], dict | None, int]:
+    """(first epoch to run, history, best state, best epoch): from a matching resume checkpoint,
+    or a fresh start."""
+    fresh = (1, [], None, 0)
+    if not (cfg.resume_path and cfg.resume_path.exists()):
+        return fresh
+    ckpt = torch.load(cfg.resume_path, map_location="cpu", weights_only=True)
+    if ckpt.get("fingerprint") != cfg.fingerprint:
+        if rank == 0:
+            print(f"train: {cfg.resume_path} was made with other params, data or code; starting fresh", flush=True)
+        return fresh
+    model.load_state_dict(ckpt["model"])
+    optim.load_state_dict(ckpt)
+    _set_rng_state(ckpt["rng"], gen, aug_gen)
+    if rank == 0:
+        print(f"train: resuming from {cfg.resume_path} after epoch {ckpt['epoch']}", flush=True)
+    return ckpt["epoch"] + 1, ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
+
+
+def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
+        on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train `model` on `data` (an `ImageBatches` or a `FeatureBatches`); return the
+    best-on-validation weights, the per-epoch history and a summary. `on_epoch(epoch, row)`
+    is called after each epoch (MLflow logging). With `cfg.resume_path`, a checkpoint is
+    written after every epoch and a matching one is resumed."""
+    rank, world = distributed()
+    progress = progress and rank == 0
+    threads = set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // world))
+    gen = seed_everything(cfg.seed)  # the epoch order: the same on every rank
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + rank)  # augmentation: each rank its own
+    y_np = np.asarray(y_train)
+    steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
+    device = torch.device(cfg.device)
+    model.to(device)
+    # channels_last (NHWC) on CPU too: oneDNN's convolutions run ~1.2x faster in it on this
+    # 2-core AVX2 machine (resnet18 and our CNN at 32 px; benchmarks/bench_data_path.py), as on GPUs.
+    model.to(memory_format=torch.channels_last)
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
+    forward = torch.compile(forward) if cfg.train.compile else forward
+    y_t = torch.from_numpy(y_np).to(device)
+    optim = _optimization(model, cfg, device, steps_per_epoch)
+    start_epoch, rows, best_state, best_epoch = load_resume(cfg, model, optim, gen, aug_gen, rank)
+    for row in rows:  # a resumed run's MLflow run gets the whole curve
+        if on_epoch and rank == 0:
+            on_epoch(row["epoch"], {k: v for k, v in row.items() if k not in ("seconds", "images")})
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if optim.stopper.should_stop:
+            break
+        trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages, epoch,
+                                                           cfg.transfer.head_epochs))
+        if progress and (epoch == start_epoch or (cfg.finetune == "two_phase" and epoch == cfg.transfer.head_epochs + 1)):
+            print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
+                  f"parameters train ({cfg.finetune})", flush=True)
+        model.train()
+        freeze_batchnorm_stats(model)
+        batches = _batches(shard(epoch_order(y_np, cfg.train.sampler, gen), rank, world), cfg.batch_size)
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=True,
+                   disable=not (progress and sys.stderr.isatty()), mininterval=0.5, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = train_one_epoch(model, forward, data, y_t, batches, optim, aug_gen, bar)
+        if world > 1:  # every rank's share of the epoch, summed
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+        epoch_seconds = time.perf_counter() - t0
+        val_loss, val_acc = data.evaluate(model)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+               "val_loss": val_loss, "val_accuracy": val_acc, "lr": optim.opt.param_groups[-1]["lr"],
+               "images_per_second": seen / epoch_seconds, "trainable_params": trainable,
+               "seconds": epoch_seconds, "images": seen}
+        rows.append(row)
+        _report_epoch(row, cfg.epochs, bar, progress)
+        if optim.stopper.step(row[cfg.train.monitor], val_loss if cfg.train.monitor == "val_accuracy" else None):
+            best_epoch = epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch and rank == 0:
+            on_epoch(epoch, {k: v for k, v in row.items() if k not in ("seconds", "images")})
+        if cfg.resume_path and rank == 0:
+            save_resume(cfg, epoch, model, optim, rows, best_state, best_epoch, gen, aug_gen)
+        if optim.stopper.should_stop and progress:
+            r = cfg.train
+            print(f"train: early stopping after epoch {epoch}: {r.monitor} has not improved by more than "
+                  f"{r.min_delta} for {r.patience} epochs; best epoch {best_epoch}", flush=True)
+
+    if world > 1:
+        torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
+    if cfg.resume_path and rank == 0:
+        cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
+    return _result(rows, best_state, best_epoch, optim.stopper, cfg, threads, world)
+
+
+def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:
+    summary = {"loss": f"{row['train_loss']:.4f}", "acc": f"{row['train_accuracy']:.4f}",
+               "val_loss": f"{row['val_loss']:.4f}", "val_acc": f"{row['val_accuracy']:.4f}",
+               "img_s": f"{row['images_per_second']:.0f}"}
+    if bar.disable and progress:  # not a terminal (CI, a log file): one line per epoch
+        print(f"epoch {row['epoch']}/{epochs}: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    bar.set_postfix(summary)
+    bar.close()
+
+
+def _result(rows: list[dict], best_state: dict | None, best_epoch: int, stopper: EarlyStopping, cfg: TrainConfig,
+            threads: int, world: int) -> TrainResult:
+    """The summary splits in two: `metrics`, the same for the same inputs (a DVC metric), and
+    `timing`, which differs from run to run (kept out of DVC's outputs)."""
+    history = pd.DataFrame(rows)
+    best = history.iloc[best_epoch - 1]
+    metrics = {"best_epoch": best_epoch, "best_val_accuracy": float(best["val_accuracy"]),
+               "best_val_loss": float(best["val_loss"]), "epochs_run": len(rows),
+               "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
+    seconds = float(sum(r["seconds"] for r in rows))
+    timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,
+              "threads": threads, "processes": world}
+    return TrainResult(best_state, best_epoch, history.drop(columns=["seconds", "images"]), metrics, timing)
+
+
+def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray],
+          prep: Preprocessing, cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` on prepared uint8 images (N×3×S×S at the preprocessing's stored size)."""
+    data = ImageBatches(train_xy, val_xy, prep, cfg.augment, cfg.resized_crop, torch.device(cfg.device))
+    return fit(model, train_xy[1], data, cfg, on_epoch, progress)

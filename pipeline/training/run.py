@@ -1,0 +1,172 @@
+"""What the train stage does, as library functions: build the model from the params (weights,
+neutral head, preprocessing), resolve `lr: auto`, fingerprint the run for resume, train
+(images, or cached features for a linear probe) and write the outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import paths, tracking
+from pipeline.codedeps import stage_files
+from pipeline.training.augment import augment_batch
+from pipeline.checkpoint import save_checkpoint
+from pipeline.prepared import load_meta, load_split
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, write_json
+from pipeline.training.lr import auto_lr
+from pipeline.models import entry
+from pipeline.params import Params
+from pipeline.plots import image_grid, learning_curves
+from pipeline.preprocess import Preprocessing
+from pipeline.training.loop import TrainConfig, TrainResult, resolve_class_weights, seed_everything, train
+from pipeline.models.weights import build_transfer_model
+
+
+
+def files_hash(files) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(params: Params, data_hash: str) -> str:
+    """What makes a training run: params (less logging-only keys), data and the code the train
+    stage executes (the same files its dvc.yaml deps must cover: `pipeline.codedeps`)."""
+    relevant = params.model_dump(exclude={"mlflow": True, "train": {"num_threads"}})
+    code = files_hash(stage_files("train"))
+    return hashlib.sha256(json.dumps([relevant, data_hash, code], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def arch_kwargs_for(params: Params, num_classes: int) -> dict:
+    kwargs = {"num_classes": num_classes, "in_chans": 3}
+    if params.train.dropout is not None:
+        kwargs["drop_rate"] = params.train.dropout
+    if params.train.drop_path:
+        kwargs["drop_path_rate"] = params.train.drop_path
+    return kwargs
+
+
+@dataclass
+class Setup:
+    """A training run, resolved from the params: the model and everything `train` needs."""
+    model: nn.Module
+    arch_kwargs: dict
+    prep: Preprocessing
+    classes: list[str]
+    cfg: TrainConfig
+    transferred: bool       # weights were loaded (pretrained or a file)
+    lr_note: str            # how the learning rate was chosen
+    data_hash: str
+
+
+def build_model_for(params: Params, classes: list[str]) -> tuple[nn.Module, dict, bool]:
+    arch_kwargs = arch_kwargs_for(params, len(classes))
+    seed_everything(params.seed)  # the initial weights depend on the seed too
+    try:
+        model, transferred = build_transfer_model(params.model, len(classes), params.pretrained, params.weights,
+                                                  {k: v for k, v in arch_kwargs.items() if k != "num_classes"})
+    except TypeError as exc:  # e.g. drop_path_rate for a model without stochastic depth
+        raise UserError(f"model={params.model!r} does not take these options: {exc}; "
+                        "set train.drop_path: 0 (or train.dropout: null) for this model") from None
+    return model, arch_kwargs, transferred
+
+
+def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> Setup:
+    meta = load_meta(prepared)
+    prep, classes = Preprocessing.from_dict(meta["preprocessing"]), meta["classes"]
+    model, arch_kwargs, transferred = build_model_for(params, classes)
+    t = params.train
+    if params.lr == "auto":
+        lr, why = auto_lr(t.optimizer, entry(params.model).has_batchnorm, transferred, params.finetune)
+        lr_note = f"lr {lr:g} (auto: {why})"
+    else:
+        lr, lr_note = float(params.lr), f"lr {params.lr:g}"
+    aug = params.augment
+    resized = transferred if aug.resized_crop == "auto" else aug.resized_crop
+    data_hash = files_hash(sorted(prepared.iterdir()))
+    cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=lr, seed=params.seed,
+                      train=t, augment=aug, finetune=params.finetune, transfer=params.transfer,
+                      backbone_lr_mult=params.transfer.backbone_lr_mult if transferred else 1.0, resized_crop=resized,
+                      class_weights=resolve_class_weights(t.class_weights, load_split("train", prepared)[1], classes),
+                      device=device, resume_path=paths.RESUME_CHECKPOINT, fingerprint=fingerprint(params, data_hash))
+    return Setup(model, arch_kwargs, prep, classes, cfg, transferred, lr_note, data_hash)
+
+
+def fit_model(s: Setup, on_epoch=None, progress: bool = True, prepared: Path = paths.PREPARED_DIR) -> TrainResult:
+    """Train: a linear probe on cached features, or the loop on images."""
+    train_xy, val_xy = load_split("train", prepared), load_split("val", prepared)
+    if s.cfg.finetune == "linear_probe":
+        from pipeline.training.probe import train_linear_probe
+
+        return train_linear_probe(s.model, train_xy, val_xy, s.prep, s.cfg, s.cfg.transfer.probe_l2, on_epoch, progress)
+    paths.RESUME_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    return train(s.model, train_xy, val_xy, s.prep, s.cfg, on_epoch, progress)
+
+
+def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR) -> None:
+    """The augmentation training applies, on 32 training images, for a person to check."""
+    x, y = load_split("train", prepared)
+    n = min(32, len(y))
+    aug = augment_batch(torch.from_numpy(np.array(x[:n])), s.cfg.augment, s.prep.mean,
+                        torch.Generator().manual_seed(s.cfg.seed), s.prep.image_size, s.cfg.resized_crop)
+    on = ", ".join(f"{k}={v}" for k, v in s.cfg.augment.model_dump().items() if v and not k.startswith("resized_crop_"))
+    if s.cfg.resized_crop:
+        on = ", ".join(filter(None, [f"resized crop {s.cfg.augment.resized_crop_scale}", on]))
+    image_grid((aug.numpy() * 255).round().astype(np.uint8), [s.classes[i] for i in y[:n]], path,
+               f"Augmented training samples ({on or 'no augmentation'})")
+
+
+def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
+    """models/model.pt, the history, the learning curves and metrics/train.json: the same
+    bytes for the same inputs. Timings go to metrics/train_timing.json, which no stage uses."""
+    n_params = sum(p.numel() for p in s.model.parameters())
+    summary = result.metrics | {"parameters": n_params, "lr": s.cfg.lr}
+    save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
+                    classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary)
+    with atomic_path(paths.TRAIN_HISTORY) as tmp:
+        result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
+    learning_curves(result.history, result.best_epoch, paths.LEARNING_CURVES_PNG)
+    write_json(paths.TRAIN_METRICS, summary)
+    write_json(paths.TRAIN_TIMING, result.timing)
+    return summary
+
+
+def run(params: Params, device: str, rank: int) -> dict | None:
+    """The train stage on this process (rank 0 logs and writes; DDP workers only train)."""
+    s = setup(params, device)
+    if rank > 0:
+        fit_model(s, progress=False)
+        return None
+    augmented_samples(s, paths.AUGMENTED_SAMPLES_PNG)
+    n_params = sum(p.numel() for p in s.model.parameters())
+    dataset = params.model_dump()["dataset"]  # a record for the run's tags, not an input of training
+    tags = tracking.run_tags(dataset, params.model, params.finetune, s.transferred) | {"data_hash": s.data_hash}
+    logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto"}
+    run_id = tracking.start_run(params.mlflow.experiment, logged, tags, paths.MLFLOW_RUN)
+    print(f"train: preprocessing {s.prep.image_size} px (stored {s.prep.stored_size}), mean {_short(s.prep.mean)}, "
+          f"std {_short(s.prep.std)}: {s.prep.reason}", flush=True)
+    print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {len(load_split('train')[1])} images, "
+          f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
+          f"{s.cfg.train.sampler}; MLflow run {run_id} in {tracking.tracking_uri()}", flush=True)
+    with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
+        result = fit_model(s, on_epoch=lambda epoch, row: tracking.log_metrics(mlflow, row, step=epoch))
+        summary = write_outputs(s, params, result)
+        tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
+        tracking.log_metrics(mlflow, summary | result.timing)
+        tracking.log_artifacts(mlflow, [paths.TRAIN_HISTORY, paths.LEARNING_CURVES_PNG, paths.AUGMENTED_SAMPLES_PNG])
+    print(f"train: best epoch {result.best_epoch}, val accuracy {summary['best_val_accuracy']:.4f}, "
+          f"{result.timing['train_images_per_second']:.0f} images/s → {paths.CHECKPOINT}")
+    return summary
+
+
+def _short(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
