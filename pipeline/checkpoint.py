@@ -9,6 +9,7 @@ values, so it loads with `torch.load(weights_only=True)` (no arbitrary pickles).
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         "params": params,
         "summary": summary,
     }
+    # torch.save names the zip's root folder after the file it writes, here a random temporary
+    # name: saving to a buffer (root "archive") makes the same checkpoint the same bytes
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:

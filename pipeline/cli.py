@@ -1,10 +1,12 @@
-"""`pipeline summary -m NAME`, `pipeline models [PATTERN]` and `pipeline predict MODEL IMAGE...`."""
+"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE...` and
+`pipeline lr-find`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.errors import UserError, run_cli
 
 
@@ -34,6 +36,18 @@ def _predict(args: argparse.Namespace) -> None:
 
     if run(args.model, args.images, args.top_k, args.json, args.max_pixels):
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from pipeline.params import load_params
+    from pipeline.training.loop import pick_device
+    from pipeline.training.lr import find_lr, plot
+
+    params = load_params()
+    lrs, losses, best, what = find_lr(params, pick_device(params.train.device), args.steps)
+    plot(lrs, losses, best, args.out, f"Learning-rate range test ({what})")
+    print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; the loss falls fastest at lr {best:.2g} "
+          f"(try -S lr={best:.2g}); curve: {args.out}")
 
 
 def _positive(text: str) -> int:
@@ -67,6 +81,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive, default=None,
                    help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
     p.set_defaults(fn=_predict)
+    lf = sub.add_parser("lr-find", help="the learning-rate range test on the prepared data, drawn",
+                        description="Train for up to --steps batches while the learning rate grows exponentially "
+                                    "(1e-6 to 1), with the model, weights, optimizer and augmentation of params.yaml; "
+                                    "draw the smoothed loss against the lr and suggest where it falls fastest. Needs "
+                                    "data/prepared (dvc repro prepare).")
+    lf.add_argument("--steps", type=_positive, default=100, help="batches to try (default 100)")
+    lf.add_argument("--out", type=Path, default=paths.LR_FIND_PNG, help=f"the picture (default {paths.LR_FIND_PNG})")
+    lf.set_defaults(fn=_lr_find)
     return ap
 
 

@@ -105,6 +105,7 @@ class TransferParams(_Section):
     unfreeze_stages: int = Field(1, ge=0)
     head_epochs: int = Field(1, ge=1)
     backbone_lr_mult: float = Field(0.1, gt=0, le=10)
+    freeze_batchnorm: bool = True
     augmented_passes: int = Field(0, ge=0, le=100)
     probe_l2: Literal["auto"] | Annotated[float, Field(ge=0, le=100)] = "auto"
 
@@ -126,7 +127,7 @@ class MlflowParams(_Section):
 
 class Params(_Section):
     dataset: str = "digits"
-    data_dir: str = Field("data/raw", min_length=1)
+    data_dir: str = Field(str(paths.RAW_DIR), min_length=1)
     model: str = "original"
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
@@ -169,7 +170,7 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _folder_needs_a_data_dir(self) -> "Params":
-        if self.dataset == "folder" and self.data_dir == "data/raw":
+        if self.dataset == "folder" and self.data_dir == str(paths.RAW_DIR):
             raise ValueError("dataset=folder needs data_dir set to your folder of class folders "
                              "(e.g. -S dataset=folder -S data_dir=data/images)")
         return self

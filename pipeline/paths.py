@@ -44,6 +44,13 @@ MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
 GRADCAM_PNG = METRICS_DIR / "gradcam.png"
 EVAL_REPORT_MD = METRICS_DIR / "report.md"
 EXPORT_METRICS = METRICS_DIR / "export.json"
+EXPORT_TIMING = METRICS_DIR / "export_timing.json"  # batch-1 latencies: differ run to run, so not a DVC output
+
+
+# The default MLflow store, relative to the repository root (`repo_root()`), not the working
+# directory: a queued experiment runs in a temporary copy that DVC deletes afterwards.
+MLFLOW_DB = Path("mlflow.db")
+MLFLOW_ARTIFACTS = Path("mlartifacts")
 
 
 def repo_root() -> Path:

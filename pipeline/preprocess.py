@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are handled: prepare and download never import it
+    import numpy as np
+    import torch
 
 RESIZE_POLICIES = ("center_crop", "stretch")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -105,6 +106,8 @@ class Preprocessing:
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (0..255) or float (0..1) N×C×H×W → float32 standardised per channel."""
+    import torch
+
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / paths.MLFLOW_DB}"
 
 
 def _mlflow():
@@ -89,7 +89,7 @@ def _retry(fn, *args, **kwargs):
 
 def artifact_root() -> Path:
     """Where a local store keeps artifacts: `<repo root>/mlartifacts` (git-ignored)."""
-    return paths.repo_root() / "mlartifacts"
+    return paths.repo_root() / paths.MLFLOW_ARTIFACTS
 
 
 def use_experiment(mlflow: Any, experiment: str) -> None:

@@ -35,10 +35,13 @@ def test_repro_then_experiments(project: Path):
         a.path for a in client.list_artifacts(run0.info.run_id)}
     assert [m.step for m in client.get_metric_history(run0.info.run_id, "train_loss")] == [1, 2]
 
-    # 2. nothing changed: no stage runs
+    # 2. nothing changed: only the check stage runs (it always does: it validates params.yaml
+    # before any stage can touch an output), and writes what it wrote before, so nothing else runs
+    lock = (project / "dvc.lock").read_text()
     started = time.perf_counter()
     out = run(["dvc", "repro"], project).stdout
-    assert "Running stage" not in out and "up to date" in out
+    assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'check':"]
+    assert "didn't change, skipping" in out and (project / "dvc.lock").read_text() == lock
     assert time.perf_counter() - started < 30  # the target is < 5 s; generous for a loaded CI box
     # dvc plots show draws the confusion matrix from one actual/predicted row per test image
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
@@ -129,3 +132,35 @@ def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
     assert evaluation["n_test"] > 0 and evaluation["accuracy"] > 0.5
     _, runs = runs_by_exp(project)
     assert {r.data.tags.get("dvc_exp_name"): r.data.tags["dataset"] for r in runs}["folder-exp"] == "folder"
+
+
+def stages_run(out: str) -> list[str]:
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+
+
+def test_same_inputs_same_bytes_and_every_knob_reruns_train(project: Path):
+    """dvc repro -f leaves dvc.lock byte-identical (every output, cached or not, is the same
+    file); changing finetune, or the bytes of the weights file, re-runs train."""
+    run(["dvc", "repro"], project)
+    lock = (project / "dvc.lock").read_text()
+    run(["dvc", "repro", "-f"], project)
+    assert (project / "dvc.lock").read_text() == lock
+
+    out = run(["dvc", "exp", "run", "-S", "finetune=linear_probe"], project).stdout
+    assert "train" in stages_run(out) and "prepare" not in stages_run(out)
+    assert "probe_l2" in json.loads((project / "metrics/train.json").read_text())
+
+    # fine-tune from our own checkpoint (a copy of it, inside the repo): its recorded preprocessing comes along
+    (project / "weights").mkdir()
+    (project / "weights/prev.pt").write_bytes((project / "models/model.pt").read_bytes())
+    out = run(["dvc", "exp", "run", "-S", "weights=weights/prev.pt", "-S", "finetune=full"], project).stdout
+    assert {"prepare", "train"} <= set(stages_run(out))
+    assert "the preprocessing recorded in the checkpoint weights/prev.pt" in out
+    # the same path, other bytes: train runs again
+    import torch
+
+    ckpt = torch.load(project / "weights/prev.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, project / "weights/prev.pt")
+    out = run(["dvc", "repro"], project).stdout
+    assert "train" in stages_run(out)

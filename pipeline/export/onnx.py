@@ -46,14 +46,28 @@ def read_onnx_metadata(props: dict[str, str]) -> dict[str, Any] | None:
 
 def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write `path` with a dynamic batch axis (input `images`, output `logits`) and `metadata`
-    in the model's metadata_props."""
+    in the model's metadata_props; the same model gives the same bytes on any machine."""
     example = torch.zeros(2, 3, image_size, image_size)
     onnx_program = torch.onnx.export(
         model.eval(), (example,), dynamo=True, input_names=["images"], output_names=["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     onnx_program.model.metadata_props.update(metadata or {})
+    _reproducible(onnx_program.model)
     onnx_program.save(str(path))
+
+
+def _reproducible(model) -> None:
+    """Drop what ties the file to the machine that made it: the dynamo exporter writes, on every
+    node, the Python stack trace that made it (absolute paths of this checkout and its venv)
+    and module/FX names, and the producer version carries torch's build tag (2.15.0+cu132 or
+    +cpu). Two checkouts in different folders wrote different model.onnx files from one model."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+    for function in model.functions.values():
+        for node in function.all_nodes():
+            node.metadata_props.clear()
+    model.producer_version = torch.__version__.split("+")[0]
 
 
 def onnx_session(path: Path):

@@ -19,15 +19,17 @@ def run(register_as: str | None, alias: str) -> dict:
     with atomic_path(paths.ONNX_MODEL) as tmp:
         export_onnx(model, prep.image_size, tmp, onnx_metadata(card))
         ort_logits = onnx_logits(tmp, x_float)
-        result = parity(predict_logits(model, x, prep), ort_logits)
-        check_parity(result)
-        result |= batch1_latency(model, tmp, x_float[:1])
+        metrics = parity(predict_logits(model, x, prep), ort_logits)
+        check_parity(metrics)
+        timing = batch1_latency(model, tmp, x_float[:1])
         write_json(paths.ONNX_META, card)
-    result["onnx_bytes"] = paths.ONNX_MODEL.stat().st_size
-    write_json(paths.EXPORT_METRICS, result)
+    metrics["onnx_bytes"] = paths.ONNX_MODEL.stat().st_size
+    write_json(paths.EXPORT_METRICS, metrics)  # a DVC metric: the same for the same model
+    write_json(paths.EXPORT_TIMING, timing)    # latencies vary run to run: not a DVC output
+    result = metrics | timing
     with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
         tracking.log_metrics(mlflow, {f"export_{k}": v for k, v in result.items()})
-        tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS], artifact_path="onnx")
+        tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS, paths.EXPORT_TIMING], artifact_path="onnx")
         info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, x_float[:1], {"logits": ort_logits[:1]}, card,
                                        register_as, alias)
     registered = (f", registered as {register_as} v{info.registered_model_version} "

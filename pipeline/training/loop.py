@@ -45,6 +45,7 @@ class TrainConfig:
     finetune: str = Params.model_fields["finetune"].default
     transfer: TransferParams = TransferParams()
     backbone_lr_mult: float = 1.0                      # resolved: transfer.backbone_lr_mult when weights were loaded
+    frozen_bn_stats: bool = False                      # resolved: transfer.freeze_batchnorm when weights were loaded
     resized_crop: bool = False                         # resolved from augment.resized_crop
     class_weights: list[float] | None = None           # resolved from train.class_weights; None: all 1
     device: str = "cpu"                                # resolved from train.device
@@ -329,7 +330,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
             print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
                   f"parameters train ({cfg.finetune})", flush=True)
         model.train()
-        freeze_batchnorm_stats(model)
+        freeze_batchnorm_stats(model, everywhere=cfg.frozen_bn_stats)
         batches = _batches(shard(epoch_order(y_np, cfg.train.sampler, gen), rank, world), cfg.batch_size)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=True,
                    disable=not (progress and sys.stderr.isatty()), mininterval=0.5, dynamic_ncols=True)

@@ -60,7 +60,7 @@ def range_test(model: nn.Module, opt: torch.optim.Optimizer, batches, loss_fn, s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        avg = 0.98 * avg + 0.02 * float(loss)
+        avg = 0.98 * avg + 0.02 * loss.item()
         smoothed = avg / (1 - 0.98 ** (i + 1))  # bias-corrected exponential moving average
         lrs.append(lr)
         losses.append(smoothed)
@@ -86,3 +86,45 @@ def plot(lrs: np.ndarray, losses: np.ndarray, chosen: float, path: Path, title: 
 
     line_figure(lrs, losses, path, title=title, xlabel="learning rate (log scale)", ylabel="training loss (smoothed)",
                 marks={f"suggested {chosen:.2g}": chosen}, logx=True)
+
+
+def find_lr(params, device: str = "cpu", steps: int = 100) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """The range test on the prepared training split with the model, weights, optimizer and
+    augmentation the train stage would use: (lrs, smoothed losses, suggested lr, what ran)."""
+    import torch.nn.functional as F
+
+    from pipeline.prepared import load_split
+    from pipeline.training.loop import ImageBatches, _batches, epoch_order, seed_everything, set_threads
+    from pipeline.training.recipe import make_optimizer, param_groups
+    from pipeline.training.run import setup
+    from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, trainable_names
+
+    s = setup(params, device)
+    cfg, model = s.cfg, s.model.to(device)
+    set_threads(cfg.train.num_threads)
+    apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages,
+                                           cfg.transfer.head_epochs + 1, cfg.transfer.head_epochs))
+    data = ImageBatches(load_split("train"), load_split("val"), s.prep, cfg.augment, cfg.resized_crop, device)
+    gen = seed_everything(cfg.seed)
+    y = torch.from_numpy(np.asarray(data.y))
+
+    def batches():
+        while True:
+            for idx in _batches(epoch_order(data.y, cfg.train.sampler, gen), cfg.batch_size):
+                idx = np.sort(idx)
+                yield data.batch(idx, gen), y[idx].to(device)
+
+    opt = make_optimizer(param_groups(model, cfg.train.weight_decay, 1.0, cfg.backbone_lr_mult,
+                                      _head_names(model)), cfg.train, 1.0)
+    model.train()
+    freeze_batchnorm_stats(model, everywhere=cfg.frozen_bn_stats)
+    loss_fn = lambda logits, target: F.cross_entropy(logits, target, label_smoothing=cfg.train.label_smoothing)  # noqa: E731
+    lrs, losses = range_test(model, opt, batches(), loss_fn, steps=steps)
+    what = f"{params.model}, {cfg.finetune}, {cfg.train.optimizer}, batch {cfg.batch_size}"
+    return lrs, losses, suggest(lrs, losses), what
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    from pipeline.models import head_parameter_names
+
+    return head_parameter_names(model)

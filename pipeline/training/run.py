@@ -96,6 +96,7 @@ def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> S
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=lr, seed=params.seed,
                       train=t, augment=aug, finetune=params.finetune, transfer=params.transfer,
                       backbone_lr_mult=params.transfer.backbone_lr_mult if transferred else 1.0, resized_crop=resized,
+                      frozen_bn_stats=transferred and params.transfer.freeze_batchnorm,
                       class_weights=resolve_class_weights(t.class_weights, load_split("train", prepared)[1], classes),
                       device=device, resume_path=paths.RESUME_CHECKPOINT, fingerprint=fingerprint(params, data_hash))
     return Setup(model, arch_kwargs, prep, classes, cfg, transferred, lr_note, data_hash)

@@ -39,11 +39,11 @@ def apply_trainable(model: nn.Module, trainable: set[str]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def freeze_batchnorm_stats(model: nn.Module) -> None:
-    """Put every norm layer whose parameters are all frozen in eval mode (call after
-    `model.train()`), so frozen parts keep their running statistics too."""
+def freeze_batchnorm_stats(model: nn.Module, everywhere: bool = False) -> None:
+    """Put every BatchNorm layer whose parameters are all frozen (`everywhere`: every one) in
+    eval mode (call after `model.train()`), so it keeps its running statistics."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if everywhere or (params and not any(p.requires_grad for p in params)):
                 m.eval()
