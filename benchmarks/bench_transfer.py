@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +128,10 @@ def ceiling(project: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    from pipeline.models.weights import build_transfer_model
     from pipeline.prepared import load_meta, load_split
     from pipeline.preprocess import Preprocessing
     from pipeline.training.probe import extract_features
-    from pipeline.models.weights import build_transfer_model
 
     meta = load_meta()
     prep = Preprocessing.from_dict(meta["preprocessing"])

@@ -40,7 +40,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _lr_find(args: argparse.Namespace) -> None:
     from pipeline.params import load_params
-    from pipeline.training.loop import pick_device
+    from pipeline.training.distributed import pick_device
     from pipeline.training.lr import find_lr, plot
 
     params = load_params()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -12,18 +13,33 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+TRACEBACK_ENV = "PIPELINE_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
+
+
+def _terminate(signum, frame) -> None:
+    # `dvc queue kill`, a CI timeout: unwind like Ctrl-C, so open MLflow runs are ended and
+    # temporary files removed, instead of dying mid-write
+    raise KeyboardInterrupt
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a stage's `main()`, turning a `UserError` into one line and exit code 2."""
+    """Run a stage's or command's `main()`: a `UserError` is one line and exit code 2; an
+    interruption (Ctrl-C, SIGTERM) exit 130; anything unexpected one line naming the error
+    and exit 1 (PIPELINE_TRACEBACK=1 shows the traceback)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as err:
-        # Under `dvc repro`/`dvc exp run`, DVC deletes a stage's outputs before running it;
-        # say how to get them back (cached outputs from the DVC cache, the others from git).
-        hint = "; `dvc checkout` restores the outputs DVC removed" if os.environ.get("DVC_STAGE") else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001  (the last line of defence: no traceback reaches the user)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        where = f" in stage {os.environ['DVC_STAGE']}" if os.environ.get("DVC_STAGE") else ""
+        print(f"error{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(unexpected: re-run with {TRACEBACK_ENV}=1 to see where, and report it)", file=sys.stderr)
+        sys.exit(EXIT_BUG)

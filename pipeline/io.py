@@ -1,7 +1,10 @@
 """Atomic writes: every output is written under a temporary name and renamed when complete,
-so an interrupted or failed stage never leaves a half-written file behind."""
+so an interrupted or failed stage never leaves a half-written file behind. The temporary names
+of a killed stage (`kill -9` skips every cleanup) are removed by the next write of the same
+output, and outputs get the mode the umask gives (mkstemp's 0600 otherwise)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,16 +14,34 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_leftovers(folder: Path, prefix: str, suffix: str) -> None:
+    """Temporary files or folders of an earlier write of the same output that was killed."""
+    for stale in folder.glob(f"{prefix}*{suffix}"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that look at it work);
     on success rename it onto `path`, on failure delete it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    prefix, suffix = f".{path.stem}.", f".tmp{path.suffix}"
+    _remove_leftovers(path.parent, prefix, suffix)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -30,9 +51,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    prefix, suffix = f".{path.name}.", ".tmp"
+    _remove_leftovers(path.parent, prefix, suffix)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
     try:
         yield tmp
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -43,6 +70,20 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def files_sha256(files) -> str:
+    """sha256 of the files' bytes, one after the other, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return files_sha256([path])
 
 
 def read_json(path: Path) -> Any:

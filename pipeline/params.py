@@ -112,6 +112,7 @@ class TransferParams(_Section):
 
 class MlflowParams(_Section):
     experiment: str = Field("image-classification", min_length=1)
+    required: bool = True
     register_model: str | None = Field(None, min_length=1)
     model_alias: str = "candidate"
 
@@ -264,7 +265,8 @@ class StageParams:
         return self._params.flat()
 
 
-def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None) -> Params | StageParams:
+def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None,
+                check_models: bool = True) -> Params | StageParams:
     """Read and validate params.yaml; with `keys`, a view of just those keys."""
     try:
         text = path.read_text()
@@ -274,6 +276,6 @@ def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None) 
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    reads_model = keys is None or "model" in keys
+    reads_model = check_models and (keys is None or "model" in keys)
     params = parse_params(raw, str(path), check_models=reads_model)
     return params if keys is None else StageParams(params, set(keys))

@@ -15,7 +15,6 @@ import pandas as pd  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
 
-
 DPI = 100
 CELL = (1.3, 1.45)  # inches per image in a grid (width, height: room for a title)
 

@@ -17,13 +17,24 @@ def load_meta(prepared_dir: Path = paths.PREPARED_DIR) -> dict:
     path = prepared_dir / paths.PREPARED_META.name
     if not path.exists():
         raise UserError(f"{path} is missing; run the prepare stage first (dvc repro prepare)")
-    return read_json(path)
+    try:
+        return read_json(path)
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON); re-make it: dvc repro -f prepare") from None
 
 
 def load_split(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
     """Memory-mapped uint8 images (N×3×S×S) and labels of one prepared split."""
-    x = np.load(prepared_dir / f"{split}_x.npy", mmap_mode="r")
-    y = np.load(prepared_dir / f"{split}_y.npy")
+    x_path, y_path = prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
+    try:
+        x, y = np.load(x_path, mmap_mode="r"), np.load(y_path)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc.filename} is missing; run the prepare stage (dvc repro prepare)") from None
+    except (ValueError, OSError, EOFError) as exc:  # truncated or overwritten: numpy's header/size checks
+        raise UserError(f"{prepared_dir}/{split}_*.npy is damaged ({str(exc).splitlines()[0][:80]}); "
+                        "re-make it: dvc repro -f prepare") from None
+    if len(x) != len(y):
+        raise UserError(f"{x_path} has {len(x)} images but {y_path} {len(y)} labels; re-make them: dvc repro -f prepare")
     return x, y
 
 

@@ -4,10 +4,15 @@ The default store is `sqlite:///<repo root>/mlflow.db`, the root taken from `DVC
 that queued/temp experiments (which run in a temporary copy) log into the main store;
 `MLFLOW_TRACKING_URI` overrides it. Logging is a side record: a stage's own outputs never
 depend on it.
+
+The store is probed once per process, briefly (`store_problem`: a server's /health with a
+5 s timeout; a SQLite file's integrity and write access), before anything is logged; MLflow's
+own HTTP retries are capped so that a server lost mid-run fails a call in ~30 s, not minutes.
+An unusable store stops the stage in one line, or, with `mlflow.required: false`, the run goes
+on untracked (one warning): every logging call below is then a no-op (`mlflow` is None).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -17,13 +22,79 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline import paths
-from pipeline.io import read_json, write_json
+from pipeline.io import file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / paths.MLFLOW_DB}"
+
+
+PROBE_TIMEOUT_S = 5
+# MLflow's client retries an unreachable server for minutes by default; these bound a call
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_enabled: bool | None = None  # decided once per process by `enabled()`
+
+
+def store_problem(uri: str | None = None) -> str | None:
+    """What is wrong with the tracking store, in a few words; None when it is usable."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
+                return None if response.status == 200 else f"{uri}/health answered HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            return f"cannot reach the MLflow tracking server {uri} ({getattr(exc, 'reason', exc)})"
+    if uri.startswith("sqlite:///"):
+        return _sqlite_problem(Path(uri.removeprefix("sqlite:///")))
+    return None  # other stores (a database URL, Databricks): MLflow's own errors, bounded by _HTTP_LIMITS
+
+
+def _sqlite_problem(db: Path) -> str | None:
+    import sqlite3
+
+    if not db.exists():
+        folder = db.parent if db.parent.exists() else db.parent.parent
+        return None if os.access(folder, os.W_OK) else f"cannot create the MLflow store {db}: {folder} is not writable"
+    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
+        return f"the MLflow store {db} is read-only (it and its folder must be writable)"
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S) as con:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError as exc:
+        return f"the MLflow store {db} is damaged ({exc}); move it aside (mv {db} {db}.damaged) to start a new one"
+    return None if ok else f"the MLflow store {db} fails SQLite's integrity check; move it aside to start a new one"
+
+
+def required() -> bool:
+    """`mlflow.required` of params.yaml (a setting of the side record, not an input of any output)."""
+    from pipeline.params import load_params
+
+    return load_params(check_models=False).mlflow.required
+
+
+def enabled() -> bool:
+    """Whether this process logs to MLflow: the store is usable, or it is not and
+    `mlflow.required: false` lets the stage go on without it (said once). Otherwise one line."""
+    global _enabled
+    if _enabled is None:
+        for key, value in _HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
+        problem = store_problem()
+        if problem and required():
+            from pipeline.errors import UserError
+
+            raise UserError(f"{problem}; fix it or MLFLOW_TRACKING_URI, or set mlflow.required: false to run "
+                            "without tracking")
+        if problem:
+            print(f"warning: {problem}; mlflow.required is false, so this stage runs without tracking", flush=True)
+        _enabled = problem is None
+    return _enabled
 
 
 def _mlflow():
@@ -109,10 +180,36 @@ def use_experiment(mlflow: Any, experiment: str) -> None:
     _retry(mlflow.set_experiment, experiment)
 
 
+def recorded_run(run_file: Path) -> str | None:
+    """The run id `run_file` holds, if any."""
+    return read_json(run_file).get("run_id") if run_file.exists() else None
+
+
+def _interrupted_run(mlflow: Any, run_file: Path) -> str | None:
+    """The run of `run_file` if a killed training left it RUNNING in this store."""
+    from mlflow.exceptions import MlflowException
+
+    if (run_id := recorded_run(run_file)) is None:
+        return None
+    try:
+        return run_id if mlflow.get_run(run_id).info.status == "RUNNING" else None
+    except MlflowException:
+        return None
+
+
 def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
-              run_file: Path = paths.MLFLOW_RUN) -> str:
-    """Create the pipeline's run, log params and tags, record its id in `run_file`."""
+              run_file: Path = paths.MLFLOW_RUN, resuming: bool = False) -> str | None:
+    """Create the pipeline's run, log params and tags, record its id in `run_file`; None when
+    tracking is off. A run a killed training left RUNNING is continued when training resumes
+    from that training's checkpoint (`resuming`), else ended as KILLED."""
+    if not enabled():
+        return None
     mlflow = _mlflow()
+    if interrupted := _interrupted_run(mlflow, run_file):
+        if resuming:
+            print(f"train: continuing the MLflow run {interrupted} of the interrupted training", flush=True)
+            return interrupted
+        _retry(mlflow.MlflowClient().set_terminated, interrupted, "KILLED")
     use_experiment(mlflow, experiment)
     name = tags.get("dvc_exp_name") or f"{tags.get('model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = _retry(mlflow.start_run, run_name=name, tags=tags)
@@ -120,23 +217,21 @@ def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
         _retry(mlflow.log_params, params)
     finally:
         mlflow.end_run()
-    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment,
-                          "tracking_uri": tracking_uri()})
+    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "tracking_uri": tracking_uri()})
     return run.info.run_id
+
+
+def last_step(run_id: str, metric: str) -> int:
+    """The last step of `metric` logged to the run (0: none)."""
+    history = _retry(_mlflow().MlflowClient().get_metric_history, run_id, metric)
+    return max((m.step for m in history), default=0)
 
 
 def bind_run(run_file: Path, checkpoint: Path) -> None:
     """Record in `run_file` which checkpoint its run trained (the file's sha256), so that
     evaluate and export continue this run only for that checkpoint."""
-    write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    if enabled():
+        write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
 
 
 def _run_to_continue(mlflow: Any, run_file: Path, checkpoint: Path | None) -> str | None:
@@ -158,36 +253,50 @@ def _run_to_continue(mlflow: Any, run_file: Path, checkpoint: Path | None) -> st
 @contextmanager
 def resume_run(run_file: Path = paths.MLFLOW_RUN, checkpoint: Path | None = None, experiment: str | None = None,
                params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Re-open the run that train started, yielding the `mlflow` module to log with.
+    """Re-open the run that train started, yielding the `mlflow` module to log with (None
+    when tracking is off). The run ends with the block: FINISHED, or FAILED on an error or an
+    interruption (Ctrl-C, SIGTERM), never left RUNNING.
 
     The run file is not a DVC output (it holds a run id: different every run), so it may be
     missing, or another run's when DVC restored train's outputs from its cache (its
     `checkpoint_sha256` then differs from `checkpoint`'s), or name a run of another store: a
     new run in the same experiment is started instead, with `params` (the checkpoint's)."""
+    if not enabled():
+        yield None
+        return
     mlflow = _mlflow()
     run_id = _run_to_continue(mlflow, run_file, checkpoint)
     if run_id is None:
-        info = read_json(run_file) if run_file.exists() else {}
-        print(f"{os.environ.get('DVC_STAGE', 'mlflow')}: train's MLflow run is not in {tracking_uri()} for this "
-              "checkpoint (DVC restored it from its cache, or another store); logging into a new run", flush=True)
-        use_experiment(mlflow, experiment or info.get("experiment", "image-classification"))
-        run = _retry(mlflow.start_run)
-        if params:
-            _retry(mlflow.log_params, params)
-        run_id = run.info.run_id
-        mlflow.end_run()
-        write_json(run_file, {"run_id": run_id, "experiment": experiment or info.get("experiment"),
-                              "tracking_uri": tracking_uri()} | ({"checkpoint_sha256": file_sha256(checkpoint)}
-                                                                if checkpoint is not None else {}))
+        run_id = _new_run_for(mlflow, run_file, checkpoint, experiment, params)
     with mlflow.start_run(run_id=run_id):
         yield mlflow
 
 
+def _new_run_for(mlflow: Any, run_file: Path, checkpoint: Path | None, experiment: str | None,
+                 params: dict[str, Any] | None) -> str:
+    info = read_json(run_file) if run_file.exists() else {}
+    experiment = experiment or info.get("experiment") or "image-classification"
+    print(f"{os.environ.get('DVC_STAGE', 'mlflow')}: train's MLflow run is not in {tracking_uri()} for this "
+          "checkpoint (DVC restored it from its cache, or another store); logging into a new run", flush=True)
+    use_experiment(mlflow, experiment)
+    run = _retry(mlflow.start_run)
+    if params:
+        _retry(mlflow.log_params, params)
+    mlflow.end_run()
+    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "tracking_uri": tracking_uri()}
+               | ({"checkpoint_sha256": file_sha256(checkpoint)} if checkpoint is not None else {}))
+    return run.info.run_id
+
+
 def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None) -> None:
+    if mlflow is None:
+        return
     _retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifacts(mlflow: Any, files: list[Path], artifact_path: str | None = None) -> None:
+    if mlflow is None:
+        return
     for f in files:
         _retry(mlflow.log_artifact, str(f), artifact_path=artifact_path)
 
@@ -197,7 +306,9 @@ def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: 
     """Log the ONNX file at `path` as the active run's model `model` (MLflow 3 logged model,
     with signature, input example and `metadata` in its MLmodel file). With `register_as`,
     also register it as a new version of that registered model and point `alias` at it.
-    Returns MLflow's ModelInfo (`model_uri`, `registered_model_version`)."""
+    Returns MLflow's ModelInfo (`model_uri`, `registered_model_version`); None untracked."""
+    if mlflow is None:
+        return None
     import onnx
     from mlflow.models import infer_signature
 

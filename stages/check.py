@@ -15,7 +15,6 @@ from pipeline.check import check
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
-
 PARAMS = ("dataset", "data_dir", "model", "epochs", "batch_size", "lr", "image_size", "seed", "pretrained", "weights",
           "finetune", "data", "augment", "train", "transfer", "mlflow")
 

@@ -8,7 +8,6 @@ from pipeline.data.registry import download
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
-
 PARAMS = ("dataset", "data_dir")
 
 

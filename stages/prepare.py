@@ -11,14 +11,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.data.registry import load_source
 from pipeline.data.prepare import prepare
+from pipeline.data.registry import load_source
+from pipeline.data.report import data_report, summary_line, to_markdown
 from pipeline.errors import UserError, run_cli
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
-from pipeline.data.report import data_report, summary_line, to_markdown
-
 
 PARAMS = ("dataset", "data_dir", "seed", "data")
 

@@ -73,8 +73,8 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
-    from pipeline.data.registry import download, load_source
     from pipeline.data.prepare import prepare
+    from pipeline.data.registry import download, load_source
 
     base = tmp_path_factory.mktemp("digits")
     download("digits", base / "raw")

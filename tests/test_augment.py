@@ -4,8 +4,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.params import AugmentParams
-from pipeline.training.augment import (augment_batch, color_jitter, is_identity, random_affine, random_crop, random_erasing, random_hflip)
 from pipeline.preprocess import normalize
+from pipeline.training.augment import (
+    augment_batch,
+    color_jitter,
+    is_identity,
+    random_affine,
+    random_crop,
+    random_erasing,
+    random_hflip,
+)
 
 OFF = AugmentParams(random_crop=False, hflip=False)
 

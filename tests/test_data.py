@@ -6,9 +6,9 @@ import pytest
 
 from pipeline.data.prepare import channel_stats, prepare
 from pipeline.data.registry import download, load_source
-from pipeline.prepared import load_meta, load_split
 from pipeline.data.source import Source
 from pipeline.errors import UserError
+from pipeline.prepared import load_meta, load_split
 
 
 def array_source(images, labels, classes, splits=None) -> Source:

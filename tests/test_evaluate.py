@@ -9,14 +9,20 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.params import AugmentParams
 from pipeline import paths, plots
 from pipeline.evaluation import figures
-from pipeline.preprocess import Preprocessing, normalize
-from pipeline.evaluation.report import evaluation_report
-from pipeline.evaluation.metrics import (evaluation_metrics, expected_calibration_error, most_confident_mistakes, normalize_rows, per_class_sample)
 from pipeline.evaluation.gradcam import grad_cam, gradcam_figure, split_model
+from pipeline.evaluation.metrics import (
+    evaluation_metrics,
+    expected_calibration_error,
+    most_confident_mistakes,
+    normalize_rows,
+    per_class_sample,
+)
+from pipeline.evaluation.report import evaluation_report
 from pipeline.models import build_model
+from pipeline.params import AugmentParams
+from pipeline.preprocess import Preprocessing, normalize
 from pipeline.training.loop import TrainConfig, train
 from tests.conftest import ROOT
 

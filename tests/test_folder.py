@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.prepared import load_meta
+from pipeline.data.folder import scan_folder
 from pipeline.data.prepare import prepare
 from pipeline.errors import UserError
-from pipeline.images import decode_image
-from pipeline.data.folder import scan_folder
-from pipeline.images import BadImage
+from pipeline.images import BadImage, decode_image
+from pipeline.prepared import load_meta
 
 RNG = np.random.default_rng(0)
 

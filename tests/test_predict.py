@@ -13,10 +13,10 @@ from PIL import Image
 
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
-from pipeline.images import resize
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import softmax
 from pipeline.export.predict import load_predictor
+from pipeline.images import resize
 from tests.conftest import run
 
 MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}

@@ -1,6 +1,5 @@
 """Each stage's main() in-process on tiny digits, with a real SQLite MLflow store:
 what it returns, what it writes, and what the MLflow run holds."""
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,11 +9,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
-from pipeline.prepared import load_split
+from pipeline.errors import UserError
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.export.onnx import MAX_ABS_DIFF, check_parity, onnx_logits, parity
-from pipeline.errors import UserError
 from pipeline.io import read_json
+from pipeline.prepared import load_split
 from stages import check, download, evaluate, export, prepare, train
 from tests.conftest import ROOT, TINY, set_params
 

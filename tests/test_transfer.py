@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.params import AugmentParams, TrainParams, TransferParams
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import UserError
 from pipeline.models import build_model
+from pipeline.models.weights import build_transfer_model, resolve_preprocessing
+from pipeline.params import AugmentParams, TrainParams, TransferParams
 from pipeline.preprocess import Preprocessing
 from pipeline.training.loop import TrainConfig, seed_everything, train
-from tests.conftest import plain, ROOT, run
 from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
-from pipeline.models.weights import build_transfer_model, resolve_preprocessing
+from tests.conftest import ROOT, plain, run
 
 ONE_THREAD = TrainParams(num_threads=1)
 

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from pipeline.data import tvsets
-from pipeline.prepared import load_split
 from pipeline.data.prepare import prepare
-from pipeline.images import resize
 from pipeline.errors import UserError
+from pipeline.images import resize
+from pipeline.prepared import load_split
 
 CIFAR10 = "cifar-10-python.tar.gz"
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]

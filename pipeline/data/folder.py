@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from pipeline.data.source import Source
 from pipeline.errors import UserError
 from pipeline.images import decode_image
@@ -36,19 +37,28 @@ def _class_dirs(root: Path) -> list[tuple[str, str, Path]]:
     return [("", d.name, d) for d in dirs]
 
 
+def class_names(root: Path) -> list[str]:
+    """The class folder names under `root` (either layout), without listing their files."""
+    return sorted({cls for _, cls, _ in _class_dirs(root)})
+
+
 def _walk(folder: str) -> list[str]:
-    """Every file under `folder`, as paths relative to it, in a stable order (by path parts).
-    os.scandir, not pathlib: for 60,000 files pathlib's object overhead was most of the scan."""
+    """Every file under `folder`, as paths relative to it, in a stable order (by path parts);
+    a folder reached twice through symbolic links (a loop) is walked once, and a link to
+    nothing is listed (reported as skipped). os.scandir, not pathlib: for 60,000 files
+    pathlib's object overhead was most of the scan."""
     out: list[str] = []
-    stack = [""]
+    stack, seen = [""], {os.path.realpath(folder)}
     while stack:
         rel_dir = stack.pop()
         with os.scandir(os.path.join(folder, rel_dir)) as entries:
             for e in entries:
                 rel = os.path.join(rel_dir, e.name) if rel_dir else e.name
                 if e.is_dir(follow_symlinks=True):
-                    stack.append(rel)
-                elif e.is_file(follow_symlinks=True):
+                    if (real := os.path.realpath(e.path)) not in seen:
+                        seen.add(real)
+                        stack.append(rel)
+                elif e.is_file(follow_symlinks=True) or (e.is_symlink() and not os.path.exists(e.path)):
                     out.append(rel)
     return sorted(out, key=lambda r: r.split(os.sep))
 
@@ -83,6 +93,8 @@ def scan_folder(root: Path) -> Source:
             rel = os.path.join(folder_rel, name)
             reason = ("hidden file" if any(part.startswith(".") for part in name.split(os.sep)) else
                       "not an image extension" if os.path.splitext(name)[1].lower() not in EXTENSIONS else "")
+            if not reason and not os.path.exists(os.path.join(root, rel)):
+                reason = "dangling symbolic link"
             if not reason:
                 try:
                     if digest := _read_hash(os.path.join(root, rel)):

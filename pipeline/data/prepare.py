@@ -20,8 +20,8 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.errors import UserError
 from pipeline.data.source import SPLITS, Source
+from pipeline.errors import UserError
 from pipeline.images import BadImage, resize
 from pipeline.io import atomic_dir, write_json
 from pipeline.preprocess import Preprocessing

@@ -21,16 +21,27 @@ from pipeline.io import write_json
 class DataSet:
     kind: str          # bundled | torchvision | folder: how it is downloaded and read
     description: str
+    classes: int | None = None  # None: the folder's own
 
 
 DATASETS: dict[str, DataSet] = {
-    "digits": DataSet("bundled", "1,797 8×8 handwritten digits, 10 classes, bundled in scikit-learn: works offline"),
-    "cifar10": DataSet("torchvision", "60,000 32×32 photos, 10 classes; downloaded, md5-verified"),
-    "cifar100": DataSet("torchvision", "60,000 32×32 photos, 100 classes; downloaded, md5-verified"),
-    "mnist": DataSet("torchvision", "70,000 28×28 grayscale digits, 10 classes; downloaded, md5-verified"),
-    "fashion_mnist": DataSet("torchvision", "70,000 28×28 grayscale clothes, 10 classes; downloaded, md5-verified"),
+    "digits": DataSet("bundled", "1,797 8×8 handwritten digits, 10 classes, bundled in scikit-learn: works offline", 10),
+    "cifar10": DataSet("torchvision", "60,000 32×32 photos, 10 classes; downloaded, md5-verified", 10),
+    "cifar100": DataSet("torchvision", "60,000 32×32 photos, 100 classes; downloaded, md5-verified", 100),
+    "mnist": DataSet("torchvision", "70,000 28×28 grayscale digits, 10 classes; downloaded, md5-verified", 10),
+    "fashion_mnist": DataSet("torchvision", "70,000 28×28 grayscale clothes, 10 classes; downloaded, md5-verified",
+                             10),
     "folder": DataSet("folder", "your own images in class folders (data_dir)"),
 }
+
+
+def class_count(dataset: str, data_dir: Path) -> int:
+    """How many classes `dataset` has, without reading an image (a folder: its class folders)."""
+    if (known := DATASETS[dataset].classes) is not None:
+        return known
+    from pipeline.data.folder import class_names
+
+    return len(class_names(_check_folder(data_dir)))
 
 
 def _check_folder(data_dir: Path | None) -> Path:

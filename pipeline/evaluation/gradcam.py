@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.evaluation.metrics import per_class_sample
 from pipeline.evaluation.figures import gradcam_grid
+from pipeline.evaluation.metrics import per_class_sample
 from pipeline.plots import note_figure
 from pipeline.preprocess import Preprocessing
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, log_loss,
-                             precision_recall_fscore_support, top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 ECE_BINS = 15        # equal-width confidence bins for the expected calibration error
 TOP_K = 5            # top5_accuracy is reported only with more than TOP_K classes

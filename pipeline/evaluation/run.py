@@ -4,12 +4,12 @@ import pandas as pd
 
 from pipeline import paths, tracking
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
-from pipeline.prepared import load_split
-from pipeline.evaluation.report import evaluation_report
-from pipeline.evaluation.metrics import evaluation_metrics, most_confident_mistakes, normalize_rows, softmax
-from pipeline.evaluation.gradcam import gradcam_figure
-from pipeline.io import atomic_path, read_json, write_json
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
+from pipeline.evaluation.gradcam import gradcam_figure
+from pipeline.evaluation.metrics import evaluation_metrics, most_confident_mistakes, normalize_rows, softmax
+from pipeline.evaluation.report import evaluation_report
+from pipeline.io import atomic_path, read_json, write_json
+from pipeline.prepared import load_split
 
 # DVC outputs (dvc.yaml declares exactly these), and what is logged to MLflow: they and the report
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
@@ -19,6 +19,7 @@ LOGGED = OUTPUTS + [paths.EVAL_REPORT_MD]
 
 def run() -> dict:
     """Score models/model.pt on the test split; write and log every output; return the metrics."""
+    tracking.enabled()  # an unusable store stops the stage here, before any output is written
     model, ckpt = load_checkpoint(paths.CHECKPOINT)
     classes, prep = ckpt["classes"], preprocessing(ckpt)
     x, y = load_split("test", paths.PREPARED_DIR)

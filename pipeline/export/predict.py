@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.preprocess import Preprocessing
 from pipeline.images import BadImage
+from pipeline.preprocess import Preprocessing
 
 EXIT_SOME_FAILED = 1
 BATCH = 64  # images decoded and run at once
@@ -63,14 +63,14 @@ def _checkpoint_predictor(path: Path) -> Predictor:
 
 def _onnx_predictor(path: Path) -> Predictor:
     import torch
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
     from pipeline.export.onnx import onnx_session, read_onnx_metadata
     from pipeline.io import read_json
 
     try:
         sess = onnx_session(path)
-    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
         raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-run export") from None
     card = read_onnx_metadata(sess.get_modelmeta().custom_metadata_map)
     beside = path.with_suffix(".json")
@@ -91,8 +91,7 @@ def _onnx_predictor(path: Path) -> Predictor:
 def preprocess(path: Path, prep: Preprocessing) -> np.ndarray:
     """One image file → uint8 3×S×S at the stored size, exactly as prepare turns a folder image
     into a row of its arrays (the centre crop and normalisation follow in `Predictor.logits`)."""
-    from pipeline.images import resize
-    from pipeline.images import decode_image
+    from pipeline.images import decode_image, resize
 
     size = prep.stored_size
     return resize(decode_image(path, size), size, prep.resize, prep.interpolation).transpose(2, 0, 1)

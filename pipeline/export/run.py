@@ -5,13 +5,22 @@ import torch
 
 from pipeline import paths, tracking
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
-from pipeline.prepared import load_split
-from pipeline.export.onnx import (batch1_latency, check_parity, export_onnx, model_card, onnx_logits, onnx_metadata, parity)
+from pipeline.export.onnx import (
+    batch1_latency,
+    check_parity,
+    export_onnx,
+    model_card,
+    onnx_logits,
+    onnx_metadata,
+    parity,
+)
 from pipeline.io import atomic_path, write_json
+from pipeline.prepared import load_split
 
 
 def run(register_as: str | None, alias: str) -> dict:
     """Export models/model.pt to ONNX, check it, time it, log (and register) it; return the metrics."""
+    tracking.enabled()  # an unusable store stops the stage here, before any output is written
     model, ckpt = load_checkpoint(paths.CHECKPOINT)
     card, prep = model_card(ckpt), preprocessing(ckpt)
     x, _ = load_split("test", paths.PREPARED_DIR)
@@ -32,12 +41,12 @@ def run(register_as: str | None, alias: str) -> dict:
         tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS, paths.EXPORT_TIMING], artifact_path="onnx")
         info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, x_float[:1], {"logits": ort_logits[:1]}, card,
                                        register_as, alias)
-    registered = (f", registered as {register_as} v{info.registered_model_version} "
-                  f"@{alias}" if register_as else "")
+    registered = (f", registered as {register_as} v{info.registered_model_version} @{alias}"
+                  if info and register_as else "")
+    logged = f"; MLflow model {info.model_uri}{registered}" if info else ""
     print(f"export: {paths.ONNX_MODEL} ({result['onnx_bytes'] / 1e6:.2f} MB); top-1 agreement "
           f"{result['top1_agreement']:.2%}, max |logit diff| {result['max_abs_logit_diff']:.2e} "
           f"on {result['n_checked']} test images; batch-1 CPU latency p50 torch "
-          f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms; "
-          f"MLflow model {info.model_uri}{registered}")
+          f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms{logged}")
     return result
 

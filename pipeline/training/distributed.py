@@ -1,5 +1,5 @@
-"""Several processes (DDP under torchrun): launching them, their process group, and each
-rank's share of an epoch. gloo on CPU (this machine runs 2 for real in tests/test_ddp.py),
+"""Devices and processes: which device trains (`pick_device`), several processes (DDP under
+torchrun): launching them, their process group, and each rank's share of an epoch. gloo on CPU (this machine runs 2 for real in tests/test_ddp.py),
 nccl on GPUs."""
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from pipeline.errors import UserError
+
+
+def pick_device(spec: str) -> str:
+    """`auto`: cuda when a GPU is visible, else cpu. Asking for cuda without one is an error."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible to torch; use train.device=auto or cpu")
+    return spec
 
 
 def launch_torchrun(nproc: int) -> None:

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.training.augment import augment_batch
 from pipeline.checkpoint import predict_logits
 from pipeline.io import atomic_path
-from pipeline.preprocess import Preprocessing
 from pipeline.params import AugmentParams, Params, TrainParams, TransferParams
-from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
+from pipeline.preprocess import Preprocessing
+from pipeline.training.augment import augment_batch
 from pipeline.training.distributed import distributed, shard
+from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
 from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
 
 
@@ -73,17 +73,6 @@ def set_threads(num_threads: int) -> int:
     n = num_threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
-
-
-def pick_device(spec: str) -> str:
-    """`auto`: cuda when a GPU is visible, else cpu. Asking for cuda without one is an error."""
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import UserError
-
-        raise UserError("train.device=cuda but no CUDA GPU is visible to torch; use train.device=auto or cpu")
-    return spec
 
 
 def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: list[str]) -> list[float] | None:
@@ -269,6 +258,17 @@ def save_resume(cfg: TrainConfig, epoch: int, model: nn.Module, optim: _Optimiza
                     "rng": _rng_state(gen, aug_gen)}, tmp)
 
 
+def resume_epoch(cfg: TrainConfig) -> int:
+    """The last epoch a matching resume checkpoint holds (training will continue after it), or 0."""
+    if not (cfg.resume_path and cfg.resume_path.exists()):
+        return 0
+    try:
+        ckpt = torch.load(cfg.resume_path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: `load_resume` sets it aside and says so
+        return 0
+    return int(ckpt["epoch"]) if isinstance(ckpt, dict) and ckpt.get("fingerprint") == cfg.fingerprint else 0
+
+
 def load_resume(cfg: TrainConfig, model: nn.Module, optim: _Optimization, gen: torch.Generator,
                 aug_gen: torch.Generator, rank: int) -> tuple[int, list[dict], dict | None, int]:
     """(first epoch to run, history, best state, best epoch): from a matching resume checkpoint,
@@ -276,8 +276,16 @@ def load_resume(cfg: TrainConfig, model: nn.Module, optim: _Optimization, gen: t
     fresh = (1, [], None, 0)
     if not (cfg.resume_path and cfg.resume_path.exists()):
         return fresh
-    ckpt = torch.load(cfg.resume_path, map_location="cpu", weights_only=True)
-    if ckpt.get("fingerprint") != cfg.fingerprint:
+    try:
+        ckpt = torch.load(cfg.resume_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file (zip, pickle, EOF)
+        if rank == 0:
+            aside = cfg.resume_path.with_name(cfg.resume_path.name + ".damaged")
+            cfg.resume_path.replace(aside)
+            print(f"train: {cfg.resume_path} is damaged ({type(exc).__name__}); moved it to {aside}, starting fresh",
+                  flush=True)
+        return fresh
+    if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != cfg.fingerprint:
         if rank == 0:
             print(f"train: {cfg.resume_path} was made with other params, data or code; starting fresh", flush=True)
         return fresh
@@ -303,17 +311,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     y_np = np.asarray(y_train)
     steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
     device = torch.device(cfg.device)
-    model.to(device)
-    # channels_last (NHWC) on CPU too: oneDNN's convolutions run ~1.2x faster in it on this
-    # 2-core AVX2 machine (resnet18 and our CNN at 32 px; benchmarks/bench_data_path.py), as on GPUs.
-    model.to(memory_format=torch.channels_last)
-    forward = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
-        forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
-    forward = torch.compile(forward) if cfg.train.compile else forward
+    forward = _placed(model, cfg, device, world)
     y_t = torch.from_numpy(y_np).to(device)
     optim = _optimization(model, cfg, device, steps_per_epoch)
     start_epoch, rows, best_state, best_epoch = load_resume(cfg, model, optim, gen, aug_gen, rank)
@@ -324,11 +322,8 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     for epoch in range(start_epoch, cfg.epochs + 1):
         if optim.stopper.should_stop:
             break
-        trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages, epoch,
-                                                           cfg.transfer.head_epochs))
-        if progress and (epoch == start_epoch or (cfg.finetune == "two_phase" and epoch == cfg.transfer.head_epochs + 1)):
-            print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
-                  f"parameters train ({cfg.finetune})", flush=True)
+        unfreezes = cfg.finetune == "two_phase" and epoch == cfg.transfer.head_epochs + 1
+        trainable = _set_trainable(model, cfg, epoch, announce=progress and (epoch == start_epoch or unfreezes))
         model.train()
         freeze_batchnorm_stats(model, everywhere=cfg.frozen_bn_stats)
         batches = _batches(shard(epoch_order(y_np, cfg.train.sampler, gen), rank, world), cfg.batch_size)
@@ -336,10 +331,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
                    disable=not (progress and sys.stderr.isatty()), mininterval=0.5, dynamic_ncols=True)
         t0 = time.perf_counter()
         loss_sum, correct, seen = train_one_epoch(model, forward, data, y_t, batches, optim, aug_gen, bar)
-        if world > 1:  # every rank's share of the epoch, summed
-            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+        loss_sum, correct, seen = _summed_over_ranks(loss_sum, correct, seen, device, world)
         epoch_seconds = time.perf_counter() - t0
         val_loss, val_acc = data.evaluate(model)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
@@ -365,6 +357,39 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
     return _result(rows, best_state, best_epoch, optim.stopper, cfg, threads, world)
+
+
+def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """Move `model` to its device in channels_last; return what runs the forward pass (DDP-
+    wrapped and compiled when asked). channels_last on CPU too: oneDNN's convolutions run ~1.2x
+    faster in it on this 2-core AVX2 machine (benchmarks/bench_data_path.py), as on GPUs."""
+    model.to(device).to(memory_format=torch.channels_last)
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
+    return torch.compile(forward) if cfg.train.compile else forward
+
+
+def _set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int, announce: bool) -> int:
+    """Apply the strategy for `epoch`; return the number of trainable parameters."""
+    trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages, epoch,
+                                                       cfg.transfer.head_epochs))
+    if announce:
+        print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters train ({cfg.finetune})", flush=True)
+    return trainable
+
+
+def _summed_over_ranks(loss_sum: float, correct: int, seen: int, device, world: int) -> tuple[float, int, int]:
+    """Every rank's share of the epoch, summed (DDP); as is with one process."""
+    if world == 1:
+        return loss_sum, correct, seen
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return float(totals[0]), int(totals[1]), int(totals[2])
 
 
 def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:

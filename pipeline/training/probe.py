@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.training.augment import augment_batch
 from pipeline.models import head_of, pre_logits
 from pipeline.preprocess import Preprocessing
+from pipeline.training.augment import augment_batch
 from pipeline.training.loop import TrainConfig, TrainResult, fit, loss_and_accuracy, set_threads
 
 BATCH = 64  # images per forward pass of the frozen backbone

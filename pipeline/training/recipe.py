@@ -4,6 +4,7 @@ early stopping, each read from the `train:` section of params.yaml. The loop
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 

@@ -13,36 +13,26 @@ import torch
 from torch import nn
 
 from pipeline import paths, tracking
-from pipeline.codedeps import stage_files
-from pipeline.training.augment import augment_batch
 from pipeline.checkpoint import save_checkpoint
-from pipeline.prepared import load_meta, load_split
+from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, write_json
-from pipeline.training.lr import auto_lr
+from pipeline.io import atomic_path, files_sha256, write_json
 from pipeline.models import entry
+from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params
 from pipeline.plots import image_grid, learning_curves
+from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
-from pipeline.training.loop import TrainConfig, TrainResult, resolve_class_weights, seed_everything, train
-from pipeline.models.weights import build_transfer_model
-
-
-
-def files_hash(files) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+from pipeline.training.augment import augment_batch
+from pipeline.training.loop import TrainConfig, TrainResult, resolve_class_weights, resume_epoch, seed_everything, train
+from pipeline.training.lr import auto_lr
 
 
 def fingerprint(params: Params, data_hash: str) -> str:
     """What makes a training run: params (less logging-only keys), data and the code the train
     stage executes (the same files its dvc.yaml deps must cover: `pipeline.codedeps`)."""
     relevant = params.model_dump(exclude={"mlflow": True, "train": {"num_threads"}})
-    code = files_hash(stage_files("train"))
+    code = files_sha256(stage_files("train"))
     return hashlib.sha256(json.dumps([relevant, data_hash, code], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,7 +82,7 @@ def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> S
         lr, lr_note = float(params.lr), f"lr {params.lr:g}"
     aug = params.augment
     resized = transferred if aug.resized_crop == "auto" else aug.resized_crop
-    data_hash = files_hash(sorted(prepared.iterdir()))
+    data_hash = files_sha256(sorted(prepared.iterdir()))
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=lr, seed=params.seed,
                       train=t, augment=aug, finetune=params.finetune, transfer=params.transfer,
                       backbone_lr_mult=params.transfer.backbone_lr_mult if transferred else 1.0, resized_crop=resized,
@@ -144,6 +134,8 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
 def run(params: Params, device: str, rank: int) -> dict | None:
     """The train stage on this process (rank 0 logs and writes; DDP workers only train)."""
     s = setup(params, device)
+    if rank == 0:
+        tracking.enabled()  # an unusable store stops the stage here, before any output is written
     if rank > 0:
         fit_model(s, progress=False)
         return None
@@ -152,14 +144,22 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     dataset = params.model_dump()["dataset"]  # a record for the run's tags, not an input of training
     tags = tracking.run_tags(dataset, params.model, params.finetune, s.transferred) | {"data_hash": s.data_hash}
     logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto"}
-    run_id = tracking.start_run(params.mlflow.experiment, logged, tags, paths.MLFLOW_RUN)
+    resumed = resume_epoch(s.cfg) if s.cfg.finetune != "linear_probe" else 0
+    before = tracking.recorded_run(paths.MLFLOW_RUN)
+    run_id = tracking.start_run(params.mlflow.experiment, logged, tags, paths.MLFLOW_RUN, resuming=resumed > 0)
+    # a continued run already holds the epochs logged before the kill
+    logged_until = tracking.last_step(run_id, "val_accuracy") if run_id is not None and run_id == before else 0
     print(f"train: preprocessing {s.prep.image_size} px (stored {s.prep.stored_size}), mean {_short(s.prep.mean)}, "
           f"std {_short(s.prep.std)}: {s.prep.reason}", flush=True)
     print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {len(load_split('train')[1])} images, "
           f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
-          f"{s.cfg.train.sampler}; MLflow run {run_id} in {tracking.tracking_uri()}", flush=True)
+          f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'} in {tracking.tracking_uri()}", flush=True)
     with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
-        result = fit_model(s, on_epoch=lambda epoch, row: tracking.log_metrics(mlflow, row, step=epoch))
+        def on_epoch(epoch: int, row: dict) -> None:
+            if epoch > logged_until:
+                tracking.log_metrics(mlflow, row, step=epoch)
+
+        result = fit_model(s, on_epoch=on_epoch)
         summary = write_outputs(s, params, result)
         tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
         tracking.log_metrics(mlflow, summary | result.timing)
