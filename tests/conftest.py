@@ -41,6 +41,19 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env
     return proc
 
 
+def train_until_checkpointed(project: Path, **popen) -> subprocess.Popen:
+    """Start the train stage and return once it has written checkpoints/last.pt (after its
+    first epoch), still running: for tests that interrupt it."""
+    import time
+
+    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=project, env=clean_env(),
+                            **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen))
+    last, deadline = project / "checkpoints/last.pt", time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc
+
+
 def set_params(project: Path, **updates) -> None:
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())

@@ -3,6 +3,7 @@ model describes itself, its latency is measured, a failed parity check writes no
 model is logged to the run, loads from MLflow, and is registered with its alias."""
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -109,3 +110,17 @@ def test_registered_version_carries_the_alias(store):
     x = normalised_test_split(work)[:5]
     served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion").predict(x)["logits"]
     np.testing.assert_allclose(served, onnx_logits(work / paths.ONNX_MODEL, x), atol=1e-5)
+
+
+def test_onnx_file_carries_nothing_of_the_machine_that_made_it(exported_pipeline):
+    """The dynamo exporter writes a Python stack trace (absolute paths of this checkout and its
+    venv) on every node and torch's build tag as producer version: a clone elsewhere wrote
+    another file from the same model. Exported files hold neither."""
+    import torch
+
+    work, _, _ = exported_pipeline
+    data = (work / paths.ONNX_MODEL).read_bytes()
+    proto = onnx.load(work / paths.ONNX_MODEL)
+    assert not [n.name for n in proto.graph.node if n.metadata_props]
+    assert b"site-packages" not in data and str(Path(torch.__file__).parents[1]).encode() not in data
+    assert proto.producer_version == torch.__version__.split("+")[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import clean_env, run, set_params
+from tests.conftest import run, set_params, train_until_checkpointed
 
 
 def stage(project: Path, name: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -104,12 +104,7 @@ def test_damaged_mlflow_store_is_one_line(prepared: Path):
 def test_killed_training_resumes_into_the_same_mlflow_run(prepared: Path):
     set_params(prepared, epochs=5)
     stage(prepared, "check")
-    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = prepared / "checkpoints/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = train_until_checkpointed(prepared)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     client = MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
@@ -123,10 +118,7 @@ def test_killed_training_resumes_into_the_same_mlflow_run(prepared: Path):
     assert steps == [1, 2, 3, 4, 5]  # every epoch once
 
     # killed again, then re-run with other params: a fresh start, and the killed run ends KILLED
-    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not last.exists() and proc.poll() is None:
-        time.sleep(0.05)
+    proc = train_until_checkpointed(prepared)
     proc.kill()
     proc.wait()
     set_params(prepared, epochs=1)
@@ -137,11 +129,7 @@ def test_killed_training_resumes_into_the_same_mlflow_run(prepared: Path):
 
 def test_sigterm_ends_the_run_instead_of_leaving_it_running(prepared: Path):
     set_params(prepared, epochs=30)
-    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last = prepared / "checkpoints/last.pt"
-    while not last.exists() and proc.poll() is None:
-        time.sleep(0.05)
+    proc = train_until_checkpointed(prepared, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err

@@ -2,15 +2,13 @@
 and the result equals an uninterrupted run, bit for bit (CPU)."""
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import clean_env, run, set_params
+from tests.conftest import run, set_params, train_until_checkpointed
 
 
 def stage(project: Path, name: str) -> None:
@@ -38,12 +36,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(prepared: Path):
     assert not (prepared / "checkpoints/last.pt").exists()  # removed once training completes
     reference = outcome(prepared)
 
-    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = train_until_checkpointed(prepared)
     last = prepared / "checkpoints/last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and last.exists()
@@ -60,11 +54,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(prepared: Path):
 
 
 def test_changed_params_start_fresh(prepared: Path):
-    proc = subprocess.Popen(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = prepared / "checkpoints/last.pt"
-    while not last.exists() and proc.poll() is None:
-        time.sleep(0.05)
+    proc = train_until_checkpointed(prepared)
     proc.kill()
     proc.wait()
     set_params(prepared, lr=0.001, epochs=1)
