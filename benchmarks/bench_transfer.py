@@ -33,8 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
@@ -87,15 +85,10 @@ def make_project(dest: Path) -> Path:
 
 
 def set_params(project: Path, updates: dict) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in updates.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    sys.path.insert(0, str(ROOT))
+    from pipeline.params import update_params_file
+
+    update_params_file(project / "params.yaml", updates)
 
 
 def env() -> dict:

@@ -265,6 +265,18 @@ class StageParams:
         return self._params.flat()
 
 
+def update_params_file(path: Path, updates: dict[str, Any]) -> None:
+    """Set dotted keys (`train.optimizer`) in a params file (its comments are not kept)."""
+    params = yaml.safe_load(path.read_text())
+    for key, value in updates.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None,
                 check_models: bool = True) -> Params | StageParams:
     """Read and validate params.yaml; with `keys`, a view of just those keys."""

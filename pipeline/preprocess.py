@@ -90,10 +90,7 @@ class Preprocessing:
 
     def center_crop(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """N×C×stored×stored → N×C×size×size (the centre); a no-op when the sizes are equal."""
-        offset = (x.shape[-1] - self.image_size) // 2
-        if offset == 0 and x.shape[-1] == self.image_size:
-            return x
-        return x[..., offset:offset + self.image_size, offset:offset + self.image_size]
+        return center_crop(x, self.image_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self.complete, "preprocessing without mean/std: run prepare"
@@ -102,6 +99,14 @@ class Preprocessing:
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """Stored uint8 images → what the model sees at evaluation: centre crop, normalised."""
         return self.normalize(self.center_crop(x))
+
+
+def center_crop(x, size: int):
+    """The centre size×size of N×C×S×S images (a tensor or an array); as is when S == size."""
+    if x.shape[-1] == size:
+        return x
+    offset = (x.shape[-1] - size) // 2
+    return x[..., offset:offset + size, offset:offset + size]
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -55,15 +54,9 @@ def train_until_checkpointed(project: Path, **popen) -> subprocess.Popen:
 
 
 def set_params(project: Path, **updates) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in updates.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    from pipeline.params import update_params_file
+
+    update_params_file(project / "params.yaml", updates)
 
 
 @pytest.fixture

@@ -63,7 +63,13 @@ def _checkpoint_predictor(path: Path) -> Predictor:
 
 def _onnx_predictor(path: Path) -> Predictor:
     import torch
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        InvalidProtobuf,
+        NoSuchFile,
+    )
 
     from pipeline.export.onnx import onnx_session, read_onnx_metadata
     from pipeline.io import read_json

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.params import AugmentParams
+from pipeline.preprocess import center_crop
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 _RRC_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to the whole image
@@ -65,11 +66,6 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     left = (torch.rand(n, generator=gen) * (w - bw + 1)).floor()
     boxes = torch.stack([take.float(), left, top, left + bw, top + bh], 1).to(x.device, x.dtype)
     return roi_align(x.contiguous(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
-
-
-def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    offset = (x.shape[-1] - size) // 2
-    return x[..., offset:offset + size, offset:offset + size]
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
