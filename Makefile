@@ -18,6 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -c 'from pipeline.dvcplots import ensure_page; ensure_page()'
 	touch $@
 
 install: $(STAMP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import paths, tracking
+from pipeline import dvcplots, paths, tracking
 from pipeline.errors import UserError
 from pipeline.io import file_sha256, write_json
 from pipeline.models.weights import resolve_preprocessing
@@ -43,5 +43,6 @@ def check(params: Params) -> dict:
     weights = {"path": params.weights, "sha256": file_sha256(Path(params.weights)) if params.weights else None}
     write_json(paths.RESOLVED_PREPROCESSING, prep.to_dict())
     write_json(paths.RESOLVED_WEIGHTS, weights)
+    dvcplots.ensure_page()  # `dvc plots show` draws offline (written once, ~1.5 s)
     print(f"check: params.yaml is valid; preprocessing {prep.image_size} px: {prep.reason}")
     return {"preprocessing": prep.to_dict(), "weights": weights}

@@ -1,5 +1,5 @@
-"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE...` and
-`pipeline lr-find`."""
+"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE|FOLDER...`
+and `pipeline lr-find`."""
 from __future__ import annotations
 
 import argparse
@@ -21,14 +21,40 @@ def _summary(args: argparse.Namespace) -> None:
     print(summarize(model, args.model, args.image_size, args.num_classes).table(args.depth))
 
 
+COUNT_LIMIT = 100  # `pipeline models` counts parameters when at most this many names match (~50 ms each)
+
+
 def _models(args: argparse.Namespace) -> None:
-    from pipeline.models import REGISTRY, list_models
+    from pipeline.models import REGISTRY, count_parameters, has_pretrained_weights, list_models
 
     names = list_models(args.pattern)
+    counted = len(names) <= COUNT_LIMIT
+    width = max([len(n) for n in names] + [4]) + 2
+    print(f"{'name':<{width}}{'params' if counted else '':>9}  pretrained")
     for name in names:
-        print(f"{name:<40}{REGISTRY[name].description}" if name in REGISTRY else name)
+        params = _millions(_count_or_none(count_parameters, name, args.num_classes)) if counted else ""
+        about = REGISTRY[name].description if name in REGISTRY else ""
+        print(f"{name:<{width}}{params:>9}  {'yes' if has_pretrained_weights(name) else 'no':<10}  {about}".rstrip())
     print(f"{len(names)} models" + (f" matching {args.pattern!r}" if args.pattern else "")
           + " (ours, then timm's; any of them works as `model:` in params.yaml)")
+    print(f"params: with a {args.num_classes}-class head (--num-classes)" if counted else
+          f"params: counted when at most {COUNT_LIMIT} models match; give a pattern, e.g. 'resnet*'")
+    print("pretrained: weights that `pretrained: true` downloads (timm's hub; torchvision for alexnet)")
+
+
+def _count_or_none(count, name: str, num_classes: int) -> int | None:
+    try:
+        return count(name, num_classes)
+    except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device: shown as '?'
+        return None
+
+
+def _millions(n: int | None) -> str:
+    """11689512 → '11.7 M', 289_000 → '0.289 M', 1_843_000_000 → '1,843 M'."""
+    if n is None:
+        return "?"
+    m = n / 1e6
+    return f"{m:,.0f} M" if m >= 100 else f"{m:.1f} M" if m >= 10 else f"{m:.2f} M" if m >= 1 else f"{m:.3f} M"
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -66,15 +92,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=10, help="outputs of the head (default 10)")
     s.add_argument("--depth", type=int, default=2, help="module nesting shown in the table (default 2)")
     s.set_defaults(fn=_summary)
-    m = sub.add_parser("models", help="list the available model names")
+    m = sub.add_parser("models", help="list the model names with parameter counts and pretrained weights",
+                       description="List our models and timm's matching PATTERN: parameters (counted from the "
+                                   f"structure, when at most {COUNT_LIMIT} names match), whether pretrained weights "
+                                   "exist for `pretrained: true`, and our models' notes.")
     m.add_argument("pattern", nargs="?", default="", help="glob pattern, e.g. 'efficientnet*'")
+    m.add_argument("--num-classes", type=_positive, default=1000,
+                   help="outputs of the head the parameter counts assume (default 1000, ImageNet's)")
     m.set_defaults(fn=_models)
     p = sub.add_parser("predict", help="top-k classes of image files with an exported model or a checkpoint",
                        description="Predict image files with the evaluation preprocessing (RGB, prepare's resize, "
-                                   "the model's mean/std). Unreadable files are reported on stderr, one line each; "
-                                   "the others are still predicted and the exit status is 1.")
+                                   "the model's mean/std). A folder stands for its image files (recursively, sorted; "
+                                   "hidden files and other extensions skipped, counted on stderr). Unreadable files "
+                                   "are reported on stderr, one line each; the others are still predicted and the "
+                                   "exit status is 1. A .onnx model runs on ONNX Runtime without importing torch.")
     p.add_argument("model", type=Path, metavar="MODEL", help="models/model.onnx (exported) or models/model.pt (checkpoint)")
-    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files of any size and mode")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE|FOLDER",
+                   help="image files of any size and mode, or folders of them")
     p.add_argument("-k", "--top-k", type=_positive, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')

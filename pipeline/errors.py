@@ -37,9 +37,27 @@ def run_cli(main: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001  (the last line of defence: no traceback reaches the user)
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():  # `pipeline models | head`: the reader left
+            sys.exit(EXIT_BUG)
         if os.environ.get(TRACEBACK_ENV):
             raise
         where = f" in stage {os.environ['DVC_STAGE']}" if os.environ.get("DVC_STAGE") else ""
         print(f"error{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               f"(unexpected: re-run with {TRACEBACK_ENV}=1 to see where, and report it)", file=sys.stderr)
         sys.exit(EXIT_BUG)
+
+
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it (poll says POLLERR); stdout is then
+    pointed at /dev/null, so the interpreter's last flush cannot fail again."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: report it like any other error
+        return False
+    fd = sys.stdout.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True

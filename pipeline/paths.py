@@ -43,6 +43,7 @@ CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
 MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
 GRADCAM_PNG = METRICS_DIR / "gradcam.png"
 EVAL_REPORT_MD = METRICS_DIR / "report.md"
+EVAL_REPORT_HTML = METRICS_DIR / "report.html"  # the same report, pictures inlined: one file to send
 EXPORT_METRICS = METRICS_DIR / "export.json"
 EXPORT_TIMING = METRICS_DIR / "export_timing.json"  # batch-1 latencies: differ run to run, so not a DVC output
 

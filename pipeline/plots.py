@@ -1,6 +1,8 @@
-"""Pictures a person looks at, the shared parts: image grids (augmented samples), learning
-curves, a curve with marks (the lr range test), a note where there is nothing to draw. PNGs at
-DPI dots per inch, written atomically. The evaluate stage's own: pipeline.evaluation.figures."""
+"""Pictures a person looks at, the shared parts: image grids, grids of image pairs (original
+beside augmented, image beside its Grad-CAM), learning curves, a curve with marks (the lr range
+test), a note where there is nothing to draw. PNGs at DPI dots per inch, written atomically and
+byte-identical for the same inputs (Agg, no timestamps). The evaluate stage's own:
+pipeline.evaluation.figures."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +19,7 @@ from pipeline.io import atomic_path  # noqa: E402
 
 DPI = 100
 CELL = (1.3, 1.45)  # inches per image in a grid (width, height: room for a title)
+PAIR = (2.5, 1.55)  # inches per pair of images in a pair grid (room for a title)
 
 
 def save(fig: plt.Figure, path: Path) -> None:
@@ -26,8 +29,10 @@ def save(fig: plt.Figure, path: Path) -> None:
 
 
 def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, suptitle: str, cols: int = 8) -> None:
-    """uint8 N×3×H×W images in a grid with a title under each."""
+    """uint8 N×3×H×W images in a grid with a title over each, at most `cols` per row (fewer
+    images: one row just as wide as they need)."""
     n = len(images)
+    cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL[0], rows * CELL[1]), squeeze=False, layout="constrained")
     for ax in axes.flat:
@@ -37,6 +42,41 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, suptitle: 
         ax.set_title(title, fontsize=8)
     fig.suptitle(suptitle, fontsize=10)
     save(fig, path)
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two uint8 3×H×W images → one H×(2W+gap)×3 picture, a white gap between them."""
+    h, w = left.shape[1:]
+    gap = np.full((h, max(1, w // 12), 3), 255, np.uint8)
+    return np.concatenate([left.transpose(1, 2, 0), gap, right.transpose(1, 2, 0)], axis=1)
+
+
+def pair_figure(lefts: np.ndarray, rights: np.ndarray, titles: Sequence[str], headers: tuple[str, str],
+                per_row: int = 4, colors: Sequence[str] | None = None,
+                slots: Sequence[int] | None = None) -> plt.Figure:
+    """Pairs of uint8 N×3×H×W images, each pair in one panel (left beside right) under its title
+    (in its colour), `per_row` pairs a row, `headers` naming left and right over the first row.
+    `slots`: each pair's place in the grid (default 0, 1, 2, …; a caller can start a new row)."""
+    slots = list(range(len(lefts))) if slots is None else list(slots)
+    per_row = max(1, min(per_row, max(slots, default=0) + 1))
+    rows = max(slots, default=0) // per_row + 1
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * PAIR[0], rows * PAIR[1]), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    w = lefts.shape[-1]
+    for i, slot in enumerate(slots):
+        ax = axes.flat[slot]
+        ax.imshow(side_by_side(lefts[i], rights[i]), interpolation="nearest")
+        ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+        if slot < per_row:  # the first row: column headers between the title and the images
+            ax.axis("on")
+            ax.set_xticks([(w - 1) / 2, w + max(1, w // 12) + (w - 1) / 2], headers, fontsize=8, fontweight="bold")
+            ax.xaxis.tick_top()
+            ax.set_yticks([])
+            ax.tick_params(length=0, pad=1)
+            ax.spines[:].set_visible(False)
+    return fig
 
 
 def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> None:

@@ -23,9 +23,14 @@ def load_meta(prepared_dir: Path = paths.PREPARED_DIR) -> dict:
         raise UserError(f"{path} is damaged (not JSON); re-make it: dvc repro -f prepare") from None
 
 
+def split_files(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[Path, Path]:
+    """The images and labels files of one prepared split."""
+    return prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
+
+
 def load_split(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
     """Memory-mapped uint8 images (N×3×S×S) and labels of one prepared split."""
-    x_path, y_path = prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
+    x_path, y_path = split_files(split, prepared_dir)
     try:
         x, y = np.load(x_path, mmap_mode="r"), np.load(y_path)
     except FileNotFoundError as exc:

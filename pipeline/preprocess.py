@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # torch is imported where tensors are handled: prepare and download never import it
-    import numpy as np
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: prepare, download, ONNX predict never import it
     import torch
+
+Images = TypeVar("Images", "np.ndarray", "torch.Tensor")  # every method takes either and returns the same kind
 
 RESIZE_POLICIES = ("center_crop", "stretch")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -88,20 +91,21 @@ class Preprocessing:
 
     # ------------------------------------------------------------ applying it
 
-    def center_crop(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    def center_crop(self, x: Images) -> Images:
         """N×C×stored×stored → N×C×size×size (the centre); a no-op when the sizes are equal."""
         return center_crop(x, self.image_size)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: Images) -> Images:
         assert self.complete, "preprocessing without mean/std: run prepare"
         return normalize(x, self.mean, self.std)
 
-    def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored uint8 images → what the model sees at evaluation: centre crop, normalised."""
+    def model_input(self, x: Images) -> Images:
+        """Stored uint8 images → what the model sees at evaluation: centre crop, normalised
+        (a tensor for PyTorch, an array for ONNX Runtime; the same float32 values bit for bit)."""
         return self.normalize(self.center_crop(x))
 
 
-def center_crop(x, size: int):
+def center_crop(x: Images, size: int) -> Images:
     """The centre size×size of N×C×S×S images (a tensor or an array); as is when S == size."""
     if x.shape[-1] == size:
         return x
@@ -109,8 +113,14 @@ def center_crop(x, size: int):
     return x[..., offset:offset + size, offset:offset + size]
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (0..255) or float (0..1) N×C×H×W → float32 standardised per channel."""
+def normalize(x: Images, mean, std) -> Images:
+    """uint8 (0..255) or float (0..1) N×C×H×W → float32 standardised per channel. A numpy array
+    takes the same float32 steps as a tensor (x / 255, then (x - mean) / std, each correctly
+    rounded), so both give identical bits; torch is not imported for an array."""
+    if isinstance(x, np.ndarray):
+        x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x
+        m, s = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+        return (x - m) / s
     import torch
 
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x

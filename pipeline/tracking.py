@@ -51,7 +51,8 @@ def store_problem(uri: str | None = None) -> str | None:
         except (urllib.error.URLError, OSError) as exc:
             return f"cannot reach the MLflow tracking server {uri} ({getattr(exc, 'reason', exc)})"
     if uri.startswith("sqlite:///"):
-        return _sqlite_problem(Path(uri.removeprefix("sqlite:///")))
+        db = Path(uri.removeprefix("sqlite:///"))
+        return _sqlite_problem(db) or (None if os.environ.get("MLFLOW_TRACKING_URI") else _moved_store_problem(db))
     return None  # other stores (a database URL, Databricks): MLflow's own errors, bounded by _HTTP_LIMITS
 
 
@@ -69,6 +70,34 @@ def _sqlite_problem(db: Path) -> str | None:
     except sqlite3.DatabaseError as exc:
         return f"the MLflow store {db} is damaged ({exc}); move it aside (mv {db} {db}.damaged) to start a new one"
     return None if ok else f"the MLflow store {db} fails SQLite's integrity check; move it aside to start a new one"
+
+
+def _moved_store_problem(db: Path) -> str | None:
+    """The repository's own store names, for this experiment, an artifact folder outside the
+    repository: MLflow fixes an experiment's artifact location (an absolute path) when it is
+    created, so a repository moved or copied with its mlflow.db would write its artifacts into
+    the old folder (or fail where that is gone)."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    if not db.exists() or not paths.PARAMS.exists():
+        return None
+    from pipeline.params import load_params
+
+    name = load_params(check_models=False).mlflow.experiment
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S) as con:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (name,)).fetchone()
+    except sqlite3.DatabaseError:
+        return None  # a store without MLflow's tables yet: MLflow creates them
+    if row is None or not str(row[0]).startswith("file:"):
+        return None
+    location = Path(unquote(urlparse(row[0]).path))
+    if location.resolve().is_relative_to(paths.repo_root()):
+        return None
+    return (f"the MLflow experiment {name!r} in {db} keeps its artifacts in {location}, outside this repository "
+            f"({paths.repo_root()}): the repository was moved or copied with its store. Move the store aside "
+            f"(mv {db.name} {db.name}.moved) to start a new one here, or set mlflow.experiment to a new name")
 
 
 def required() -> bool:
@@ -163,6 +192,11 @@ def artifact_root() -> Path:
     return paths.repo_root() / paths.MLFLOW_ARTIFACTS
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (tracing) view, which hides
+# the runs table and the charts; "custom_model_development" opens the model-training view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def use_experiment(mlflow: Any, experiment: str) -> None:
     """Make `experiment` active, creating it if needed. With a local SQLite store, MLflow would
     fix the new experiment's artifact location at `./mlruns` of the *current directory*: for
@@ -173,11 +207,15 @@ def use_experiment(mlflow: Any, experiment: str) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
-            _retry(mlflow.create_experiment, experiment, artifact_location=artifact_root().as_uri())
+            _retry(mlflow.create_experiment, experiment, artifact_location=artifact_root().as_uri(),
+                   tags=EXPERIMENT_KIND)
         except MlflowException:
             if mlflow.get_experiment_by_name(experiment) is None:  # not "a parallel run created it first"
                 raise
-    _retry(mlflow.set_experiment, experiment)
+    found = _retry(mlflow.set_experiment, experiment)
+    if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made elsewhere, or by an older version
+        for key, value in EXPERIMENT_KIND.items():
+            _retry(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, key, value)
 
 
 def recorded_run(run_file: Path) -> str | None:
@@ -295,18 +333,42 @@ def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None)
 
 
 def log_artifacts(mlflow: Any, files: list[Path], artifact_path: str | None = None) -> None:
+    """Each file under its own name (in `artifact_path`); files that are not there are skipped."""
     if mlflow is None:
         return
     for f in files:
-        _retry(mlflow.log_artifact, str(f), artifact_path=artifact_path)
+        if Path(f).exists():
+            _retry(mlflow.log_artifact, str(f), artifact_path=artifact_path)
+
+
+def log_diagnostics(mlflow: Any, stage: str, values: dict[str, Any]) -> None:
+    """Numbers that are not results (counts, threads, latency samples): `diagnostics/STAGE.json`
+    of the run, not metrics, so that the UI's charts and columns hold only what runs compare on."""
+    if mlflow is not None:
+        _retry(mlflow.log_dict, values, f"diagnostics/{stage}.json")
+
+
+def set_description(mlflow: Any, text: str) -> None:
+    """The run's description (Markdown), shown at the top of its page in the UI."""
+    if mlflow is not None:
+        _retry(mlflow.set_tag, "mlflow.note.content", text)
+
+
+def log_inputs(mlflow: Any, datasets: list[tuple[Any, str]]) -> None:
+    """(MLflow data set, context) pairs as the run's inputs (the runs table's Dataset column)."""
+    if mlflow is not None:
+        for dataset, context in datasets:
+            _retry(mlflow.log_input, dataset, context=context)
 
 
 def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: Any, metadata: dict[str, Any],
-                   register_as: str | None = None, alias: str = "candidate") -> Any:
+                   register_as: str | None = None, alias: str = "candidate", providers: list[str] | None = None) -> Any:
     """Log the ONNX file at `path` as the active run's model `model` (MLflow 3 logged model,
     with signature, input example and `metadata` in its MLmodel file). With `register_as`,
     also register it as a new version of that registered model and point `alias` at it.
-    Returns MLflow's ModelInfo (`model_uri`, `registered_model_version`); None untracked."""
+    `providers`: the ONNX Runtime providers it is loaded with (MLflow's default names CUDA and
+    warns on every CPU-only load). Returns MLflow's ModelInfo (`model_uri`,
+    `registered_model_version`); None untracked."""
     if mlflow is None:
         return None
     import onnx
@@ -314,6 +376,7 @@ def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: 
 
     signature = infer_signature(input_example, output_example)
     info = _retry(mlflow.onnx.log_model, onnx.load(str(path)), name="model", signature=signature,
+                  onnx_execution_providers=providers,
                   input_example=input_example, metadata=metadata, registered_model_name=register_as,
                   save_as_external_data=path.stat().st_size >= 2**31)  # one file unless over protobuf's 2 GB
     if register_as:

@@ -23,6 +23,6 @@ def test_torchrun_two_processes(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
     assert len(runs) == 1
-    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    history = client.get_metric_history(runs[0].info.run_id, "epoch/train/loss")
     assert [m.step for m in history] == [1, 2]
     run(["python", "-m", "stages.evaluate"], project)  # the checkpoint is a plain one (no DDP prefixes)

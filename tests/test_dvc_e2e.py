@@ -29,11 +29,11 @@ def test_repro_then_experiments(project: Path):
     client, runs = runs_by_exp(project)
     assert len(runs) == 1
     run0 = runs[0]
-    assert run0.data.params["lr"] == "0.003" and run0.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert run0.data.params["lr"] == "0.003" and run0.data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
     assert run0.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert {"confusion_matrix.png", "learning_curves.png", "augmented_samples.png", "onnx"} <= {
         a.path for a in client.list_artifacts(run0.info.run_id)}
-    assert [m.step for m in client.get_metric_history(run0.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run0.info.run_id, "epoch/train/loss")] == [1, 2]
 
     # 2. nothing changed: only the check stage runs (it always does: it validates params.yaml
     # before any stage can touch an output), and writes what it wrote before, so nothing else runs
@@ -81,7 +81,7 @@ def test_parallel_queue_records_every_run_in_the_main_store(project: Path):
         r = by_name[f"q-lr-{lr[2:]}"]
         assert r.data.params["lr"] == lr and r.info.status == "FINISHED"
         # complete: every stage logged into it
-        assert {"test_accuracy", "test_f1_macro", "export_top1_agreement", "best_val_accuracy"} <= set(r.data.metrics)
+        assert {"test/accuracy", "test/f1_macro", "export/top1_agreement", "train/best_val_accuracy"} <= set(r.data.metrics)
         # its artifacts live in the main repo (not in the deleted temporary copy it ran in)
         assert r.info.artifact_uri.startswith((project / "mlartifacts").as_uri()), r.info.artifact_uri
         assert {"eval.json", "report.md", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(r.info.run_id)}

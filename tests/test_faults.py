@@ -114,7 +114,7 @@ def test_killed_training_resumes_into_the_same_mlflow_run(prepared: Path):
     assert "continuing the MLflow run" in out
     (resumed,) = client.search_runs([killed.info.experiment_id])
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_accuracy")]
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "epoch/val/accuracy")]
     assert steps == [1, 2, 3, 4, 5]  # every epoch once
 
     # killed again, then re-run with other params: a fresh start, and the killed run ends KILLED

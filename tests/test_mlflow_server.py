@@ -70,8 +70,8 @@ def test_pipeline_logs_to_a_tracking_server(project: Path, mlflow_server):
     assert r.data.params["lr"] == "0.003" and r.data.params["model"] == "original"
     assert {"dataset": "digits", "model": "original", "finetune": "full"}.items() <= r.data.tags.items()
     evaluation = json.loads((project / "metrics/eval.json").read_text())
-    assert r.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
-    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
+    assert r.data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "epoch/val/accuracy")] == [1, 2]
 
     # artifacts went through the server into its artifact root, and come back byte for byte
     names = {a.path for a in client.list_artifacts(r.info.run_id)}

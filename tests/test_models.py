@@ -5,7 +5,17 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.models import REGISTRY, build_model, check_model_name, head_of, list_models, min_image_size
+from pipeline.models import (
+    REGISTRY,
+    build_model,
+    check_model_name,
+    count_parameters,
+    has_pretrained_weights,
+    head_of,
+    list_models,
+    min_image_size,
+)
+from pipeline.models.summary import summarize
 from pipeline.params import parse_params
 from tests.conftest import ROOT
 
@@ -55,3 +65,32 @@ def test_alexnet_below_63_px_fails_at_params_validation():
     with pytest.raises(UserError, match="image_size=32: alexnet needs at least 63"):
         parse_params(raw)
     assert parse_params(raw | {"image_size": 64}).model == "alexnet"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameters_counted_from_the_structure_equal_the_built_model(name):
+    built = build_model(name, num_classes=7)
+    assert count_parameters(name, num_classes=7) == sum(p.numel() for p in built.parameters())
+
+
+def test_pretrained_weights_exist_for_alexnet_and_timm_models_with_weights_only():
+    assert has_pretrained_weights("alexnet") and has_pretrained_weights("resnet18")
+    assert not has_pretrained_weights("original") and not has_pretrained_weights("coatnet_0_224")
+
+
+def test_summary_rows_include_children_and_parameters_held_by_a_parent():
+    class WithToken(torch.nn.Module):  # like a ViT: a parameter of its own next to child modules
+        def __init__(self):
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.zeros(1, 4))
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1))
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean((2, 3)) + self.token)
+
+    rows = {path: (kind, n) for path, kind, _, n in summarize(WithToken(), "toy", 8, 2).rows}
+    assert rows["token"] == ("Parameter", 4)
+    assert rows["body"] == ("Sequential", (3 * 4 * 9 + 4) + (4 * 4 + 4)) and rows["body.0"] == ("Conv2d", 3 * 4 * 9 + 4)
+    top = [n for path, (_, n) in rows.items() if "." not in path]
+    assert sum(top) == sum(p.numel() for p in WithToken().parameters())

@@ -164,3 +164,87 @@ def test_onnx_without_metadata_falls_back_to_the_json_beside_it(exported_pipelin
     assert predictor.classes == card["classes"] and predictor.image_size == 16 and predictor.resize == "center_crop"
     x = np.load(work / paths.PREPARED_DIR / "test_x.npy")[:8]
     assert (predictor.logits(x).argmax(1) == load_predictor(work / paths.ONNX_MODEL).logits(x).argmax(1)).all()
+
+
+def test_onnx_predict_never_imports_torch_and_says_nothing_on_stderr(exported_pipeline, test_pngs):
+    """The ONNX path is numpy, Pillow and ONNX Runtime only (torch alone took 850 MB and most of
+    3 s for one image); and it asks ONNX Runtime only for providers this machine has, so no
+    provider warning either (Python warnings shown, as a user's shell shows them)."""
+    work = exported_pipeline[0]
+    cmd = [sys.executable, "-X", "importtime", "-m", "pipeline", "predict", str(work / paths.ONNX_MODEL),
+           str(test_pngs[0]), "--json"]
+    proc = run(cmd, work, PYTHONWARNINGS="default")
+    imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "numpy" in imported and "onnxruntime" in imported
+    assert [m for m in imported if m.split(".")[0] in ("torch", "torchvision", "timm")] == []
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("import time:")] == []
+    assert json_lines(proc.stdout)[0]["image"] == str(test_pngs[0])
+
+
+def test_onnx_sessions_ask_only_for_providers_that_can_run(exported_pipeline):
+    import onnxruntime as ort
+
+    from pipeline.export.runtime import CPU, CUDA, choose_providers, cuda_device_count, onnx_session
+
+    assert choose_providers([CUDA, CPU], cuda_devices=0) == [CPU]          # the GPU wheel on a CPU machine
+    assert choose_providers(["AzureExecutionProvider", CPU], cuda_devices=1) == [CPU]  # the CPU wheel on a GPU machine
+    assert choose_providers([CUDA, CPU], cuda_devices=1) == [CUDA, CPU]
+    sess = onnx_session(exported_pipeline[0] / paths.ONNX_MODEL)
+    expected = choose_providers(ort.get_available_providers(), cuda_device_count())
+    assert sess.get_providers() == expected and set(expected) <= set(ort.get_available_providers())
+
+
+def test_numpy_preprocessing_is_the_torch_one_bit_for_bit(prepared_digits):
+    import torch
+
+    from pipeline.preprocess import Preprocessing
+
+    x = np.load(prepared_digits / "test_x.npy")  # uint8, 16 px
+    for prep in (Preprocessing(12, 16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),  # with a centre crop
+                 Preprocessing(16, 16, mean=(0.3,) * 3, std=(0.32,) * 3)):
+        with_torch = prep.model_input(torch.from_numpy(x)).numpy()
+        with_numpy = prep.model_input(x)
+        assert isinstance(with_numpy, np.ndarray) and with_numpy.dtype == np.float32
+        assert with_numpy.shape == with_torch.shape == (len(x), 3, prep.image_size, prep.image_size)
+        assert with_numpy.tobytes() == np.ascontiguousarray(with_torch).tobytes()
+        floats = x[:8].astype(np.float32) / 255  # float input is standardised as is
+        assert prep.normalize(floats).tobytes() == prep.normalize(torch.from_numpy(floats)).numpy().tobytes()
+
+
+def test_a_folder_is_its_image_files_recursively_sorted(exported_pipeline, test_pngs, tmp_path):
+    work = exported_pipeline[0]
+    folder = tmp_path / "photos"
+    (folder / "b_sub" / "deeper").mkdir(parents=True)
+    (folder / ".thumbs").mkdir()
+    placed = {folder / "z.png": test_pngs[0], folder / "a.PNG": test_pngs[1],
+              folder / "b_sub" / "deeper" / "c.png": test_pngs[2], folder / "b_sub" / "b.png": test_pngs[3]}
+    for dest, src in placed.items():
+        dest.write_bytes(src.read_bytes())
+    (folder / ".thumbs" / "z.png").write_bytes(test_pngs[4].read_bytes())  # hidden: skipped
+    (folder / "notes.txt").write_text("not an image\n")                     # other extension: skipped
+    (folder / "labels.csv").write_text("a,b\n")
+    (folder / "b_sub" / "broken.jpg").write_text("not a jpeg\n")            # an image extension: read, reported
+    proc = predict(work, "onnx", [folder, test_pngs[5]], "--json", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"{folder}: skipped 3 files (not images by extension: .csv, .txt; hidden: 1)",
+        f"error: {folder / 'b_sub' / 'broken.jpg'}: not an image (cannot identify)"]
+    order = [folder / "a.PNG", folder / "b_sub" / "b.png", folder / "b_sub" / "deeper" / "c.png", folder / "z.png"]
+    out = json_lines(proc.stdout)
+    assert [o["image"] for o in out] == [str(f) for f in order] + [str(test_pngs[5])]
+    evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
+    sources = [test_pngs.index(placed[f]) for f in order] + [5]
+    assert [o["top_k"][0]["label"] for o in out] == [evaluated[i] for i in sources]
+
+
+@pytest.mark.parametrize("content", ["nothing", "no images"])
+def test_a_folder_without_images_is_one_line(exported_pipeline, tmp_path, content):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    if content == "no images":
+        (folder / "readme.md").write_text("hi\n")
+    proc = predict(exported_pipeline[0], "onnx", [folder], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    why = "it is empty" if content == "nothing" else "skipped 1 file (not images by extension: .md)"
+    assert proc.stderr.splitlines() == [f"error: folder '{folder}' has no image files: {why}; predict looks for "
+                                        ".bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp in it and its subfolders"]

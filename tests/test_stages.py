@@ -43,7 +43,8 @@ def test_outputs_and_returned_metrics_agree(pipeline_run):
     work, _, results = pipeline_run
     for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.ONNX_MODEL, paths.ONNX_META, paths.TRAIN_HISTORY,
                 paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG, paths.LEARNING_CURVES_PNG,
-                paths.AUGMENTED_SAMPLES_PNG, paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG, paths.EVAL_REPORT_MD):
+                paths.AUGMENTED_SAMPLES_PNG, paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG, paths.EVAL_REPORT_MD,
+                paths.EVAL_REPORT_HTML):
         assert (work / rel).stat().st_size > 0, rel
     assert read_json(work / paths.EVAL_METRICS) == results["evaluate"]
     assert set(results["evaluate"]) == {  # 10 classes: top-5 is reported
@@ -83,6 +84,10 @@ def test_checkpoint_describes_itself_and_reproduces_evaluation(pipeline_run):
     assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(results["evaluate"]["accuracy"])
 
 
+def ckpt_arch(work) -> str:
+    return load_checkpoint(work / paths.CHECKPOINT)[1]["arch"]
+
+
 def test_one_mlflow_run_holds_everything(pipeline_run):
     work, uri, results = pipeline_run
     client = MlflowClient(uri)
@@ -98,16 +103,28 @@ def test_one_mlflow_run_holds_everything(pipeline_run):
     # a local store keeps artifacts under the repo root, wherever the stage ran from
     assert run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())
     assert run.data.tags["finetune"] == "full" and run.data.tags["pretrained"] == "false"
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2]
-    assert run.data.metrics["test_accuracy"] == pytest.approx(results["evaluate"]["accuracy"])
-    assert run.data.metrics["export_top1_agreement"] == 1.0
+    for curve in ("epoch/train/loss", "epoch/train/accuracy", "epoch/train/lr", "epoch/val/loss", "epoch/val/accuracy"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, curve)] == [1, 2], curve
+    assert run.data.metrics["test/accuracy"] == pytest.approx(results["evaluate"]["accuracy"])
+    assert run.data.metrics["export/top1_agreement"] == 1.0
+    # metrics are results, in sections; counts, threads and latency samples are diagnostics
+    assert {k.split("/")[0] for k in run.data.metrics} == {"epoch", "train", "test", "export"}
+    assert not {"test/n_test", "train/threads", "export/n_checked", "epoch", "trainable_params"} & set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
             "augmented_samples.png", "eval.json", "per_class.csv", "onnx", "misclassified.png", "gradcam.png",
-            "report.md"} <= artifacts
-    assert {f"test_{k}" for k in results["evaluate"]} <= set(run.data.metrics)
-    assert run.data.metrics["test_ece"] == pytest.approx(results["evaluate"]["ece"])
+            "report.md", "report.html", "train.json", "data_report.json", "data_report.md", "diagnostics"} <= artifacts
+    diagnostics = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
+    assert diagnostics == {"diagnostics/train.json", "diagnostics/evaluate.json", "diagnostics/export.json"}
+    assert {f"test/{k}" for k in results["evaluate"] if k != "n_test"} <= set(run.data.metrics)
+    assert run.data.metrics["test/ece"] == pytest.approx(results["evaluate"]["ece"])
+    # what the UI shows: a description, the data set as inputs, the model-training view
+    note = run.data.tags["mlflow.note.content"]
+    assert f"**{ckpt_arch(work)}** on **digits**" in note and "not a git checkout" in note, note
+    assert {i.dataset.name.split(" ")[0] for i in run.inputs.dataset_inputs} == {"digits/train", "digits/val",
+                                                                                   "digits/test"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert {"onnx/model.json", "onnx/export.json"} <= {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
     # the ONNX model itself is the run's logged model; nothing is registered by default
     assert [m.source_run_id for m in client.search_logged_models([exp.experiment_id])] == [run.info.run_id]
@@ -186,7 +203,7 @@ def test_evaluate_logs_into_a_new_run_when_trains_run_is_not_in_the_store(tmp_pa
     run_file = tmp_path / "mlflow_run.json"
     write_json(run_file, {"run_id": "0123456789abcdef0123456789abcdef", "experiment": "elsewhere"})
     with tracking.resume_run(run_file) as mlflow:
-        tracking.log_metrics(mlflow, {"test_accuracy": 0.5})
+        tracking.log_metrics(mlflow, {"test/accuracy": 0.5})
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("elsewhere").experiment_id])
-    assert len(runs) == 1 and runs[0].data.metrics["test_accuracy"] == 0.5
+    assert len(runs) == 1 and runs[0].data.metrics["test/accuracy"] == 0.5

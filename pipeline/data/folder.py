@@ -42,7 +42,7 @@ def class_names(root: Path) -> list[str]:
     return sorted({cls for _, cls, _ in _class_dirs(root)})
 
 
-def _walk(folder: str) -> list[str]:
+def walk_files(folder: str) -> list[str]:
     """Every file under `folder`, as paths relative to it, in a stable order (by path parts);
     a folder reached twice through symbolic links (a loop) is walked once, and a link to
     nothing is listed (reported as skipped). os.scandir, not pathlib: for 60,000 files
@@ -61,6 +61,14 @@ def _walk(folder: str) -> list[str]:
                 elif e.is_file(follow_symlinks=True) or (e.is_symlink() and not os.path.exists(e.path)):
                     out.append(rel)
     return sorted(out, key=lambda r: r.split(os.sep))
+
+
+def name_problem(rel: str) -> str:
+    """Why a file found under a folder (path relative to it) is no image by its name alone:
+    'hidden file' (it or a folder above it starts with '.'), 'not an image extension', or ''."""
+    if any(part.startswith(".") for part in rel.split(os.sep)):
+        return "hidden file"
+    return "not an image extension" if os.path.splitext(rel)[1].lower() not in EXTENSIONS else ""
 
 
 def _read_hash(path: str) -> str:
@@ -83,7 +91,7 @@ def scan_folder(root: Path) -> Source:
     files_per_class: dict[str, int] = defaultdict(int)
     empty_dirs = []
     for split, cls, folder in class_dirs:
-        files = _walk(str(folder))
+        files = walk_files(str(folder))
         folder_rel = str(folder.relative_to(root))
         if not files:
             empty_dirs.append(folder_rel)
@@ -91,8 +99,7 @@ def scan_folder(root: Path) -> Source:
         files_per_class[cls] += len(files)
         for name in files:
             rel = os.path.join(folder_rel, name)
-            reason = ("hidden file" if any(part.startswith(".") for part in name.split(os.sep)) else
-                      "not an image extension" if os.path.splitext(name)[1].lower() not in EXTENSIONS else "")
+            reason = name_problem(name)
             if not reason and not os.path.exists(os.path.join(root, rel)):
                 reason = "dangling symbolic link"
             if not reason:

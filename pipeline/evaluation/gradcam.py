@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.evaluation.figures import gradcam_grid
-from pipeline.evaluation.metrics import per_class_sample
+from pipeline.evaluation.metrics import gradcam_sample
 from pipeline.plots import note_figure
 from pipeline.preprocess import Preprocessing
 
@@ -67,21 +67,23 @@ def grad_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = N
     return cam.cpu(), logits.detach().cpu()
 
 
-def gradcam_figure(model: nn.Module, images: np.ndarray, y_true: np.ndarray, classes: list[str],
+def gradcam_figure(model: nn.Module, images: np.ndarray, y_true: np.ndarray, probs: np.ndarray, classes: list[str],
                    prep: Preprocessing, path: Path) -> str | None:
-    """Draw Grad-CAM for a few test images per class (stored uint8 N×3×S×S) into `path`. A
-    model with no spatial feature map gets a picture saying so; the note is also returned."""
+    """Draw Grad-CAM into `path` for some correctly classified test images of each class and
+    the most confident mistakes (stored uint8 N×3×S×S; `probs`: the model's N×K test
+    probabilities), each explaining the predicted class. A model with no spatial feature map
+    gets a picture saying so; the note is also returned."""
     split = split_model(model, prep.image_size)
     if split is None:
         note = f"Grad-CAM skipped: {type(model).__name__} has no spatial feature map (e.g. a vision transformer)"
         note_figure(note, path)
         return note
-    idx = per_class_sample(y_true, len(classes))
+    idx, mistakes = gradcam_sample(y_true, probs)
     picked = np.array(prep.center_crop(images[idx]))
+    pred, conf = probs[idx].argmax(1), probs[idx].max(1)
     device = next(model.parameters()).device
-    heat, logits = grad_cam(model, prep.normalize(torch.from_numpy(picked).to(device)), split=split)
-    pred = logits.argmax(1).numpy()
-    titles = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_true[idx], pred)]
-    per_row = int(np.bincount(y_true[idx]).max()) if len(idx) else 1
-    gradcam_grid(picked, heat.numpy(), titles, path, pairs_per_row=per_row if per_row > 1 else 3)
+    heat, _ = grad_cam(model, prep.normalize(torch.from_numpy(picked).to(device)), torch.from_numpy(pred), split)
+    titles = [f"{classes[t]} → {classes[p]} ({c:.2f})" if m else f"{classes[t]} ✓ ({c:.2f})"
+              for t, p, c, m in zip(y_true[idx], pred, conf, mistakes)]
+    gradcam_grid(picked, heat.numpy(), titles, mistakes, path)
     return None

@@ -13,17 +13,12 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from pipeline.probabilities import softmax  # noqa: F401  (re-exported: one softmax)
+
 ECE_BINS = 15        # equal-width confidence bins for the expected calibration error
 TOP_K = 5            # top5_accuracy is reported only with more than TOP_K classes
 MAX_MISCLASSIFIED = 24  # images in the misclassified grid
-MAX_GRADCAM = 30     # images in the Grad-CAM figure (at most 3 per class)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, so rows sum to 1 to machine precision (log_loss checks)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+MAX_GRADCAM = 24     # images in the Grad-CAM figure: correct ones of each class, then mistakes
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -95,9 +90,21 @@ def most_confident_mistakes(y_true: np.ndarray, probs: np.ndarray, limit: int = 
     return wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][:limit]
 
 
-def per_class_sample(y_true: np.ndarray, num_classes: int, limit: int = MAX_GRADCAM, per_class: int = 3) -> np.ndarray:
-    """The first `per_class` test images of each class (fewer with many classes), at most
-    `limit` in all, grouped by class."""
-    per_class = max(1, min(per_class, limit // max(num_classes, 1)))
-    picks = [np.flatnonzero(y_true == c)[:per_class] for c in range(num_classes)]
-    return np.concatenate(picks)[:limit] if picks else np.zeros(0, dtype=int)
+def gradcam_sample(y_true: np.ndarray, probs: np.ndarray, limit: int = MAX_GRADCAM) -> tuple[np.ndarray, np.ndarray]:
+    """Which test images Grad-CAM explains: (indices, is_mistake). The most confidently correct
+    images, taken in turn from each class (one of each, then a second of each, …) and grouped by
+    class; then the most confident mistakes, up to a third of `limit` (more when too few are
+    correct), most confident first."""
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    right = np.flatnonzero(pred == y_true)
+    right = right[np.argsort(-conf[right], kind="stable")]
+    rank = np.zeros(len(right), dtype=int)  # the place of each among its class's correct images
+    for c in np.unique(y_true[right]):
+        rank[y_true[right] == c] = np.arange(int((y_true[right] == c).sum()))
+    wrong = most_confident_mistakes(y_true, probs, limit)
+    n_right = min(len(right), limit - min(len(wrong), limit // 3))
+    taken = np.lexsort((y_true[right], rank))[:n_right]  # in turns over the classes
+    picked, picked_rank = right[taken], rank[taken]
+    picked = picked[np.lexsort((picked_rank, y_true[picked]))]  # grouped by class, most confident first
+    wrong = wrong[:limit - n_right]
+    return np.concatenate([picked, wrong]).astype(int), np.arange(n_right + len(wrong)) >= n_right

@@ -1,20 +1,23 @@
 """What the evaluate stage does: the checkpoint on the test split, every metric, table and
 picture of it, the one-page report, all logged to the MLflow run that train started."""
+import os
+import time
+
 import pandas as pd
 
-from pipeline import paths, tracking
+from pipeline import paths, runview, tracking
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
 from pipeline.evaluation.gradcam import gradcam_figure
 from pipeline.evaluation.metrics import evaluation_metrics, most_confident_mistakes, normalize_rows, softmax
-from pipeline.evaluation.report import evaluation_report
-from pipeline.io import atomic_path, read_json, write_json
-from pipeline.prepared import load_split
+from pipeline.evaluation.report import report_blocks, to_html, to_markdown
+from pipeline.io import atomic_path, files_sha256, read_json, write_json
+from pipeline.prepared import load_split, split_files
 
 # DVC outputs (dvc.yaml declares exactly these), and what is logged to MLflow: they and the report
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
            paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG]
-LOGGED = OUTPUTS + [paths.EVAL_REPORT_MD]
+LOGGED = OUTPUTS + [paths.EVAL_REPORT_MD, paths.EVAL_REPORT_HTML]
 
 
 def run() -> dict:
@@ -29,7 +32,11 @@ def run() -> dict:
     note = draw(model, x, y, probs, cm, classes, prep)
     with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
         write_report(ckpt, metrics, per_class, [note] if note else [])
-        tracking.log_metrics(mlflow, {f"test_{k}": v for k, v in metrics.items()})
+        tracking.log_metrics(mlflow, runview.test_metrics(metrics))
+        tracking.log_diagnostics(mlflow, "evaluate", {k: metrics[k] for k in runview.TEST_COUNTS if k in metrics})
+        tracking.log_inputs(mlflow, [(runview.dataset_input(
+            ckpt.get("params", {}).get("dataset", "data"), files_sha256(split_files("test")),
+            str(paths.PREPARED_DIR), "test", len(y), x.shape[-1]), "testing")])
         tracking.log_artifacts(mlflow, LOGGED)
     print("evaluate: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -47,28 +54,34 @@ def write_tables(metrics: dict, per_class: pd.DataFrame, cm, y, pred, classes: l
 
 
 def draw(model, x, y, probs, cm, classes: list[str], prep) -> str | None:
-    """The confusion matrix, the most confident mistakes and Grad-CAM; a note when Grad-CAM
-    has nothing to explain (a vision transformer)."""
+    """The confusion matrix, the most confident mistakes and Grad-CAM (correct images and
+    mistakes); a note when Grad-CAM has nothing to explain (a vision transformer)."""
     confusion_matrix(cm, classes, paths.CONFUSION_PNG)
     wrong, pred = most_confident_mistakes(y, probs), probs.argmax(1)
     misclassified_grid(prep.center_crop(x[wrong]),
                        [f"{classes[y[i]]} → {classes[pred[i]]} ({probs[i].max():.2f})" for i in wrong],
                        paths.MISCLASSIFIED_PNG, n_test=len(y))
-    note = gradcam_figure(model, x, y, classes, prep, paths.GRADCAM_PNG)
+    note = gradcam_figure(model, x, y, probs, classes, prep, paths.GRADCAM_PNG)
     if note:
         print(f"evaluate: {note}")
     return note
 
 
 def write_report(ckpt: dict, metrics: dict, per_class: pd.DataFrame, notes: list[str]) -> None:
-    """metrics/report.md: it names the MLflow run, so it differs from run to run and is not a
-    DVC output (logged to the run instead)."""
+    """metrics/report.md and its self-contained twin report.html: they name the MLflow run, the
+    date and the commit, so they differ from run to run and are not DVC outputs (report.md is
+    in git beside its pictures; both are logged to the run)."""
     run = read_json(paths.MLFLOW_RUN) if paths.MLFLOW_RUN.exists() else None
     train_summary = read_json(paths.TRAIN_METRICS) if paths.TRAIN_METRICS.exists() else None
     pictures = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
                 ("Most confidently misclassified", paths.MISCLASSIFIED_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
                 ("Augmented training samples", paths.AUGMENTED_SAMPLES_PNG)]
-    report = evaluation_report(ckpt=ckpt, run=run, train_summary=train_summary, metrics=metrics, per_class=per_class,
-                               pictures=pictures, report_path=paths.EVAL_REPORT_MD, notes=notes)
+    commit = tracking.git_commit()
+    context = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit[:10] if commit else "",
+               "DVC experiment": os.environ.get("DVC_EXP_NAME", "")}
+    blocks = report_blocks(ckpt=ckpt, run=run, train_summary=train_summary, metrics=metrics, per_class=per_class,
+                           pictures=pictures, notes=notes, context=context)
     with atomic_path(paths.EVAL_REPORT_MD) as tmp:
-        tmp.write_text(report)
+        tmp.write_text(to_markdown(blocks, paths.EVAL_REPORT_MD))
+    with atomic_path(paths.EVAL_REPORT_HTML) as tmp:
+        tmp.write_text(to_html(blocks))

@@ -4,11 +4,11 @@ The ONNX file carries its model card in `metadata_props`: `arch`, `classes`, eve
 the checkpoint's `Preprocessing` (`image_size`, `stored_size`, `resize`, `interpolation`,
 `mean`, `std`, `source`, `reason`) and a one-line `preprocessing` recipe; text as is, the rest
 as JSON. The same card is written as JSON beside it, so `pipeline predict` (or any ONNX Runtime
-user) needs nothing else.
+user) needs nothing else. Reading it back, and running the file, is `pipeline.export.runtime`
+(no torch there).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,10 +19,15 @@ from torch import nn
 
 from pipeline.checkpoint import preprocessing
 from pipeline.errors import UserError
+from pipeline.export.runtime import (  # noqa: F401  (the card's functions are this module's interface too)
+    CPU,
+    META_KEYS,
+    onnx_metadata,
+    onnx_session,
+    read_onnx_metadata,
+)
 
 MAX_ABS_DIFF = 1e-4
-META_KEYS = ("arch", "classes", "image_size", "resize", "mean", "std")  # a card without them is not ours
-_TEXT_KEYS = ("arch", "resize", "interpolation", "source", "reason", "preprocessing")  # stored as is; the rest JSON
 
 
 def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -31,17 +36,6 @@ def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
     prep = preprocessing(ckpt)
     return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(),
             "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'"}
-
-
-def onnx_metadata(card: dict[str, Any]) -> dict[str, str]:
-    return {k: v if k in _TEXT_KEYS else json.dumps(v) for k, v in card.items()}
-
-
-def read_onnx_metadata(props: dict[str, str]) -> dict[str, Any] | None:
-    """The model card back from ONNX metadata strings; None when keys are missing."""
-    if any(k not in props for k in META_KEYS):
-        return None
-    return {k: v if k in _TEXT_KEYS else json.loads(v) for k, v in props.items()}
 
 
 def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -70,14 +64,10 @@ def _reproducible(model) -> None:
     model.producer_version = torch.__version__.split("+")[0]
 
 
-def onnx_session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    sess = onnx_session(path)
+    """ONNX Runtime's logits of normalised images on the CPU (the parity check compares them
+    with PyTorch's on the CPU)."""
+    sess = onnx_session(path, [CPU])
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
@@ -116,7 +106,7 @@ def latency_ms(fn: Callable[[], object], warmup: int = 10, runs: int = 100, budg
 @torch.inference_mode()
 def batch1_latency(model: nn.Module, path: Path, x: np.ndarray) -> dict[str, float]:
     """Batch-1 CPU latency of PyTorch eager and of ONNX Runtime on one normalised image `x` (1×3×S×S)."""
-    sess = onnx_session(path)
+    sess = onnx_session(path, [CPU])
     name = sess.get_inputs()[0].name
     xt = torch.from_numpy(x)
     out: dict[str, float] = {}

@@ -1,17 +1,21 @@
-"""`pipeline predict MODEL IMAGE...`: the top-k classes of image files.
+"""`pipeline predict MODEL IMAGE|FOLDER...`: the top-k classes of image files.
 
 MODEL is an exported ONNX model (classes and preprocessing read from its metadata, or from the
-JSON beside it) or a checkpoint (models/model.pt). Every image goes through exactly the
-evaluation preprocessing (the model's `Preprocessing`): decoded to RGB as prepare decodes a
-folder data set (`pipeline.images.decode_image`: EXIF rotation, alpha on white, 16-bit scaled),
-resized to the stored size with prepare's policy (`pipeline.images.resize`), centre-cropped to the
-model's input and normalised with the stored mean/std. A file that
-cannot be read (missing, not an image, truncated, more pixels than the limit) is one line on
-stderr; the others are still predicted, and the exit status is 1 at the end.
+JSON beside it; run by ONNX Runtime without importing torch) or a checkpoint (models/model.pt).
+A FOLDER stands for its image files, found recursively and sorted by path as prepare scans a
+folder data set (`pipeline.data.folder`); hidden files and other extensions are skipped and
+counted on stderr. Every image goes through exactly the evaluation preprocessing (the model's
+`Preprocessing`, on a numpy array for ONNX, on a tensor for the checkpoint: the same values):
+decoded to RGB as prepare decodes a folder data set (`pipeline.images.decode_image`: EXIF
+rotation, alpha on white, 16-bit scaled), resized to the stored size with prepare's policy
+(`pipeline.images.resize`), centre-cropped to the model's input and normalised with the stored
+mean/std. A file that cannot be read (missing, not an image, truncated, more pixels than the
+limit) is one line on stderr; the others are still predicted, and the exit status is 1 at the end.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -22,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipeline.data.folder import EXTENSIONS, name_problem, walk_files
 from pipeline.errors import UserError
 from pipeline.images import BadImage
 from pipeline.preprocess import Preprocessing
@@ -62,7 +67,7 @@ def _checkpoint_predictor(path: Path) -> Predictor:
 
 
 def _onnx_predictor(path: Path) -> Predictor:
-    import torch
+    """Torch-free: ONNX Runtime, and the preprocessing on numpy arrays."""
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         Fail,
         InvalidArgument,
@@ -71,7 +76,7 @@ def _onnx_predictor(path: Path) -> Predictor:
         NoSuchFile,
     )
 
-    from pipeline.export.onnx import onnx_session, read_onnx_metadata
+    from pipeline.export.runtime import onnx_session, read_onnx_metadata
     from pipeline.io import read_json
 
     try:
@@ -89,9 +94,44 @@ def _onnx_predictor(path: Path) -> Predictor:
     prep = Preprocessing.from_dict(card)
 
     def logits(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: prep.model_input(torch.from_numpy(x)).numpy()})[0]
+        return sess.run(None, {name: prep.model_input(x)})[0]
 
     return Predictor(list(card["classes"]), prep, logits)
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files to predict: a file as given (a bad one is reported when read), a folder as its
+    image files, recursively, sorted by path, as prepare scans a folder data set. Hidden files
+    and other extensions in a folder are skipped with one line on stderr; a folder without
+    image files is an error."""
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        try:
+            found = walk_files(str(path))
+        except OSError as exc:
+            raise UserError(f"cannot list folder {str(path)!r}: {exc.strerror or exc}") from None
+        images = [f for f in found if not name_problem(f)]
+        skipped = [f for f in found if name_problem(f)]
+        if not images:
+            why = _skipped(skipped) if found else "it is empty"
+            raise UserError(f"folder {str(path)!r} has no image files: {why}; predict looks for "
+                            f"{', '.join(sorted(EXTENSIONS))} in it and its subfolders")
+        if skipped:
+            print(f"{path}: {_skipped(skipped)}", file=sys.stderr)
+        files += [path / f for f in images]
+    return files
+
+
+def _skipped(files: list[str]) -> str:
+    """'skipped 3 files (not images by extension: .csv, .txt; hidden: 1)'."""
+    why = [name_problem(f) for f in files]
+    other = sorted({os.path.splitext(f)[1].lower() or "no extension" for f, w in zip(files, why) if w != "hidden file"})
+    parts = ([f"not images by extension: {', '.join(other)}"] if other else []) + \
+            ([f"hidden: {why.count('hidden file')}"] if "hidden file" in why else [])
+    return f"skipped {len(files)} file{'s' * (len(files) != 1)} ({'; '.join(parts)})"
 
 
 def preprocess(path: Path, prep: Preprocessing) -> np.ndarray:
@@ -121,7 +161,7 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
 def predict_files(predictor: Predictor, files: list[Path], k: int,
                   max_pixels: int | None = None) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
     """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
-    from pipeline.evaluation.metrics import softmax  # the evaluate stage's own, so probabilities agree
+    from pipeline.probabilities import softmax  # the evaluate stage's own, so probabilities agree
 
     k = min(k, len(predictor.classes))
     for start in range(0, len(files), BATCH):
@@ -150,10 +190,11 @@ def format_table(path: Path, top: list[tuple[str, float]]) -> str:
 
 def run(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False,
         max_pixels: int | None = None) -> int:
-    """Print predictions for `images`; return how many could not be read."""
+    """Print predictions for `images` (files and folders); return how many could not be read."""
+    files = image_files(images)
     predictor = load_predictor(model)
     failed = 0
-    for path, top, reason in predict_files(predictor, images, top_k, max_pixels):
+    for path, top, reason in predict_files(predictor, files, top_k, max_pixels):
         if top is None:
             failed += 1
             sys.stdout.flush()  # keep the error next to its neighbours in a terminal

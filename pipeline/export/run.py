@@ -3,7 +3,7 @@ with ONNX Runtime on the whole test split, its latency, and the model logged to 
 import numpy as np
 import torch
 
-from pipeline import paths, tracking
+from pipeline import paths, runview, tracking
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
 from pipeline.export.onnx import (
     batch1_latency,
@@ -15,6 +15,7 @@ from pipeline.export.onnx import (
     parity,
 )
 from pipeline.io import atomic_path, write_json
+from pipeline.export.runtime import session_providers
 from pipeline.prepared import load_split
 
 
@@ -37,10 +38,11 @@ def run(register_as: str | None, alias: str) -> dict:
     write_json(paths.EXPORT_TIMING, timing)    # latencies vary run to run: not a DVC output
     result = metrics | timing
     with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
-        tracking.log_metrics(mlflow, {f"export_{k}": v for k, v in result.items()})
-        tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS, paths.EXPORT_TIMING], artifact_path="onnx")
+        tracking.log_metrics(mlflow, runview.export_metrics(result))
+        tracking.log_diagnostics(mlflow, "export", result)
+        tracking.log_artifacts(mlflow, [paths.ONNX_META, paths.EXPORT_METRICS], artifact_path="onnx")
         info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, x_float[:1], {"logits": ort_logits[:1]}, card,
-                                       register_as, alias)
+                                       register_as, alias, providers=session_providers())
     registered = (f", registered as {register_as} v{info.registered_model_version} @{alias}"
                   if info and register_as else "")
     logged = f"; MLflow model {info.model_uri}{registered}" if info else ""

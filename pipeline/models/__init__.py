@@ -8,7 +8,9 @@ from pipeline.models.registry import (
                                       Entry,
                                       build_model,
                                       check_model_name,
+                                      count_parameters,
                                       entry,
+                                      has_pretrained_weights,
                                       head_of,
                                       head_parameter_names,
                                       list_models,
@@ -20,6 +22,6 @@ from pipeline.models.registry import (
 )
 from pipeline.models.small_cnn import SmallCNN
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "Entry", "SmallCNN", "build_model", "check_model_name", "entry",
-           "head_of", "head_parameter_names", "list_models", "min_image_size", "model_name_problem", "pre_logits",
-           "reset_head", "stage_prefixes"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "Entry", "SmallCNN", "build_model", "check_model_name",
+           "count_parameters", "entry", "has_pretrained_weights", "head_of", "head_parameter_names", "list_models",
+           "min_image_size", "model_name_problem", "pre_logits", "reset_head", "stage_prefixes"]

@@ -408,8 +408,8 @@ def _result(rows: list[dict], best_state: dict | None, best_epoch: int, stopper:
     `timing`, which differs from run to run (kept out of DVC's outputs)."""
     history = pd.DataFrame(rows)
     best = history.iloc[best_epoch - 1]
-    metrics = {"best_epoch": best_epoch, "best_val_accuracy": float(best["val_accuracy"]),
-               "best_val_loss": float(best["val_loss"]), "epochs_run": len(rows),
+    metrics = {"best_val_accuracy": float(best["val_accuracy"]), "best_val_loss": float(best["val_loss"]),
+               "best_epoch": best_epoch, "epochs_run": len(rows),
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
     seconds = float(sum(r["seconds"] for r in rows))
     timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import paths, tracking
+from pipeline import paths, runview, tracking
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
@@ -20,7 +20,7 @@ from pipeline.io import atomic_path, files_sha256, write_json
 from pipeline.models import entry
 from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params
-from pipeline.plots import image_grid, learning_curves
+from pipeline.plots import learning_curves, pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
 from pipeline.training.augment import augment_batch
@@ -103,17 +103,23 @@ def fit_model(s: Setup, on_epoch=None, progress: bool = True, prepared: Path = p
     return train(s.model, train_xy, val_xy, s.prep, s.cfg, on_epoch, progress)
 
 
-def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR) -> None:
-    """The augmentation training applies, on 32 training images, for a person to check."""
+def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
+                      n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """The augmentation training applies, for a person to check: `n` training images, each as
+    evaluation sees it (the centre crop) beside one augmented draw of it. Returns both (uint8)."""
     x, y = load_split("train", prepared)
-    n = min(32, len(y))
+    n = min(n, len(y))
     aug = augment_batch(torch.from_numpy(np.array(x[:n])), s.cfg.augment, s.prep.mean,
                         torch.Generator().manual_seed(s.cfg.seed), s.prep.image_size, s.cfg.resized_crop)
     on = ", ".join(f"{k}={v}" for k, v in s.cfg.augment.model_dump().items() if v and not k.startswith("resized_crop_"))
     if s.cfg.resized_crop:
         on = ", ".join(filter(None, [f"resized crop {s.cfg.augment.resized_crop_scale}", on]))
-    image_grid((aug.numpy() * 255).round().astype(np.uint8), [s.classes[i] for i in y[:n]], path,
-               f"Augmented training samples ({on or 'no augmentation'})")
+    originals, augmented = np.array(s.prep.center_crop(x[:n])), (aug.numpy() * 255).round().astype(np.uint8)
+    fig = pair_figure(originals, augmented, [s.classes[i] for i in y[:n]], ("original", "augmented"))
+    fig.suptitle(f"Augmented training samples: each image as evaluated (centre crop, left) and as training sees "
+                 f"it (right)\n{on or 'no augmentation'}", fontsize=10)
+    save(fig, path)
+    return originals, augmented
 
 
 def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
@@ -142,31 +148,49 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     augmented_samples(s, paths.AUGMENTED_SAMPLES_PNG)
     n_params = sum(p.numel() for p in s.model.parameters())
     dataset = params.model_dump()["dataset"]  # a record for the run's tags, not an input of training
+    n_train, n_val = len(load_split("train")[1]), len(load_split("val")[1])
+    note = runview.description(model=params.model, dataset=dataset, finetune=params.finetune,
+                               transferred=s.transferred, n_classes=len(s.classes), n_train=n_train,
+                               image_size=s.prep.image_size, lr=s.cfg.lr,
+                               changed=runview.changed_params(params.flat(), runview.committed_params()))
     tags = tracking.run_tags(dataset, params.model, params.finetune, s.transferred) | {"data_hash": s.data_hash}
-    logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto"}
+    logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto", "model_parameters": n_params}
     resumed = resume_epoch(s.cfg) if s.cfg.finetune != "linear_probe" else 0
     before = tracking.recorded_run(paths.MLFLOW_RUN)
-    run_id = tracking.start_run(params.mlflow.experiment, logged, tags, paths.MLFLOW_RUN, resuming=resumed > 0)
+    run_id = tracking.start_run(params.mlflow.experiment, logged, tags | {"mlflow.note.content": note},
+                                paths.MLFLOW_RUN, resuming=resumed > 0)
     # a continued run already holds the epochs logged before the kill
-    logged_until = tracking.last_step(run_id, "val_accuracy") if run_id is not None and run_id == before else 0
+    logged_until = (tracking.last_step(run_id, runview.CURVES["val_accuracy"])
+                    if run_id is not None and run_id == before else 0)
     print(f"train: preprocessing {s.prep.image_size} px (stored {s.prep.stored_size}), mean {_short(s.prep.mean)}, "
           f"std {_short(s.prep.std)}: {s.prep.reason}", flush=True)
-    print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {len(load_split('train')[1])} images, "
+    print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {n_train} images, "
           f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
           f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'} in {tracking.tracking_uri()}", flush=True)
     with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
         def on_epoch(epoch: int, row: dict) -> None:
             if epoch > logged_until:
-                tracking.log_metrics(mlflow, row, step=epoch)
+                tracking.log_metrics(mlflow, runview.epoch_metrics(row), step=epoch)
 
         result = fit_model(s, on_epoch=on_epoch)
         summary = write_outputs(s, params, result)
         tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
-        tracking.log_metrics(mlflow, summary | result.timing)
-        tracking.log_artifacts(mlflow, [paths.TRAIN_HISTORY, paths.LEARNING_CURVES_PNG, paths.AUGMENTED_SAMPLES_PNG])
+        log_run(mlflow, s, summary, result, dataset, {"train": n_train, "val": n_val})
     print(f"train: best epoch {result.best_epoch}, val accuracy {summary['best_val_accuracy']:.4f}, "
           f"{result.timing['train_images_per_second']:.0f} images/s → {paths.CHECKPOINT}")
     return summary
+
+
+def log_run(mlflow, s: Setup, summary: dict, result: TrainResult, dataset: str, sizes: dict[str, int]) -> None:
+    """Train's results, inputs, diagnostics and files in its MLflow run."""
+    tracking.log_metrics(mlflow, runview.train_metrics(summary, result.timing))
+    tracking.log_inputs(mlflow, [(runview.dataset_input(dataset, s.data_hash, str(paths.PREPARED_DIR), split, n,
+                                                        s.prep.stored_size), context)
+                                 for (split, n), context in zip(sizes.items(), ("training", "validation"))])
+    tracking.log_diagnostics(mlflow, "train", result.timing | {"trainable_params_per_epoch":
+                                                              result.history["trainable_params"].tolist()})
+    tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.LEARNING_CURVES_PNG,
+                                    paths.AUGMENTED_SAMPLES_PNG, paths.DATA_REPORT, paths.DATA_REPORT_MD])
 
 
 def _short(values) -> str:

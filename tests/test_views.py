@@ -1,0 +1,167 @@
+"""What people look at to compare runs: `dvc plots show` offline with readable templates, the
+MLflow run's description and store checks, the report in its two forms."""
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import dvcplots, runview
+from pipeline.evaluation.report import number, report_blocks, setting, to_html, to_markdown
+from tests.conftest import ROOT, run, set_params
+
+# --- dvc plots ------------------------------------------------------------------------------
+
+
+def test_committed_templates_are_the_derived_ones():
+    """.dvc/plots/*.json are written by pipeline/dvcplots.py from dvc-render's own templates."""
+    committed = {p.stem: p.read_text() for p in (ROOT / dvcplots.TEMPLATE_DIR).glob("*.json")}
+    assert committed == {name: dvcplots.template_text(c) for name, c in dvcplots.templates().items()}, \
+        "re-make them: python -m pipeline.dvcplots"
+
+
+def test_templates_make_epochs_whole_and_zero_cells_blank():
+    epochs = json.dumps(dvcplots.epochs_template())
+    assert '"tickMinStep": 1' in epochs and '"format": "d"' in epochs
+    assert '"type": "log"' in json.dumps(dvcplots.epochs_template(log_y=True)) and '"type": "log"' not in epochs
+    confusion = dvcplots.confusion_template(normalized=False)
+    layers = confusion["spec"]["layer"]
+    assert all("datum.xy_count > 0" in layer["transform"][0]["filter"] for layer in (layers[0], layers[1], layers[-1]))
+    assert [layers[0]["encoding"]["color"]["scale"]["scheme"], layers[1]["encoding"]["color"]["scale"]["scheme"]] == [
+        "blues", "oranges"]  # correct and wrong cells in scales of their own
+
+
+def history_and_predictions(folder: Path) -> None:
+    (folder / "metrics").mkdir(exist_ok=True)
+    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.3], "val_loss": [1.1, 0.6, 0.5],
+                  "train_accuracy": [0.5, 0.8, 0.9], "val_accuracy": [0.4, 0.7, 0.8]}).to_csv(
+        folder / "metrics/train_history.csv", index=False)
+    actual = ["cat"] * 5 + ["dog"] * 5
+    pd.DataFrame({"actual": actual, "predicted": ["cat"] * 4 + ["dog"] * 6}).to_csv(
+        folder / "metrics/predictions.csv", index=False)
+
+
+def test_dvc_plots_show_draws_offline(project: Path):
+    """The real `dvc plots show`: a page with vega inlined (no CDN), every plot a valid
+    vega-lite spec with axis titles, rendered here by vl-convert (no browser, no network)."""
+    import vl_convert
+
+    history_and_predictions(project)
+    run(["python", "-c", "from pipeline.dvcplots import ensure_page; ensure_page()"], project)
+    run(["dvc", "plots", "show", "-o", "out"], project)
+    page = (project / "out/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src" not in page and "vegaEmbed" in page
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    specs = {name: plots[0]["content"] for name, plots in shown.items() if plots and plots[0]["type"] == "vega"}
+    assert len(specs) == 5, list(specs)
+    for name, spec in specs.items():
+        svg = vl_convert.vegalite_to_svg(spec, vl_version=dvcplots.VEGA_LITE)
+        assert "<svg" in svg and ("epoch" in svg or "predicted class" in svg), name
+    loss = next(s for n, s in specs.items() if n.startswith("Loss per epoch (train"))
+    assert "cross-entropy loss" in json.dumps(loss)
+
+
+def test_offline_page_is_rewritten_only_when_stale(tmp_path: Path):
+    page = tmp_path / "page.html"
+    dvcplots.ensure_page(page)
+    assert dvcplots.page_is_current(page) and "{plot_divs}" in page.read_text()
+    mtime = page.stat().st_mtime_ns
+    dvcplots.ensure_page(page)
+    assert page.stat().st_mtime_ns == mtime
+    page.write_text("<!DOCTYPE html>\n<!-- vega bundle of vl-convert-python 0.0.1, -->\n{plot_divs}")
+    dvcplots.ensure_page(page)
+    assert dvcplots.page_is_current(page)
+
+
+# --- the MLflow run ---------------------------------------------------------------------------
+
+
+def test_description_names_the_params_that_differ_from_the_commit(project: Path, monkeypatch):
+    from pipeline.params import load_params
+
+    monkeypatch.chdir(project)
+    set_params(project, lr=0.01, **{"train.optimizer": "sgd"})
+    changed = runview.changed_params(load_params().flat(), runview.committed_params())
+    assert changed == {"lr": 0.01, "train.optimizer": "sgd"}
+    text = runview.description(model="resnet18", dataset="folder", finetune="linear_probe", transferred=True,
+                               n_classes=2, n_train=1234, image_size=224, lr=0.01, changed=changed)
+    assert text.startswith("**resnet18** on **folder** (2 classes, 1,234 training images at 224 px): linear probe")
+    assert "`lr=0.01`, `train.optimizer=sgd`" in text
+    assert "not a git checkout" in runview.description(model="m", dataset="d", finetune="full", transferred=False,
+                                                       n_classes=2, n_train=1, image_size=8, lr=1e-3, changed=None)
+
+
+def test_metric_names_put_the_curves_first():
+    """The MLflow UI sorts chart sections by name: the per-epoch curves must sort first."""
+    row = {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.7, "lr": 0.1,
+           "images_per_second": 99.0, "trainable_params": 10}
+    curves = runview.epoch_metrics(row)
+    assert set(curves) == {"epoch/train/loss", "epoch/train/accuracy", "epoch/train/lr", "epoch/val/loss",
+                           "epoch/val/accuracy"}
+    others = (runview.test_metrics({"accuracy": 0.9, "n_test": 10})
+              | runview.export_metrics({"top1_agreement": 1.0, "n_checked": 10, "onnx_bytes": 5})
+              | runview.train_metrics({"best_val_accuracy": 0.7, "parameters": 3}, {"threads": 2, "train_seconds": 1.0}))
+    assert set(others) == {"test/accuracy", "export/top1_agreement", "train/best_val_accuracy", "train/seconds"}
+    sections = sorted({k.rsplit("/", 1)[0] for k in curves | others})
+    assert sections[:2] == ["epoch/train", "epoch/val"]
+
+
+def test_store_of_a_moved_repository_is_one_line(project: Path, tmp_path: Path):
+    """An experiment whose artifacts live outside the repository (it was copied with its
+    mlflow.db) stops the check stage in one line, before any output is touched."""
+    elsewhere = tmp_path / "old-clone" / "mlartifacts"
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    client.create_experiment("image-classification", artifact_location=elsewhere.as_uri())
+    proc = run(["python", "-m", "stages.check"], project, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert "outside this repository" in errors[0] and str(elsewhere) in errors[0] and "mv mlflow.db" in errors[0]
+    assert not (project / "data/resolved").exists()
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def test_numbers_are_tidy():
+    assert [number(v) for v in (0.98765, 168.5651, 12345.6, 1e-5, 0.0, 7, True)] == [
+        "0.9877", "168.5651", "12,346", "1e-05", "0.0000", "7", "yes"]
+    assert [setting(v) for v in (0.003, 1e-5, False, None, "sgd", [0.08, 1.0])] == [
+        "0.003", "1e-05", "false", "null", "`sgd`", "[0.08, 1]"]
+
+
+def test_report_html_is_one_file_with_its_pictures(tmp_path: Path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "cm.png")
+    ckpt = {"arch": "resnet18", "classes": ["a", "b"], "preprocessing": {"image_size": 32},
+            "params": {"dataset": "folder", "lr": 1e-5, "pretrained": False}}
+    per_class = pd.DataFrame({"class": ["a", "b"], "precision": [1.0, 0.5], "recall": [0.5, 1.0],
+                              "f1": [0.667, 0.667], "support": [2, 1]})
+    blocks = report_blocks(ckpt=ckpt, run={"run_id": "r1", "experiment": "e"}, train_summary={"lr": 1e-5},
+                           metrics={"accuracy": 2 / 3, "n_test": 3}, per_class=per_class,
+                           pictures=[("Confusion matrix", tmp_path / "cm.png")],
+                           context={"date": "2026-11-29 10:00 UTC", "commit": "abc1234", "DVC experiment": "x"})
+    md, html = to_markdown(blocks, tmp_path / "report.md"), to_html(blocks)
+    assert "![Confusion matrix](cm.png)" in md and "| lr | 1e-05 |" in md and "| pretrained | false |" in md
+    assert "date `2026-11-29 10:00 UTC`; commit `abc1234`; DVC experiment `x`; MLflow run `r1`" in md
+    assert 'src="data:image/png;base64,' in html and "cm.png" not in html and "<code>r1</code>" in html
+    assert "http" not in html  # nothing to fetch
+
+
+def test_git_keeps_the_report_and_its_pictures():
+    """report.md is committed with its pictures (DVC outputs with cache: false), so its links
+    resolve on GitHub; the HTML twin (pictures inlined) is not."""
+    ignored = subprocess.run(["git", "check-ignore", "metrics/report.md", "metrics/confusion_matrix.png",
+                              "metrics/gradcam.png", "metrics/report.html"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["metrics/report.html"]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_pictures_are_uncached_plots(stage):
+    import yaml
+
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["plots"]
+    assert plots and all(isinstance(p, dict) and next(iter(p.values())) == {"cache": False} for p in plots)
