@@ -1,5 +1,5 @@
-"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE|FOLDER...`
-and `pipeline lr-find`."""
+"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE|FOLDER...`,
+`pipeline lr-find` and `pipeline tune --trials N`."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,12 @@ def _lr_find(args: argparse.Namespace) -> None:
           f"(try -S lr={best:.2g}); curve: {args.out}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from pipeline.tune import tune
+
+    tune(args.trials, args.jobs, args.sampler, args.set, args.apply)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -123,6 +129,18 @@ def parser() -> argparse.ArgumentParser:
     lf.add_argument("--steps", type=_positive, default=100, help="batches to try (default 100)")
     lf.add_argument("--out", type=Path, default=paths.LR_FIND_PNG, help=f"the picture (default {paths.LR_FIND_PNG})")
     lf.set_defaults(fn=_lr_find)
+    t = sub.add_parser("tune", help="hyperparameter search over params.yaml's tune.space, each trial a DVC experiment",
+                       description="Search tune.space of params.yaml with Optuna. Every trial is a DVC experiment "
+                                   "(dvc exp show / dvc exp apply) and an MLflow run under the study's parent run; "
+                                   "the objective is a validation figure (or cross-validation's mean), never the "
+                                   "test split. Re-running with the same study resumes it (--trials is the total).")
+    t.add_argument("--trials", type=_positive, required=True, help="finished trials the study should have")
+    t.add_argument("--jobs", type=_positive, default=1, help="trials run at once, by DVC queue workers (default 1)")
+    t.add_argument("--sampler", choices=["tpe", "random"], default=None, help="default: tune.sampler of params.yaml")
+    t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a params.yaml value for every trial, e.g. -S epochs=5 (repeatable)")
+    t.add_argument("--apply", action="store_true", help="apply the best trial's experiment to the workspace (dvc exp apply)")
+    t.set_defaults(fn=_tune)
     return ap
 
 

@@ -126,6 +126,49 @@ class MlflowParams(_Section):
         return value
 
 
+MAX_FOLDS = 10  # dvc.yaml's crossval matrix has this many fold stages (tests/test_crossval.py checks it)
+
+
+class CrossvalParams(_Section):
+    folds: int = 0
+
+    @field_validator("folds")
+    @classmethod
+    def _off_or_k(cls, value: int) -> int:
+        if value != 0 and not 2 <= value <= MAX_FOLDS:
+            raise ValueError(f"use 0 (off) or a number of folds from 2 to {MAX_FOLDS}")
+        return value
+
+
+class TuneParams(_Section):
+    """`python -m pipeline tune`: the search space and how to search it (pipeline/tune.py)."""
+    space: dict[str, Any] = {}   # "lr": {low, high, log}, "train.optimizer": [sgd, adamw], ...
+    objective: Literal["auto", "best_val_accuracy", "best_val_loss", "crossval_accuracy"] = "auto"
+    study: str = Field("image-classification", min_length=1)
+    storage: str = Field("auto", min_length=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    prune: bool = True
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, spec in space.items():
+            if isinstance(spec, list):
+                if not spec:
+                    raise ValueError(f"{key}: give at least one value to choose from")
+            elif isinstance(spec, dict):
+                if set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+                    raise ValueError(f"{key}: a range is {{low: .., high: .., log: true|false}}")
+                low, high = spec["low"], spec["high"]
+                if not all(type(v) in (int, float) for v in (low, high)) or not low < high:
+                    raise ValueError(f"{key}: low must be a number below high (got low={low}, high={high})")
+                if spec.get("log") and low <= 0:
+                    raise ValueError(f"{key}: a log range needs low > 0")
+            else:
+                raise ValueError(f"{key}: use a list of values or {{low: .., high: .., log: ..}}")
+        return space
+
+
 class Params(_Section):
     dataset: str = "digits"
     data_dir: str = Field(str(paths.RAW_DIR), min_length=1)
@@ -143,6 +186,8 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     transfer: TransferParams = TransferParams()
     mlflow: MlflowParams = MlflowParams()
+    crossval: CrossvalParams = CrossvalParams()
+    tune: TuneParams = TuneParams()
 
     @field_validator("dataset")
     @classmethod

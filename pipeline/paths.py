@@ -46,6 +46,12 @@ EVAL_REPORT_MD = METRICS_DIR / "report.md"
 EVAL_REPORT_HTML = METRICS_DIR / "report.html"  # the same report, pictures inlined: one file to send
 EXPORT_METRICS = METRICS_DIR / "export.json"
 EXPORT_TIMING = METRICS_DIR / "export_timing.json"  # batch-1 latencies: differ run to run, so not a DVC output
+CROSSVAL_DIR = METRICS_DIR / "crossval"           # fold_<f>.json: each fold stage's record
+CROSSVAL_METRICS = METRICS_DIR / "crossval.json"   # mean, std and per-fold value of every metric
+OOF_PREDICTIONS = METRICS_DIR / "oof_predictions.csv"  # out-of-fold probabilities of every train+val image
+TUNE_RESULTS = METRICS_DIR / "tune.json"          # `pipeline tune`: best params and value, every trial
+TUNE_HISTORY_PNG = METRICS_DIR / "tune_history.png"
+TUNE_IMPORTANCE_PNG = METRICS_DIR / "tune_importance.png"
 
 
 # The default MLflow store, relative to the repository root (`repo_root()`), not the working

@@ -326,6 +326,42 @@ def _new_run_for(mlflow: Any, run_file: Path, checkpoint: Path | None, experimen
     return run.info.run_id
 
 
+@contextmanager
+def run_block(experiment: str, name: str, tags: dict[str, str], nested: bool = False) -> Iterator[Any]:
+    """A run of its own for the block (cross-validation's parent run; with `nested`, a child of
+    the active one): yields `mlflow`, or None when tracking is off."""
+    if not enabled():
+        yield None
+        return
+    mlflow = _mlflow()
+    if not nested:
+        use_experiment(mlflow, experiment)
+    with _retry(mlflow.start_run, run_name=name, tags=tags, nested=nested):
+        yield mlflow
+
+
+@contextmanager
+def parent_run(experiment: str, name: str, tags: dict[str, str], key: str) -> Iterator[Any]:
+    """The run of `experiment` tagged `key` = tags[key], continued (a resumed search), else a new
+    one; yields `mlflow` with it active (None when tracking is off). Its children are other
+    processes' runs tagged `mlflow.parentRunId`."""
+    if not enabled():
+        yield None
+        return
+    mlflow = _mlflow()
+    use_experiment(mlflow, experiment)
+    found = _retry(mlflow.search_runs, experiment_names=[experiment], filter_string=f"tags.{key} = '{tags[key]}'",
+                   output_format="list", max_results=1)
+    run_id = found[0].info.run_id if found else None
+    with _retry(mlflow.start_run, run_id=run_id, run_name=None if run_id else name, tags=tags):
+        yield mlflow
+
+
+def log_params(mlflow: Any, params: dict[str, Any]) -> None:
+    if mlflow is not None:
+        _retry(mlflow.log_params, params)
+
+
 def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None) -> None:
     if mlflow is None:
         return

@@ -45,9 +45,11 @@ def test_repro_then_experiments(project: Path):
     assert time.perf_counter() - started < 30  # the target is < 5 s; generous for a loaded CI box
     # dvc plots show draws the confusion matrix from one actual/predicted row per test image
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
-    confusion = plots["Confusion matrix (test split)"][0]["content"]["data"]["values"]
-    assert len(confusion) == evaluation["n_test"] and {"actual", "predicted"} <= set(confusion[0])
-    assert {"Loss per epoch", "Accuracy per epoch", "metrics/confusion_matrix.png"} <= set(plots)
+    confusion = plots["Confusion matrix, test split (counts; correct in blue, wrong in orange)"][0]
+    values = confusion["content"]["data"]["values"]
+    assert len(values) == evaluation["n_test"] and {"actual", "predicted"} <= set(values[0])
+    assert {"Loss per epoch (train and validation)", "Accuracy per epoch (train and validation)",
+            "metrics/confusion_matrix.png"} <= set(plots)
 
     # 3. dvc exp run -S lr=0.001 works as typed and is recorded with lr=0.001
     run(["dvc", "exp", "run", "-S", "lr=0.001", "--name", "lower-lr"], project)

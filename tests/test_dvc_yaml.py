@@ -10,11 +10,11 @@ import yaml
 from pipeline.codedeps import ROOT, stage_files
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-STAGES = [name for name, spec in DVC.items() if spec["cmd"] == f"python -m stages.{name}"]
+STAGES = [name for name, spec in DVC.items() if spec["cmd"].split()[:3] == ["python", "-m", f"stages.{name}"]]
 
 
 def test_every_stage_runs_its_own_script():
-    assert STAGES == list(DVC), "each stage's cmd is `python -m stages.<its name>`"
+    assert STAGES == list(DVC), "each stage's cmd is `python -m stages.<its name>` (and, in a matrix, its item)"
 
 
 def covered(path: Path, deps: list[str]) -> bool:

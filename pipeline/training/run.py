@@ -23,6 +23,7 @@ from pipeline.params import Params
 from pipeline.plots import learning_curves, pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
+from pipeline.training import trial
 from pipeline.training.augment import augment_batch
 from pipeline.training.loop import TrainConfig, TrainResult, resolve_class_weights, resume_epoch, seed_everything, train
 from pipeline.training.lr import auto_lr
@@ -93,13 +94,20 @@ def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> S
 
 
 def fit_model(s: Setup, on_epoch=None, progress: bool = True, prepared: Path = paths.PREPARED_DIR) -> TrainResult:
-    """Train: a linear probe on cached features, or the loop on images."""
-    train_xy, val_xy = load_split("train", prepared), load_split("val", prepared)
+    """Train on the prepared train split, validating on the val split."""
+    if s.cfg.resume_path:
+        s.cfg.resume_path.parent.mkdir(parents=True, exist_ok=True)
+    return fit_arrays(s, load_split("train", prepared), load_split("val", prepared), on_epoch, progress)
+
+
+def fit_arrays(s: Setup, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray],
+               on_epoch=None, progress: bool = True) -> TrainResult:
+    """Train on any (images, labels) pair: a linear probe on cached features, or the loop on
+    images (the train stage; each fold of cross-validation)."""
     if s.cfg.finetune == "linear_probe":
         from pipeline.training.probe import train_linear_probe
 
         return train_linear_probe(s.model, train_xy, val_xy, s.prep, s.cfg, s.cfg.transfer.probe_l2, on_epoch, progress)
-    paths.RESUME_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     return train(s.model, train_xy, val_xy, s.prep, s.cfg, on_epoch, progress)
 
 
@@ -157,7 +165,8 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto", "model_parameters": n_params}
     resumed = resume_epoch(s.cfg) if s.cfg.finetune != "linear_probe" else 0
     before = tracking.recorded_run(paths.MLFLOW_RUN)
-    run_id = tracking.start_run(params.mlflow.experiment, logged, tags | {"mlflow.note.content": note},
+    tags |= {"mlflow.note.content": note} | trial.parent_run_tags()
+    run_id = tracking.start_run(params.mlflow.experiment, logged, tags,
                                 paths.MLFLOW_RUN, resuming=resumed > 0)
     # a continued run already holds the epochs logged before the kill
     logged_until = (tracking.last_step(run_id, runview.CURVES["val_accuracy"])
@@ -167,10 +176,13 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {n_train} images, "
           f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
           f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'} in {tracking.tracking_uri()}", flush=True)
+    prune = trial.pruning_hook(single_process=params.train.nproc == 1)
     with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
         def on_epoch(epoch: int, row: dict) -> None:
             if epoch > logged_until:
                 tracking.log_metrics(mlflow, runview.epoch_metrics(row), step=epoch)
+            if prune:
+                prune(epoch, row)  # a trial of `pipeline tune` behind the others stops here
 
         result = fit_model(s, on_epoch=on_epoch)
         summary = write_outputs(s, params, result)

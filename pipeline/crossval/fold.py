@@ -1,0 +1,72 @@
+"""One fold of cross-validation: pool train+val, cut stratified folds, train on all but one
+with the train stage's setup and loop, score the held-out one with the evaluate stage's metrics."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.crossval import SPLITS, fold_file
+from pipeline.errors import UserError
+from pipeline.io import write_json
+
+
+def assignments(y: np.ndarray, k: int, seed: int, classes: list[str]) -> np.ndarray:
+    """The fold (0..k-1) of every pooled image: stratified (each fold has every class in
+    proportion), seeded."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y, minlength=len(classes))
+    if (small := np.flatnonzero((counts > 0) & (counts < k))).size:
+        raise UserError(f"crossval.folds={k}: class {classes[small[0]]!r} has only {counts[small[0]]} train+val images; "
+                        "use fewer folds (each fold needs one image of every class)")
+    fold = np.empty(len(y), dtype=np.int64)
+    for f, (_, held_out) in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(y, y)):
+        fold[held_out] = f
+    return fold
+
+
+def pooled(prepared: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
+    """The train and val images and labels, one after the other, and where each came from."""
+    from pipeline.prepared import load_split
+
+    parts = [load_split(split, prepared) for split in SPLITS]
+    origin = [(split, i) for split, (_, y) in zip(SPLITS, parts) for i in range(len(y))]
+    return np.concatenate([np.asarray(x) for x, _ in parts]), np.concatenate([y for _, y in parts]), origin
+
+
+def run_fold(params, fold: int, device: str) -> dict:
+    """Train on every fold but `fold`, score `fold`; write and return its record."""
+    k = params.crossval.folds
+    if fold >= k:
+        record = {"fold": fold, "folds": k, "used": False}
+        write_json(fold_file(fold), record)
+        return record
+    from pipeline.checkpoint import predict_logits
+    from pipeline.evaluation.metrics import evaluation_metrics
+    from pipeline.probabilities import softmax
+    from pipeline.training.run import fit_arrays, setup
+
+    s = setup(params, device)
+    s = dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, resume_path=None))
+    x, y, origin = pooled()
+    folds = assignments(y, k, params.seed, s.classes)
+    train, held = folds != fold, folds == fold
+    print(f"crossval: fold {fold + 1} of {k}: {params.model} trains on {train.sum()} images, "
+          f"scores {held.sum()} held out (test split untouched)", flush=True)
+    result = fit_arrays(s, (x[train], y[train]), (x[held], y[held]))
+    s.model.load_state_dict(result.best_state)
+    probs = softmax(predict_logits(s.model, x[held], s.prep))
+    metrics, _, _ = evaluation_metrics(y[held], probs, s.classes)
+    record = {"fold": fold, "folds": k, "used": True, "classes": s.classes, "metrics": metrics,
+              "best_epoch": result.best_epoch, "n_train": int(train.sum()), "n_held_out": int(held.sum()),
+              "history": result.history.drop(columns=["images_per_second"]).to_dict(orient="records"),
+              "params": params.flat(),
+              "oof": {"split": [origin[i][0] for i in np.flatnonzero(held)],
+                      "index": [origin[i][1] for i in np.flatnonzero(held)],
+                      "label": y[held].tolist(), "probs": np.round(probs, 6).tolist()}}
+    write_json(fold_file(fold), record)
+    print(f"crossval: fold {fold + 1} of {k}: " + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("accuracy", "log_loss")))
+    return record
