@@ -139,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler", choices=["tpe", "random"], default=None, help="default: tune.sampler of params.yaml")
     t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a params.yaml value for every trial, e.g. -S epochs=5 (repeatable)")
-    t.add_argument("--apply", action="store_true", help="apply the best trial's experiment to the workspace (dvc exp apply)")
+    t.add_argument("--apply", action="store_true", help="write the best trial's values into params.yaml")
     t.set_defaults(fn=_tune)
     return ap
 

@@ -311,15 +311,22 @@ class StageParams:
 
 
 def update_params_file(path: Path, updates: dict[str, Any]) -> None:
-    """Set dotted keys (`train.optimizer`) in a params file (its comments are not kept)."""
-    params = yaml.safe_load(path.read_text())
+    """Set dotted keys (`train.optimizer`) in a params file, keeping its comments and layout
+    (ruamel.yaml's round trip, as DVC's own `-S` does)."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.width = 4096  # keep long comment lines as they are
+    yaml_rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    params = yaml_rt.load(path.read_text())
     for key, value in updates.items():
         node = params
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
+        for part in parents:
+            node = node[part]
         node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    with open(path, "w") as f:
+        yaml_rt.dump(params, f)
 
 
 def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None,

@@ -11,8 +11,8 @@ accuracy): the test split is never evaluated, so it cannot leak into the choice.
 The study lives in an Optuna storage (default sqlite:///<repo root>/optuna.db; an RDB URL
 shares it between machines): a re-run with the same study name resumes, `--trials N` being
 the total. Results: metrics/tune.json, metrics/tune_history.png, metrics/tune_importance.png,
-also in the parent MLflow run; `--apply` applies the best trial's experiment (its params.yaml
-and outputs) to the workspace with `dvc exp apply`.
+also in the parent MLflow run; `--apply` writes the best trial's values into params.yaml
+(comments kept); `dvc exp apply <study>-trial-<n>` brings that trial's outputs too.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import yaml
 
 from pipeline import paths, tracking
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, write_json
 from pipeline.params import Params, parse_params
 from pipeline.training.trial import ENV, experiment_name
 
@@ -131,7 +130,7 @@ def exp_metric(name: str, file: Path, key: str) -> float | None:
     return float(value["mean"] if isinstance(value, dict) else value)
 
 
-def run_round(trials: list, names: list[str], settings: list[dict], target: str, jobs: int, env: dict) -> list[str]:
+def run_round(names: list[str], settings: list[dict], target: str, jobs: int, env: dict) -> list[str]:
     """Run one round of trials as DVC experiments; return each one's last error line ('' if none)."""
     if jobs == 1:
         out = []
@@ -177,8 +176,8 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
     from pipeline.params import load_params
     from pipeline.tune_results import finished, report
 
+    load_params()  # params.yaml as it is: one line naming a bad key
     raw = yaml.safe_load(paths.PARAMS.read_text()) or {}
-    params = load_params()
     fixed = parse_overrides(overrides, raw)
     for key, value in fixed.items():
         raw = _set(raw, key, value)
@@ -205,14 +204,17 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
             batch = [study.ask(space) for _ in range(min(jobs, left))]
             names = [experiment_name(params.tune.study, t.number) for t in batch]
             chosen = [fixed | t.params for t in batch]
-            errors = run_round(batch, names, chosen, target, jobs, env)
+            errors = run_round(names, chosen, target, jobs, env)
             for t, n, err in zip(batch, names, errors):
                 state = tell(study, t, n, err, file, key)
                 value = study.trials[t.number].value
                 print(f"tune: {n}: {state}" + (f", {name} {value:.4f}" if value is not None else ""), flush=True)
         results = report(study, name, direction, mlflow)
-    if apply and results.get("best_experiment"):
-        subprocess.run(["dvc", "exp", "apply", results["best_experiment"]], check=True, capture_output=True)
-        print(f"tune: applied {results['best_experiment']} (params.yaml and its outputs): "
-              + ", ".join(f"{k}={_dvc_value(v)}" for k, v in results["best_params"].items()))
+    if apply and results.get("best_params"):
+        from pipeline.params import update_params_file
+
+        update_params_file(paths.PARAMS, results["best_params"])
+        print(f"tune: params.yaml now holds the best trial's values: "
+              + ", ".join(f"{k}={_dvc_value(v)}" for k, v in results["best_params"].items())
+              + f" (its outputs too: dvc exp apply {results['best_experiment']})")
     return results

@@ -38,10 +38,11 @@ def build_messy(root: Path) -> dict[str, str]:
         writer(path)
         expected[rel] = reason
 
-    for split, n in (("train", 6), ("valid", 2)):
-        for cls in ("cat", "dog"):
-            for i in range(n):
-                put(f"{split}/{cls}/{i}.png", "", lambda p, s=hash((split, cls, i)) % 10_000: Image.fromarray(photo(s)).save(p))
+    for k, split, n in ((0, "train", 6), (1, "valid", 2)):
+        for c, cls in enumerate(("cat", "dog")):
+            for i in range(n):  # a distinct seed per image (str hashes differ per process and could collide)
+                seed = 100 + 20 * (2 * k + c) + i
+                put(f"{split}/{cls}/{i}.png", "", lambda p, s=seed: Image.fromarray(photo(s)).save(p))
     # mixed formats and modes, all usable
     rgba = np.zeros((16, 16, 4), np.uint8)
     rgba[..., :3] = RNG.integers(0, 256, (16, 16, 3))  # noise under full transparency
