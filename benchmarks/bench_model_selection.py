@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--only", choices=["crossval", "tune"], default=None, help="one part (both by default)")
     args = ap.parse_args()
     if not (bt.ARCHIVE.exists() and bt.WEIGHTS.exists()):
         print(f"skipped: needs {bt.ARCHIVE} and {bt.WEIGHTS} (../shared beside the project)")
@@ -52,17 +53,19 @@ def main() -> None:
         print(json.dumps({"single_split": {"val_accuracy": val, "test_accuracy": test,
                                            "train_s": round(single["train"], 1)}}), flush=True)
 
-        bt.set_params(project, {"crossval.folds": 5})
-        t0 = time.perf_counter()
-        for fold in range(10):
-            bt.run([sys.executable, "-m", "stages.crossval", str(fold)], project)
-        bt.run([sys.executable, "-m", "stages.crossval_summary"], project)
-        cv = json.loads((project / "metrics/crossval.json").read_text())
-        print(json.dumps({"crossval_5_fold": {"accuracy_mean": cv["accuracy"]["mean"], "accuracy_std": cv["accuracy"]["std"],
-                                              "per_fold": cv["accuracy"]["per_fold"],
-                                              "log_loss_mean": cv["log_loss"]["mean"],
-                                              "wall_s": round(time.perf_counter() - t0, 1)}}), flush=True)
-
+        if args.only != "tune":
+            bt.set_params(project, {"crossval.folds": 5})
+            t0 = time.perf_counter()
+            for fold in range(10):
+                bt.run([sys.executable, "-m", "stages.crossval", str(fold)], project)
+            bt.run([sys.executable, "-m", "stages.crossval_summary"], project)
+            cv = json.loads((project / "metrics/crossval.json").read_text())
+            print(json.dumps({"crossval_5_fold": {"accuracy_mean": cv["accuracy"]["mean"], "accuracy_std": cv["accuracy"]["std"],
+                                                  "per_fold": cv["accuracy"]["per_fold"],
+                                                  "log_loss_mean": cv["log_loss"]["mean"],
+                                                  "wall_s": round(time.perf_counter() - t0, 1)}}), flush=True)
+        if args.only == "crossval":
+            return
         bt.set_params(project, {"crossval.folds": 0,
                                 "tune.space": {"transfer.probe_l2": {"low": 0.0001, "high": 1.0, "log": True}}})
         bt.run(["git", "commit", "-qam", "search space"], project)
