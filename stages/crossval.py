@@ -3,7 +3,7 @@
 Reads params: PARAMS below. Reads: data/prepared/ (the train and val splits, pooled; never
 the test split), the weights file. Writes: metrics/crossval/fold_F.json (held-out metrics,
 best epoch, history, out-of-fold probabilities; for F ≥ k a one-line "unused" record).
-Run: `dvc repro crossval` (every fold), `dvc repro crossval@2` (one), `dvc repro -j 2 crossval`."""
+Run: `dvc repro crossval_summary` (every fold, one after another), `dvc repro crossval@2` (one)."""
 import sys
 
 from pipeline.errors import UserError, run_cli

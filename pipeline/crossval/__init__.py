@@ -8,8 +8,8 @@ epoch, exactly as the val split does in the train stage: the k scores are k vali
 (the seed notes' "average the k validation scores"), not test scores.
 
 Each fold is a DVC stage of its own (`crossval@0` … `crossval@9`, dvc.yaml's matrix of
-MAX_FOLDS), so folds are cached one by one and run in parallel (`dvc repro -j`, queued
-experiments); a fold stage beyond k writes a one-line "unused" record in a fraction of a
+MAX_FOLDS), so folds are cached one by one (DVC runs a workspace's stages in sequence;
+queued experiments run in parallel); a fold stage beyond k writes a one-line "unused" record in a fraction of a
 second. `crossval_summary` writes metrics/crossval.json (mean, std and per-fold value of every
 metric), metrics/oof_predictions.csv (every train+val image's out-of-fold probabilities), and
 an MLflow parent run with one nested run per fold.
