@@ -26,7 +26,10 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
-                    classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any]) -> None:
+                    classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any],
+                    data_hash: str = "", temperature: float | None = None) -> None:
+    """`data_hash`: the prepared data it was trained on (an ensemble refuses members trained on
+    another split); `temperature`: fitted on the validation split (None: not calibrated)."""
     assert prep.complete, "a checkpoint needs the mean/std its model was trained with"
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -37,6 +40,8 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         "preprocessing": prep.to_dict(),
         "params": params,
         "summary": summary,
+        "data_hash": data_hash,
+        "temperature": temperature,
     }
     # torch.save names the zip's root folder after the file it writes, here a random temporary
     # name: saving to a buffer (root "archive") makes the same checkpoint the same bytes
@@ -74,6 +79,31 @@ def run_fallback(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def preprocessing(ckpt: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def temperature(ckpt: dict[str, Any]) -> float:
+    """The temperature T fitted on the validation split after training (calibrated probabilities
+    are softmax(logits / T)); 1.0 for a checkpoint made without calibration."""
+    return float(ckpt.get("temperature") or 1.0)
+
+
+class Calibrated(nn.Module):
+    """`model` with its logits divided by the temperature T: softmax of its output is the
+    calibrated probability. What export writes to ONNX (the graph divides by T itself) and what
+    `pipeline predict` runs from a checkpoint."""
+
+    def __init__(self, model: nn.Module, t: float):
+        super().__init__()
+        self.model, self.t = model, float(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.t
+
+
+def calibrated(model: nn.Module, ckpt: dict[str, Any]) -> nn.Module:
+    """The checkpoint's model giving calibrated logits; itself when T = 1 (not calibrated)."""
+    t = temperature(ckpt)
+    return model if t == 1.0 else Calibrated(model, t).eval()
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, prep: Preprocessing, batch_size: int = 64) -> np.ndarray:

@@ -1,5 +1,5 @@
 """`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE|FOLDER...`,
-`pipeline lr-find` and `pipeline tune --trials N`."""
+`pipeline lr-find`, `pipeline tune --trials N` and `pipeline ensemble MEMBER...`."""
 from __future__ import annotations
 
 import argparse
@@ -60,7 +60,7 @@ def _millions(n: int | None) -> str:
 def _predict(args: argparse.Namespace) -> None:
     from pipeline.export.predict import EXIT_SOME_FAILED, run
 
-    if run(args.model, args.images, args.top_k, args.json, args.max_pixels):
+    if run(args.model, args.images, args.top_k, args.json, args.max_pixels, args.tta):
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -80,6 +80,12 @@ def _tune(args: argparse.Namespace) -> None:
     from pipeline.tune import tune
 
     tune(args.trials, args.jobs, args.sampler, args.set, args.apply)
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from pipeline.ensemble import ENSEMBLE_ONNX, run
+
+    run(args.members, args.weights, args.out or ENSEMBLE_ONNX)
 
 
 def _positive(text: str) -> int:
@@ -120,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
                    help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')
     p.add_argument("--max-pixels", type=_positive, default=None,
                    help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
+    p.add_argument("--tta", choices=["none", "hflip", "hflip_crops"], default="none",
+                   help="test-time augmentation: average the probabilities of the image and its mirror (hflip, 2x "
+                        "the time) or of 5 crops and their mirrors (hflip_crops, 10x); default none")
     p.set_defaults(fn=_predict)
     lf = sub.add_parser("lr-find", help="the learning-rate range test on the prepared data, drawn",
                         description="Train for up to --steps batches while the learning rate grows exponentially "
@@ -141,6 +150,19 @@ def parser() -> argparse.ArgumentParser:
                    help="a params.yaml value for every trial, e.g. -S epochs=5 (repeatable)")
     t.add_argument("--apply", action="store_true", help="write the best trial's values into params.yaml")
     t.set_defaults(fn=_tune)
+    e = sub.add_parser("ensemble", help="a weighted ensemble of experiments or checkpoints, scored and exported to ONNX",
+                       description="Average the members' calibrated probabilities softmax(logits / T) with weights "
+                                   "given or fitted on the val split (least log loss); score the ensemble and each "
+                                   "member on the test split of data/prepared (metrics/ensemble.json) and export one "
+                                   "ONNX model that `pipeline predict` runs, with its card beside it. Members must "
+                                   "share classes and input size, and have been trained on this data/prepared.")
+    e.add_argument("members", nargs="+", metavar="MEMBER",
+                   help="a DVC experiment name (dvc exp list --all-commits) or a checkpoint file (models/model.pt)")
+    e.add_argument("--weights", default="auto", metavar="auto|W1,W2,...",
+                   help="auto: fitted on the val split (default); or one non-negative number per member, normalised")
+    e.add_argument("--out", type=Path, default=None,
+                   help="the ONNX model (default models/ensemble.onnx); its card is written beside it as .json")
+    e.set_defaults(fn=_ensemble)
     return ap
 
 

@@ -87,6 +87,8 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    calibrate: bool = True
     nproc: int = Field(1, ge=1, le=64)
     num_threads: int = Field(0, ge=0, le=256)
 
@@ -124,6 +126,18 @@ class MlflowParams(_Section):
             raise ValueError("use letters, digits, '_' and '-' (not 'latest' or v<number>: MLflow reserves them), "
                              "e.g. candidate or champion")
         return value
+
+
+class EvaluateParams(_Section):
+    tta: Literal["none", "hflip", "hflip_crops"] = "none"
+    activations: bool = True
+    filters: bool = True
+    embedding: bool = True
+    label_issues: bool = True
+
+
+class PlotsParams(_Section):
+    smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 MAX_FOLDS = 10  # dvc.yaml's crossval matrix has this many fold stages (tests/test_crossval.py checks it)
@@ -186,6 +200,8 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     transfer: TransferParams = TransferParams()
     mlflow: MlflowParams = MlflowParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    plots: PlotsParams = PlotsParams()
     crossval: CrossvalParams = CrossvalParams()
     tune: TuneParams = TuneParams()
 

@@ -79,18 +79,37 @@ def pair_figure(lefts: np.ndarray, rights: np.ndarray, titles: Sequence[str], he
     return fig
 
 
-def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> None:
-    """Train vs val loss and accuracy per epoch, best epoch marked."""
+def smooth(values, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average with weight `weight` on the
+    past, debiased at the start (divided by 1 - weight^n) so the first points are not pulled
+    towards zero; 0 returns the values as they are."""
+    values = np.asarray(values, dtype=np.float64)
+    if not weight:
+        return values
+    out, last = np.empty_like(values), 0.0
+    for i, v in enumerate(values):
+        last = weight * last + (1 - weight) * v
+        out[i] = last / (1 - weight ** (i + 1))
+    return out
+
+
+def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path, smoothing: float = 0.0) -> None:
+    """Train vs val loss and accuracy per epoch, best epoch marked; with `smoothing`, the
+    moving averages drawn over the raw curves, which stay faint behind them."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.plot(history["epoch"], history[f"train_{metric}"], "o-", label="train", ms=3)
-        ax.plot(history["epoch"], history[f"val_{metric}"], "o-", label="val", ms=3)
+        for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            raw = history[f"{split}_{metric}"]
+            if smoothing:
+                ax.plot(history["epoch"], raw, "o-", color=color, alpha=0.25, ms=2, lw=1)
+            ax.plot(history["epoch"], smooth(raw, smoothing), "-" if smoothing else "o-", color=color, ms=3,
+                    label=split + (f" (smoothed {smoothing:g})" if smoothing else ""))
         ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Learning curves")
+    fig.suptitle("Learning curves" + (" (faint: raw values)" if smoothing else ""))
     save(fig, path)
 
 

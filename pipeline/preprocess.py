@@ -132,3 +132,41 @@ def normalize(x: Images, mean, std) -> Images:
 def stored_size_for(image_size: int, crop_pct: float) -> int:
     """timm's rule (`transforms_factory`): resize to floor(size / crop_pct), then crop `size`."""
     return image_size if crop_pct >= 1 else int(math.floor(image_size / crop_pct))
+
+
+TTA_MODES = ("none", "hflip", "hflip_crops")
+
+
+def tta_views(x: Images, image_size: int, mode: str) -> list[Images]:
+    """The views test-time augmentation averages over, as N×C×size×size crops of stored images
+    (a tensor or an array; the centre crop first): `none` the centre crop; `hflip` it and its
+    mirror; `hflip_crops` five crops (centre and four corners, torchvision's TenCrop) and their
+    mirrors. The corners lie m = max((S - size) // 2, size // 16) pixels from the centre crop,
+    so images stored at the input size (S = size) get shifted crops, their edges replicated."""
+    assert mode in TTA_MODES, mode
+    size, c = image_size, (x.shape[-1] - image_size) // 2
+    if mode == "none":
+        return [center_crop(x, size)]
+    if mode == "hflip":
+        offsets = [(c, c)]
+    else:
+        m = max(c, max(1, size // 16))
+        offsets = [(c, c), (c - m, c - m), (c - m, c + m), (c + m, c - m), (c + m, c + m)]
+    views = [_crop_at(x, size, dy, dx) for dy, dx in offsets]
+    return [v for view in views for v in (view, _hflip(view))]
+
+
+def _crop_at(x: Images, size: int, dy: int, dx: int) -> Images:
+    """The size×size window at (dy, dx) of N×C×S×S images; rows and columns outside the image
+    repeat its edge."""
+    rows, cols = (np.clip(np.arange(size) + d, 0, x.shape[-1] - 1) for d in (dy, dx))
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x[..., rows, :][..., cols])
+    import torch
+
+    r, c = torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)
+    return x.index_select(-2, r).index_select(-1, c)
+
+
+def _hflip(x: Images) -> Images:
+    return np.ascontiguousarray(x[..., ::-1]) if isinstance(x, np.ndarray) else x.flip(-1)

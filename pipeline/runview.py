@@ -22,7 +22,7 @@ CURVES = {"train_loss": "epoch/train/loss", "train_accuracy": "epoch/train/accur
 TRAIN_RESULTS = ("best_val_accuracy", "best_val_loss", "best_epoch", "epochs_run")
 TRAIN_SPEED = {"train_seconds": "train/seconds", "train_images_per_second": "train/images_per_second"}
 EXPORT_RESULTS = ("top1_agreement", "max_abs_logit_diff", "onnx_latency_ms_p50", "torch_latency_ms_p50")
-TEST_COUNTS = ("n_test",)  # in the diagnostics, not a chart
+TEST_COUNTS = ("n_test", "tta_views")  # in the diagnostics, not a chart
 
 
 def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:

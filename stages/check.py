@@ -16,7 +16,7 @@ from pipeline.errors import run_cli
 from pipeline.params import load_params
 
 PARAMS = ("dataset", "data_dir", "model", "epochs", "batch_size", "lr", "image_size", "seed", "pretrained", "weights",
-          "finetune", "data", "augment", "train", "transfer", "mlflow", "crossval", "tune")
+          "finetune", "data", "augment", "train", "transfer", "mlflow", "evaluate", "plots", "crossval", "tune")
 
 
 def main() -> dict:

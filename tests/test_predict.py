@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline import paths
-from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
+from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, temperature
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import softmax
 from pipeline.export.predict import load_predictor
@@ -54,10 +54,10 @@ def test_predict_agrees_with_the_evaluate_stage(exported_pipeline, test_pngs, mo
     evaluated = pd.read_csv(work / paths.PREDICTIONS)
     assert [o["image"] for o in out] == [str(f) for f in test_pngs]
     assert [o["top_k"][0]["label"] for o in out] == evaluated["predicted"].astype(str).tolist()
-    # probabilities: best first, and those of the checkpoint on the prepared arrays
+    # probabilities: best first, and the checkpoint's calibrated ones (logits / T) on the prepared arrays
     net, ckpt = load_checkpoint(work / paths.CHECKPOINT)
     x = np.load(work / paths.PREPARED_DIR / "test_x.npy")
-    probs = softmax(predict_logits(net, x, preprocessing(ckpt)))
+    probs = softmax(predict_logits(net, x, preprocessing(ckpt)) / temperature(ckpt))
     for o, p in zip(out, probs):
         got = [t["probability"] for t in o["top_k"]]
         assert len(got) == 3 and got == sorted(got, reverse=True)
@@ -93,9 +93,9 @@ def test_other_sizes_and_modes_get_the_evaluation_preprocessing(exported_pipelin
     assert prep["resize"] == "center_crop"
 
     def by_hand(rgb: np.ndarray, policy: str = prep["resize"]) -> np.ndarray:
-        """Log-probabilities of the checkpoint on `rgb` resized and normalised as evaluation does."""
+        """Log-probabilities (calibrated) of the checkpoint on `rgb` resized and normalised as evaluation does."""
         x = resize(rgb, prep["image_size"], policy).transpose(2, 0, 1)[None]
-        return np.log(softmax(predict_logits(net, x, preprocessing(ckpt)))[0])
+        return np.log(softmax(predict_logits(net, x, preprocessing(ckpt)) / temperature(ckpt))[0])
 
     out = json_lines(predict(work, model, list(expected_rgb), "--json", "--top-k", "10").stdout)
     assert [o["image"] for o in out] == [str(f) for f in expected_rgb]

@@ -49,7 +49,8 @@ def test_outputs_and_returned_metrics_agree(pipeline_run):
     assert read_json(work / paths.EVAL_METRICS) == results["evaluate"]
     assert set(results["evaluate"]) == {  # 10 classes: top-5 is reported
         "accuracy", "balanced_accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
-        "precision_weighted", "recall_weighted", "f1_weighted", "log_loss", "ece", "n_test"}
+        "precision_weighted", "recall_weighted", "f1_weighted", "log_loss", "ece", "n_test",
+        "temperature", "log_loss_calibrated", "ece_calibrated"}  # evaluate.tta: none (the default)
     assert read_json(work / paths.TRAIN_METRICS) == results["train"]
     assert read_json(work / paths.EXPORT_METRICS) | read_json(work / paths.EXPORT_TIMING) == results["export"]
     assert results["evaluate"]["accuracy"] > 0.8  # 2 epochs at 16 px: it learns
@@ -148,7 +149,8 @@ def test_evaluate_confusion_pictures_and_report(pipeline_run):
     assert f"| accuracy | {results['evaluate']['accuracy']:.4f} |" in report
     assert "best epoch" in report  # the train summary from metrics/train.json
     for picture in ("learning_curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png",
-                    "augmented_samples.png"):
+                    "augmented_samples.png", "reliability.png", "activations.png", "filters.png", "embedding.png",
+                    "label_issues.png"):
         assert f"]({picture})" in report, picture
 
 
@@ -159,14 +161,16 @@ def test_onnx_parity_is_checked_for_real(pipeline_run):
     x, _ = load_split("test", work / paths.PREPARED_DIR)
     x_float = ((np.array(x, dtype=np.float32) / 255 - np.array(prep["mean"], np.float32)[:, None, None])
                / np.array(prep["std"], np.float32)[:, None, None]).astype(np.float32)
-    torch_logits = predict_logits(model, x, preprocessing(ckpt))
+    torch_logits = predict_logits(model, x, preprocessing(ckpt)) / ckpt["temperature"]  # the graph divides by T
+    assert ckpt["temperature"] != 1.0  # calibrated (train.calibrate: true), so the division is tested
     result = parity(torch_logits, onnx_logits(work / paths.ONNX_MODEL, x_float))
     assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] < 1e-4
     # a model that differs (here: other weights) fails the check with a clear message
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    other = parity(predict_logits(model, x, preprocessing(ckpt)), onnx_logits(work / paths.ONNX_MODEL, x_float))
+    other = parity(predict_logits(model, x, preprocessing(ckpt)) / ckpt["temperature"],
+                   onnx_logits(work / paths.ONNX_MODEL, x_float))
     with pytest.raises(UserError, match="ONNX export disagrees"):
         check_parity(other)
 

@@ -184,3 +184,42 @@ def gradcam_grid_figure(images: np.ndarray, heatmaps: np.ndarray, titles: Sequen
 def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], mistakes: np.ndarray,
                  path: Path, per_row: int = 4) -> None:
     save(gradcam_grid_figure(images, heatmaps, titles, mistakes, per_row), path)
+
+
+RELIABILITY_SIZE = (10.0, 4.4)  # inches, two panels
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(accuracy, mean confidence, count) per equal-width confidence bin, the bins of
+    `expected_calibration_error`; empty bins are NaN with count 0."""
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    which = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        acc = np.bincount(which, weights=correct, minlength=bins) / count
+        mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
+    return acc, mean_conf, count
+
+
+def reliability_diagram(y: np.ndarray, panels: list[tuple[str, np.ndarray, float]], path: Path, bins: int) -> None:
+    """Accuracy against confidence per bin, one panel per (title, probabilities, ECE): bars on
+    the diagonal are calibrated; below it the model is over-confident. Each bar's width grows
+    with its share of the images, so near-empty bins do not look important."""
+    fig, axes = plt.subplots(1, len(panels), figsize=RELIABILITY_SIZE, squeeze=False, sharey=True)
+    centres, width = (np.arange(bins) + 0.5) / bins, 1 / bins
+    for ax, (title, probs, ece) in zip(axes.flat, panels):
+        acc, conf, count = reliability_bins(probs, y, bins)
+        share = count / max(count.sum(), 1)
+        shown = count > 0
+        ax.bar(centres[shown], acc[shown], width=width * (0.35 + 0.6 * share[shown] / share.max()),
+               color="tab:blue", edgecolor="white", label="accuracy in the bin")
+        ax.plot(conf[shown], acc[shown], "o", color="tab:red", ms=3, label="mean confidence → accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="calibrated")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", title=f"{title}\nECE {ece:.4f}")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("accuracy")
+    axes.flat[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"Reliability on the test split ({len(y):,} images, {bins} bins; bar width ∝ images in the bin)",
+                 fontsize=10)
+    fig.tight_layout()
+    save(fig, path)

@@ -78,6 +78,26 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]
     return {k: merged[k] for k in KEY_ORDER if k in merged}, per_class, cm
 
 
+def calibration_metrics(y_true: np.ndarray, logits: np.ndarray, temperature: float) -> dict:
+    """The fitted temperature and what it does on the test split: log loss and ECE of
+    softmax(logits / T), beside the plain `log_loss` and `ece`."""
+    from pipeline.calibration import scaled
+
+    probs = softmax(scaled(logits, temperature))
+    return {"temperature": float(temperature),
+            "log_loss_calibrated": float(log_loss(y_true, probs, labels=np.arange(probs.shape[1]))),
+            "ece_calibrated": expected_calibration_error(probs, y_true)}
+
+
+TTA_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece")  # reported again as <key>_tta
+
+
+def tta_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """The headline metrics of test-time-augmented probabilities, named `<metric>_tta`."""
+    merged, _, _ = evaluation_metrics(y_true, probs, classes)
+    return {f"{k}_tta": merged[k] for k in TTA_KEYS}
+
+
 def normalize_rows(cm: np.ndarray) -> np.ndarray:
     """Each row divided by its sum (the fraction of a true class given each prediction); a class
     with no test image keeps a row of zeros."""

@@ -31,6 +31,11 @@ METRIC_NAMES = {
     "recall_weighted": "recall, weighted by support", "f1_weighted": "F1, weighted by support",
     "log_loss": "log loss (lower is better)", "ece": "expected calibration error (15 bins; lower is better)",
     "n_test": "test images",
+    "temperature": "temperature T (fitted on the validation split; 1 = not calibrated)",
+    "log_loss_calibrated": "log loss of softmax(logits / T)", "ece_calibrated": "expected calibration error after T",
+    "accuracy_tta": "accuracy with test-time augmentation", "balanced_accuracy_tta": "balanced accuracy with TTA",
+    "f1_macro_tta": "F1, macro, with TTA", "log_loss_tta": "log loss with TTA", "ece_tta": "ECE with TTA",
+    "tta_views": "TTA views averaged per image",
 }
 TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss": "best validation loss",
                "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",

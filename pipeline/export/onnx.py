@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import preprocessing
+from pipeline.checkpoint import preprocessing, temperature
 from pipeline.errors import UserError
 from pipeline.export.runtime import (  # noqa: F401  (the card's functions are this module's interface too)
     CPU,
@@ -33,9 +33,10 @@ MAX_ABS_DIFF = 1e-4
 def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
     """What a user of the exported model needs, from a checkpoint: classes and preprocessing
     (`Preprocessing.from_dict(card)` reads it back)."""
-    prep = preprocessing(ckpt)
-    return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(),
-            "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'"}
+    prep, t = preprocessing(ckpt), temperature(ckpt)
+    scaled = f" (divided by the temperature {t:g}: softmax gives calibrated probabilities)" if t != 1.0 else ""
+    return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t,
+            "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'{scaled}"}
 
 
 def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -59,10 +59,10 @@ def load_predictor(path: Path) -> Predictor:
 
 
 def _checkpoint_predictor(path: Path) -> Predictor:
-    from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
+    from pipeline.checkpoint import calibrated, load_checkpoint, predict_logits, preprocessing
 
-    model, ckpt = load_checkpoint(path)
-    prep = preprocessing(ckpt)
+    raw, ckpt = load_checkpoint(path)
+    model, prep = calibrated(raw, ckpt), preprocessing(ckpt)
     return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep))
 
 
@@ -158,10 +158,20 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def predict_files(predictor: Predictor, files: list[Path], k: int,
-                  max_pixels: int | None = None) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
-    """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
+def probabilities(predictor: Predictor, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    """Class probabilities of stored uint8 images: the softmax of the model's logits (calibrated
+    when the model carries a temperature), averaged over the test-time-augmentation views of
+    `tta` (`pipeline.preprocess.tta_views`: none, hflip, hflip_crops), as the evaluate stage's
+    `evaluate.tta` averages them."""
+    from pipeline.preprocess import tta_views
     from pipeline.probabilities import softmax  # the evaluate stage's own, so probabilities agree
+
+    return np.mean([softmax(predictor.logits(v)) for v in tta_views(images, predictor.image_size, tta)], axis=0)
+
+
+def predict_files(predictor: Predictor, files: list[Path], k: int, max_pixels: int | None = None,
+                  tta: str = "none") -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
+    """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
 
     k = min(k, len(predictor.classes))
     for start in range(0, len(files), BATCH):
@@ -172,7 +182,7 @@ def predict_files(predictor: Predictor, files: list[Path], k: int,
                     images.append(preprocess(f, predictor.prep))
                 except BadImage as exc:
                     reasons[f] = str(exc)
-        probs = iter(softmax(predictor.logits(np.stack(images))) if images else [])
+        probs = iter(probabilities(predictor, np.stack(images), tta) if images else [])
         for f in chunk:
             if f in reasons:
                 yield f, None, reasons[f]
@@ -189,12 +199,12 @@ def format_table(path: Path, top: list[tuple[str, float]]) -> str:
 
 
 def run(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False,
-        max_pixels: int | None = None) -> int:
+        max_pixels: int | None = None, tta: str = "none") -> int:
     """Print predictions for `images` (files and folders); return how many could not be read."""
     files = image_files(images)
     predictor = load_predictor(model)
     failed = 0
-    for path, top, reason in predict_files(predictor, files, top_k, max_pixels):
+    for path, top, reason in predict_files(predictor, files, top_k, max_pixels, tta):
         if top is None:
             failed += 1
             sys.stdout.flush()  # keep the error next to its neighbours in a terminal

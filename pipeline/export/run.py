@@ -1,10 +1,11 @@
-"""What the export stage does: models/model.onnx from the checkpoint, checked against PyTorch
+"""What the export stage does: models/model.onnx from the checkpoint (its logits divided by the
+checkpoint's temperature, so softmax gives calibrated probabilities), checked against PyTorch
 with ONNX Runtime on the whole test split, its latency, and the model logged to MLflow."""
 import numpy as np
 import torch
 
 from pipeline import paths, runview, tracking
-from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback
+from pipeline.checkpoint import calibrated, load_checkpoint, predict_logits, preprocessing, run_fallback
 from pipeline.export.onnx import (
     batch1_latency,
     check_parity,
@@ -22,7 +23,8 @@ from pipeline.prepared import load_split
 def run(register_as: str | None, alias: str) -> dict:
     """Export models/model.pt to ONNX, check it, time it, log (and register) it; return the metrics."""
     tracking.enabled()  # an unusable store stops the stage here, before any output is written
-    model, ckpt = load_checkpoint(paths.CHECKPOINT)
+    raw, ckpt = load_checkpoint(paths.CHECKPOINT)
+    model = calibrated(raw, ckpt)  # logits / T: the exported model's softmax is calibrated
     card, prep = model_card(ckpt), preprocessing(ckpt)
     x, _ = load_split("test", paths.PREPARED_DIR)
     x_float = prep.model_input(torch.from_numpy(np.array(x))).numpy()

@@ -60,6 +60,7 @@ class TrainResult:
     history: pd.DataFrame
     metrics: dict = field(default_factory=dict)   # the same for the same inputs
     timing: dict = field(default_factory=dict)    # seconds, images/s, threads: differ run to run
+    val_logits: np.ndarray | None = None          # of the kept weights on the val split (temperature scaling)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -137,8 +138,28 @@ class ImageBatches:
         xb = augment_batch(xb, self.augment, self.prep.mean, gen, self.prep.image_size, self.resized)
         return self.prep.normalize(xb).contiguous(memory_format=torch.channels_last)
 
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        return loss_and_accuracy(torch.from_numpy(predict_logits(model, self.val_x, self.prep)), self.val_y)
+    def val_logits(self, model: nn.Module) -> torch.Tensor:
+        return torch.from_numpy(predict_logits(model, self.val_x, self.prep))
+
+
+def make_ema(model: nn.Module, decay: float):
+    """An exponential moving average of `model`'s weights and buffers (BatchNorm statistics),
+    torch's `AveragedModel`, updated after every optimizer step; None when `decay` is 0. The
+    decay is warmed up as timm's ModelEmaV3 does, min(decay, (1 + n) / (10 + n)) after n
+    updates: with 0.999 and a few hundred steps (a small data set) a plain average would still
+    be mostly the initial weights."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: the latest count
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
@@ -229,8 +250,9 @@ def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, step
 
 
 def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor, batches: list[np.ndarray],
-                    optim: _Optimization, gen: torch.Generator, bar) -> tuple[float, int, int]:
-    """One pass over `batches` of training indices: (loss sum, correct, images seen)."""
+                    optim: _Optimization, gen: torch.Generator, bar, ema=None) -> tuple[float, int, int]:
+    """One pass over `batches` of training indices: (loss sum, correct, images seen). The
+    weights' moving average `ema`, when kept, follows every step."""
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     for idx in batches:
         idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
@@ -239,6 +261,8 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor,
         if optim.mixer is not None:
             xb, target = optim.mixer(xb, yb)  # soft targets, one λ per batch
         loss, logits = optim.step(model, forward, xb, target)
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss.item() * len(idx)
         hard = target.argmax(1) if target.ndim == 2 else target
         correct += int((logits.argmax(1) == hard).sum())
@@ -249,12 +273,21 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor,
     return loss_sum, correct, seen
 
 
+@dataclass
+class _Best:
+    """The kept epoch: its weights, number and validation logits."""
+    state: dict | None = None
+    epoch: int = 0
+    val_logits: torch.Tensor | None = None
+
+
 def save_resume(cfg: TrainConfig, epoch: int, model: nn.Module, optim: _Optimization, history: list[dict],
-                best_state: dict | None, best_epoch: int, gen: torch.Generator, aug_gen: torch.Generator) -> None:
+                best: _Best, gen: torch.Generator, aug_gen: torch.Generator, ema=None) -> None:
     """Everything needed to continue after `epoch` as if never interrupted."""
     with atomic_path(cfg.resume_path) as tmp:
         torch.save({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(), **optim.state_dict(),
-                    "history": history, "best_state": best_state, "best_epoch": best_epoch,
+                    "history": history, "best_state": best.state, "best_epoch": best.epoch,
+                    "best_val_logits": best.val_logits, "ema": ema.state_dict() if ema is not None else None,
                     "rng": _rng_state(gen, aug_gen)}, tmp)
 
 
@@ -270,10 +303,10 @@ def resume_epoch(cfg: TrainConfig) -> int:
 
 
 def load_resume(cfg: TrainConfig, model: nn.Module, optim: _Optimization, gen: torch.Generator,
-                aug_gen: torch.Generator, rank: int) -> tuple[int, list[dict], dict | None, int]:
-    """(first epoch to run, history, best state, best epoch): from a matching resume checkpoint,
-    or a fresh start."""
-    fresh = (1, [], None, 0)
+                aug_gen: torch.Generator, rank: int, ema=None) -> tuple[int, list[dict], _Best]:
+    """(first epoch to run, history, the best so far): from a matching resume checkpoint, or a
+    fresh start. The weights' moving average `ema` is restored with the rest."""
+    fresh = (1, [], _Best())
     if not (cfg.resume_path and cfg.resume_path.exists()):
         return fresh
     try:
@@ -291,10 +324,12 @@ def load_resume(cfg: TrainConfig, model: nn.Module, optim: _Optimization, gen: t
         return fresh
     model.load_state_dict(ckpt["model"])
     optim.load_state_dict(ckpt)
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     _set_rng_state(ckpt["rng"], gen, aug_gen)
     if rank == 0:
         print(f"train: resuming from {cfg.resume_path} after epoch {ckpt['epoch']}", flush=True)
-    return ckpt["epoch"] + 1, ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
+    return ckpt["epoch"] + 1, ckpt["history"], _Best(ckpt["best_state"], ckpt["best_epoch"], ckpt["best_val_logits"])
 
 
 def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
@@ -314,7 +349,9 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     forward = _placed(model, cfg, device, world)
     y_t = torch.from_numpy(y_np).to(device)
     optim = _optimization(model, cfg, device, steps_per_epoch)
-    start_epoch, rows, best_state, best_epoch = load_resume(cfg, model, optim, gen, aug_gen, rank)
+    ema = make_ema(model, cfg.train.ema_decay)
+    evaluated = ema.module if ema is not None else model  # what is validated, kept and returned
+    start_epoch, rows, best = load_resume(cfg, model, optim, gen, aug_gen, rank, ema)
     for row in rows:  # a resumed run's MLflow run gets the whole curve
         if on_epoch and rank == 0:
             on_epoch(row["epoch"], {k: v for k, v in row.items() if k not in ("seconds", "images")})
@@ -330,10 +367,11 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=True,
                    disable=not (progress and sys.stderr.isatty()), mininterval=0.5, dynamic_ncols=True)
         t0 = time.perf_counter()
-        loss_sum, correct, seen = train_one_epoch(model, forward, data, y_t, batches, optim, aug_gen, bar)
+        loss_sum, correct, seen = train_one_epoch(model, forward, data, y_t, batches, optim, aug_gen, bar, ema)
         loss_sum, correct, seen = _summed_over_ranks(loss_sum, correct, seen, device, world)
         epoch_seconds = time.perf_counter() - t0
-        val_loss, val_acc = data.evaluate(model)
+        val_logits = data.val_logits(evaluated)
+        val_loss, val_acc = loss_and_accuracy(val_logits, data.val_y)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "lr": optim.opt.param_groups[-1]["lr"],
                "images_per_second": seen / epoch_seconds, "trainable_params": trainable,
@@ -341,22 +379,22 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         rows.append(row)
         _report_epoch(row, cfg.epochs, bar, progress)
         if optim.stopper.step(row[cfg.train.monitor], val_loss if cfg.train.monitor == "val_accuracy" else None):
-            best_epoch = epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = _Best({k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}, epoch,
+                         val_logits)
         if on_epoch and rank == 0:
             on_epoch(epoch, {k: v for k, v in row.items() if k not in ("seconds", "images")})
         if cfg.resume_path and rank == 0:
-            save_resume(cfg, epoch, model, optim, rows, best_state, best_epoch, gen, aug_gen)
+            save_resume(cfg, epoch, model, optim, rows, best, gen, aug_gen, ema)
         if optim.stopper.should_stop and progress:
             r = cfg.train
             print(f"train: early stopping after epoch {epoch}: {r.monitor} has not improved by more than "
-                  f"{r.min_delta} for {r.patience} epochs; best epoch {best_epoch}", flush=True)
+                  f"{r.min_delta} for {r.patience} epochs; best epoch {best.epoch}", flush=True)
 
     if world > 1:
         torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
     if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
-    return _result(rows, best_state, best_epoch, optim.stopper, cfg, threads, world)
+    return _result(rows, best, optim.stopper, cfg, threads, world)
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
@@ -402,19 +440,20 @@ def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:
     bar.close()
 
 
-def _result(rows: list[dict], best_state: dict | None, best_epoch: int, stopper: EarlyStopping, cfg: TrainConfig,
-            threads: int, world: int) -> TrainResult:
+def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainConfig, threads: int,
+            world: int) -> TrainResult:
     """The summary splits in two: `metrics`, the same for the same inputs (a DVC metric), and
     `timing`, which differs from run to run (kept out of DVC's outputs)."""
     history = pd.DataFrame(rows)
-    best = history.iloc[best_epoch - 1]
-    metrics = {"best_val_accuracy": float(best["val_accuracy"]), "best_val_loss": float(best["val_loss"]),
-               "best_epoch": best_epoch, "epochs_run": len(rows),
+    kept = history.iloc[best.epoch - 1]
+    metrics = {"best_val_accuracy": float(kept["val_accuracy"]), "best_val_loss": float(kept["val_loss"]),
+               "best_epoch": best.epoch, "epochs_run": len(rows),
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
     seconds = float(sum(r["seconds"] for r in rows))
     timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,
               "threads": threads, "processes": world}
-    return TrainResult(best_state, best_epoch, history.drop(columns=["seconds", "images"]), metrics, timing)
+    logits = best.val_logits.numpy() if best.val_logits is not None else None
+    return TrainResult(best.state, best.epoch, history.drop(columns=["seconds", "images"]), metrics, timing, logits)
 
 
 def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray],

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.models import head_of, pre_logits
 from pipeline.preprocess import Preprocessing
 from pipeline.training.augment import augment_batch
-from pipeline.training.loop import TrainConfig, TrainResult, fit, loss_and_accuracy, set_threads
+from pipeline.training.loop import TrainConfig, TrainResult, fit, set_threads
 
 BATCH = 64  # images per forward pass of the frozen backbone
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # λ of `probe_l2: auto`, on standardised features
@@ -84,12 +84,12 @@ class FeatureBatches:
         return self.f[torch.from_numpy(idx).to(self.f.device)]
 
     @torch.no_grad()
-    def evaluate(self, head: nn.Module) -> tuple[float, float]:
+    def val_logits(self, head: nn.Module) -> torch.Tensor:
         was_training = head.training
         head.eval()
         logits = head(self.val_f).float().cpu()
         head.train(was_training)
-        return loss_and_accuracy(logits, self.val_y)
+        return logits
 
 
 def fold_standardization(fc: nn.Linear, mean: np.ndarray, std: np.ndarray) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ from pipeline.io import atomic_path, files_sha256, write_json
 from pipeline.models import entry
 from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params
-from pipeline.plots import learning_curves, pair_figure, save
+from pipeline.calibration import fit_temperature
+from pipeline.plots import pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
 from pipeline.training import trial
@@ -130,16 +131,28 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
     return originals, augmented
 
 
+def calibrate(s: Setup, result: TrainResult, prepared: Path = paths.PREPARED_DIR) -> float | None:
+    """The temperature of the kept weights, fitted on the validation split (`train.calibrate`),
+    from the validation logits training computed anyway (no extra pass); None when off."""
+    if not s.cfg.train.calibrate or result.val_logits is None:
+        return None
+    t, note = fit_temperature(result.val_logits, load_split("val", prepared)[1])
+    print(f"train: calibration: {note}", flush=True)
+    return t
+
+
 def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
-    """models/model.pt, the history, the learning curves and metrics/train.json: the same
-    bytes for the same inputs. Timings go to metrics/train_timing.json, which no stage uses."""
+    """models/model.pt (with its temperature), the history and metrics/train.json: the same
+    bytes for the same inputs. Timings go to metrics/train_timing.json, which no stage uses.
+    (The learning curves are drawn by evaluate, with `plots.smoothing`: redrawing them does
+    not retrain.)"""
     n_params = sum(p.numel() for p in s.model.parameters())
     summary = result.metrics | {"parameters": n_params, "lr": s.cfg.lr}
     save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
-                    classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary)
+                    classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary,
+                    data_hash=s.data_hash, temperature=calibrate(s, result))
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
-    learning_curves(result.history, result.best_epoch, paths.LEARNING_CURVES_PNG)
     write_json(paths.TRAIN_METRICS, summary)
     write_json(paths.TRAIN_TIMING, result.timing)
     return summary
@@ -201,7 +214,7 @@ def log_run(mlflow, s: Setup, summary: dict, result: TrainResult, dataset: str, 
                                  for (split, n), context in zip(sizes.items(), ("training", "validation"))])
     tracking.log_diagnostics(mlflow, "train", result.timing | {"trainable_params_per_epoch":
                                                               result.history["trainable_params"].tolist()})
-    tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.LEARNING_CURVES_PNG,
+    tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY,
                                     paths.AUGMENTED_SAMPLES_PNG, paths.DATA_REPORT, paths.DATA_REPORT_MD])
 
 
