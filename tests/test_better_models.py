@@ -265,3 +265,28 @@ def test_smoothing_is_tensorboards():
     s = smooth([1.0, 3.0], 0.6)
     assert s[0] == pytest.approx(1.0)  # debiased: the first point is itself, not 0.4
     assert s[1] == pytest.approx((0.6 * 0.4 * 1.0 + 0.4 * 3.0) / (1 - 0.36))
+
+
+def test_reliability_and_smoothed_curves_are_pngs_of_a_sensible_size(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.evaluation.figures import RELIABILITY_SIZE, reliability_bins, reliability_diagram
+    from pipeline.plots import DPI, learning_curves
+
+    logits, y = over_confident(500)
+    t, _ = fit_temperature(logits, y)
+    panels = [("before", softmax(logits), 0.2), ("after", softmax(logits / t), 0.02)]
+    reliability_diagram(y, panels, tmp_path / "r.png", 15)
+    w, h = Image.open(tmp_path / "r.png").size
+    assert 0.8 * RELIABILITY_SIZE[0] * DPI < w <= 1.05 * RELIABILITY_SIZE[0] * DPI
+    assert 0.8 * RELIABILITY_SIZE[1] * DPI < h <= 1.05 * RELIABILITY_SIZE[1] * DPI
+    acc, conf, count = reliability_bins(softmax(logits), y, 15)
+    assert count.sum() == 500 and np.nanmax(conf) > 0.9 and np.nanmin(acc[count > 20]) < 0.9  # over-confident
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.7], "val_loss": [1.1, 0.6, 0.9],
+                            "train_accuracy": [0.5, 0.7, 0.6], "val_accuracy": [0.4, 0.6, 0.5]})
+    for smoothing in (0.0, 0.6):
+        learning_curves(history, 2, tmp_path / f"c{smoothing}.png", smoothing)
+        w, h = Image.open(tmp_path / f"c{smoothing}.png").size
+        assert 800 < w < 1100 and 300 < h < 450
+    assert (tmp_path / "c0.0.png").read_bytes() != (tmp_path / "c0.6.png").read_bytes()
