@@ -3,6 +3,8 @@
 - `original`: our own small CNN (below), for learning and fast CPU runs.
 - `alexnet`: torchvision's AlexNet (timm has none); its head is the *last* Linear of
   `classifier`, which is the one re-made for the data set's classes.
+- `resnet9`: David Page's ResNet-9 (Myrtle.ai, DAWNBench 2018), the fast CIFAR network: 94 % on
+  CIFAR-10 in 24 epochs (`pipeline.models.resnet9` has the figures and the recipe).
 - any timm model name (`resnet18`, `efficientnet_b0`, `convnext_tiny`, ...): built by timm,
   which re-makes the head itself (`num_classes`) and takes `drop_rate` / `drop_path_rate`.
 
@@ -27,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pipeline.errors import UserError
+from pipeline.models.resnet9 import ResNet9
 from pipeline.models.small_cnn import SmallCNN
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,6 +81,12 @@ def _original(num_classes: int, in_chans: int = 3, drop_rate: float | None = Non
     return SmallCNN(num_classes, in_chans, **kwargs)
 
 
+def _resnet9(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **kwargs: Any) -> nn.Module:
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
+    return ResNet9(num_classes, in_chans, **kwargs)
+
+
 def _alexnet(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **_: Any) -> nn.Module:
     assert in_chans == 3, "AlexNet takes 3-channel input"
     return _alexnet_class()(num_classes=num_classes, dropout=0.5 if drop_rate is None else drop_rate)
@@ -94,6 +103,7 @@ REGISTRY: dict[str, Entry] = {
     "original": Entry(_original, 8, "our small CNN, fast on a CPU", pretrained=lambda: None),
     "alexnet": Entry(_alexnet, 63, "torchvision AlexNet, needs ≥ 63 px", pretrained=_alexnet_pretrained,
                      has_batchnorm=False),
+    "resnet9": Entry(_resnet9, 8, "Page's ResNet-9 (DAWNBench), 94 % on CIFAR-10 in 24 epochs", pretrained=lambda: None),
 }
 
 
