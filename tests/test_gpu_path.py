@@ -114,3 +114,27 @@ def test_gpu_check_smoke_prints_its_json():
     assert "skipped" in out["precision_compile"]
     t94 = out["time_to_94"]
     assert t94["model"] == "resnet9" and t94["train_s"] > 0 and 0 <= t94["test_accuracy"] <= 1
+
+
+def test_the_readme_recipe_is_the_checks_recipe_and_valid(tmp_path):
+    """One recipe: the README's `dvc exp run` command for resnet9, on params.yaml's defaults, is
+    gpu_check's RECIPE (plus the data set and its val fraction), and params.yaml's rules accept it."""
+    import re
+    import shutil
+    import sys
+
+    import yaml
+
+    from pipeline.params import load_params, update_params_file
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import RECIPE
+
+    command = re.search(r"dvc exp run -S model=resnet9.*?```", (ROOT / "README.md").read_text(), re.S).group(0)
+    given = {k: yaml.safe_load(v) for k, v in re.findall(r"-S ([\w.]+)=(\S+)", command)}
+    assert set(given) - set(RECIPE) == {"dataset", "data.val_fraction"}
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    update_params_file(tmp_path / "params.yaml", given)
+    flat = load_params(tmp_path / "params.yaml").flat()  # what the README's command runs with, defaults included
+    assert {k: flat[k] for k in RECIPE} == RECIPE
