@@ -87,6 +87,7 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     data_placement: Literal["auto", "device", "host"] = "auto"
     ema_decay: float = Field(0.0, ge=0, lt=1)
     calibrate: bool = True

@@ -16,7 +16,8 @@ from pipeline.models import build_model
 from pipeline.params import AugmentParams, TrainParams, parse_params
 from pipeline.preprocess import tta_views
 from pipeline.probabilities import softmax
-from pipeline.training.loop import TrainConfig, make_ema, seed_everything, train
+from pipeline.training.ema import make_ema
+from pipeline.training.loop import TrainConfig, seed_everything, train
 from tests.conftest import plain
 from tests.test_train import dark_and_bright
 
@@ -178,6 +179,7 @@ def test_hflip_tta_of_a_flip_symmetric_model_equals_plain():
     np.testing.assert_allclose(tta_probabilities(views), softmax(views[0]), atol=1e-6)
 
 
+
 def test_predict_tta_averages_the_views(tmp_path):
     from PIL import Image
 
@@ -271,7 +273,11 @@ def test_reliability_and_smoothed_curves_are_pngs_of_a_sensible_size(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from pipeline.evaluation.figures import RELIABILITY_SIZE, reliability_bins, reliability_diagram
+    from pipeline.evaluation.figures import (
+        RELIABILITY_SIZE,
+        reliability_bins,
+        reliability_diagram,
+    )
     from pipeline.plots import DPI, learning_curves
 
     logits, y = over_confident(500)

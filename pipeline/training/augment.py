@@ -3,9 +3,12 @@
 torchvision's v2 transforms applied to a batched tensor draw one set of random parameters for
 the whole batch (every image gets the same crop). Here each image gets its own crop (padded
 or random-resized), flip, rotation/scale, colour jitter and erased box, all computed for the
-batch at once with masks and batched ops (as airbench does for crops), on whatever device the
-batch is on. Random numbers come from a CPU `torch.Generator`, so a seed gives the same
-augmentation on any device. Padded crop and flip work on uint8 (cheap); the rest on float in [0, 1].
+batch at once with index arithmetic and batched ops, on whatever device the batch is on.
+Random numbers are drawn on the generator's device (training gives a GPU run a CUDA generator,
+so a step draws them there with no copy from the host) and nothing here reads a value back to
+the host or indexes with a boolean mask (which on a GPU waits for the device to count it): a
+step queues its kernels and goes on. A CPU generator gives a CPU run the same numbers as ever.
+Padded crop and flip work on uint8 (cheap); the rest on float in [0, 1].
 """
 from __future__ import annotations
 
@@ -21,27 +24,33 @@ _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_graysca
 _RRC_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to the whole image
 
 
+def _on(gen: torch.Generator | None) -> torch.device:
+    """Where `gen` draws: random numbers are made there (the CPU for the global generator)."""
+    return gen.device if gen is not None else torch.device("cpu")
+
+
+def _rand(n: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=_on(gen)).to(device)
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator | None, device) -> torch.Tensor:
-    return (low + (high - low) * torch.rand(n, generator=gen)).to(device)
+    return (low + (high - low) * torch.rand(n, generator=gen, device=_on(gen))).to(device)
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """Zero-pad each side by `pad`, then crop back to the input size at a random offset drawn
-    independently per sample: (2·pad+1)·2 masked copies per batch instead of one call per image."""
+    independently per sample: one gather with per-sample row and column indices (airbench's
+    masked copies, `out[mask] = ...`, would make a GPU wait for each mask's count)."""
     if pad == 0:
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).to(x.device)
-    rows = torch.empty((n, x.shape[1], h, w + 2 * pad), dtype=x.dtype, device=x.device)
-    for s in range(2 * pad + 1):
-        mask = shifts[:, 0] == s
-        rows[mask] = padded[mask, :, s:s + h, :]
-    out = torch.empty_like(x)
-    for s in range(2 * pad + 1):
-        mask = shifts[:, 1] == s
-        out[mask] = rows[mask, :, :, s:s + w]
-    return out
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=_on(gen)).to(x.device)
+    rows = (shifts[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]   # n×h×1
+    cols = (shifts[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]   # n×1×w
+    take = torch.arange(n, device=x.device)[:, None, None]
+    # advanced indices on either side of a slice put their shape first: n×h×w×C
+    return padded[take, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -53,24 +62,25 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     from torchvision.ops import roi_align
 
     n, _, h, w = x.shape
-    area = _uniform(n * _RRC_TRIES, scale[0], scale[1], gen, "cpu").view(n, _RRC_TRIES) * (h * w)
-    log_ratio = _uniform(n * _RRC_TRIES, math.log(ratio[0]), math.log(ratio[1]), gen, "cpu").view(n, _RRC_TRIES)
+    at = _on(gen)  # the boxes are worked out where the numbers are drawn
+    area = _uniform(n * _RRC_TRIES, scale[0], scale[1], gen, at).view(n, _RRC_TRIES) * (h * w)
+    log_ratio = _uniform(n * _RRC_TRIES, math.log(ratio[0]), math.log(ratio[1]), gen, at).view(n, _RRC_TRIES)
     bw = torch.sqrt(area * torch.exp(log_ratio)).round()
     bh = torch.sqrt(area / torch.exp(log_ratio)).round()
     fits = (bw >= 1) & (bw <= w) & (bh >= 1) & (bh <= h)
     first = fits.float().argmax(1)
-    take = torch.arange(n)
-    bw = torch.where(fits.any(1), bw[take, first], torch.tensor(float(w)))
-    bh = torch.where(fits.any(1), bh[take, first], torch.tensor(float(h)))
-    top = (torch.rand(n, generator=gen) * (h - bh + 1)).floor()
-    left = (torch.rand(n, generator=gen) * (w - bw + 1)).floor()
+    take = torch.arange(n, device=at)
+    bw = torch.where(fits.any(1), bw[take, first], float(w))
+    bh = torch.where(fits.any(1), bh[take, first], float(h))
+    top = (_rand(n, gen, at) * (h - bh + 1)).floor()
+    left = (_rand(n, gen, at) * (w - bw + 1)).floor()
     boxes = torch.stack([take.float(), left, top, left + bw, top + bh], 1).to(x.device, x.dtype)
     return roi_align(x.contiguous(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each sample left-right with probability 1/2, independently."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    mask = _rand(x.shape[0], gen, x.device) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
@@ -87,11 +97,20 @@ def random_affine(x: torch.Tensor, degrees: float, scale: float, gen: torch.Gene
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+_CONSTANTS: dict = {}  # (values, device, dtype) → tensor: made on a GPU once, not copied from the host every step
+
+
+def _constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    return _CONSTANTS[key]
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != 3:
         return x.mean(1, keepdim=True)
-    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * _constant(_GRAY, x)).sum(1, keepdim=True)
 
 
 def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -105,11 +124,11 @@ def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None =
     return ((x - gray) * s + gray).clamp_(0, 1)
 
 
-def random_erasing(x: torch.Tensor, p: float, fill: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, p: float, fill: tuple[float, ...], gen: torch.Generator | None = None) -> torch.Tensor:
     """With probability p per sample, fill one random box (2-33 % of the area, aspect 0.3-3.3)
     with `fill` (C values: the data set's mean colour, i.e. 0 after normalisation)."""
     n, _, h, w = x.shape
-    apply = (torch.rand(n, generator=gen) < p).to(x.device)
+    apply = _rand(n, gen, x.device) < p
     area = _uniform(n, 0.02, 0.33, gen, x.device) * h * w
     ratio = torch.exp(_uniform(n, math.log(0.3), math.log(3.3), gen, x.device))
     eh = torch.sqrt(area * ratio).round().clamp(1, h)
@@ -121,7 +140,7 @@ def random_erasing(x: torch.Tensor, p: float, fill: torch.Tensor, gen: torch.Gen
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]
-    return torch.where(mask, fill.to(x.device, x.dtype).view(1, -1, 1, 1), x)
+    return torch.where(mask, _constant(tuple(float(v) for v in fill), x), x)
 
 
 def is_identity(cfg: AugmentParams, resized: bool = False) -> bool:
@@ -153,5 +172,5 @@ def augment_batch(x: torch.Tensor, cfg: AugmentParams, mean: list[float] | tuple
     if cfg.color_jitter:
         x = color_jitter(x, cfg.color_jitter, gen)
     if cfg.random_erasing:
-        x = random_erasing(x, cfg.random_erasing, torch.tensor(mean), gen)
+        x = random_erasing(x, cfg.random_erasing, tuple(float(m) for m in mean), gen)
     return x

@@ -2,8 +2,8 @@
 `evaluate` (of the validation split), resume `save_resume`/`load_resume`, and `fit` that puts
 them together and keeps the best epoch on validation.
 
-What a batch is comes from outside: `ImageBatches` draws uint8 images from the prepared arrays
-and augments them per sample (`train`); `FeatureBatches` (pipeline.training.probe) draws cached
+What a batch is comes from outside: `ImageBatches` (pipeline.training.batches) draws uint8
+images from the prepared arrays and augments them per sample (`train`); `FeatureBatches` (pipeline.training.probe) draws cached
 penultimate features of a frozen backbone, so a linear probe trains in seconds."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,14 +22,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import predict_logits
 from pipeline.io import atomic_path
 from pipeline.params import AugmentParams, Params, TrainParams, TransferParams
 from pipeline.preprocess import Preprocessing
-from pipeline.training.augment import augment_batch
+from pipeline.training.batches import ImageBatches, resident_on
 from pipeline.training.distributed import distributed, shard
-from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
-from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
+from pipeline.training.ema import make_ema
+from pipeline.training.recipe import (
+    EarlyStopping,
+    make_mixer,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+)
+from pipeline.training.transfer import (
+    apply_trainable,
+    freeze_batchnorm_stats,
+    head_parameter_names,
+    trainable_names,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,13 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The seeded generator augmentation draws from, on the training device: a GPU draws its
+    random numbers itself instead of waiting for them from the host every step. A CPU run keeps
+    the CPU generator, and with it the same numbers as ever; a GPU's (Philox) are others."""
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
 
 
 def set_threads(num_threads: int) -> int:
@@ -124,72 +142,6 @@ def loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, 
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
-DEVICE_BUDGET = 0.25  # `train.data_placement: auto` puts the training images on a GPU when they take at most
-                      # this share of its free memory (uint8: CIFAR-10's 50,000 at 32 px are 150 MB)
-
-
-def resident_on(device: torch.device, nbytes: int, placement: str) -> bool:
-    """Whether the training images live on the device for the whole run (`placement`: auto,
-    device, host): a batch is then an index into a device tensor, no copy from the host. On a
-    CPU, `device` holds them in RAM instead of reading the memory map."""
-    if placement != "auto":
-        return placement == "device"
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= DEVICE_BUDGET * free
-
-
-class ImageBatches:
-    """Training batches of prepared uint8 images, augmented per sample and normalised, and the
-    validation split under the evaluation preprocessing (centre crop, normalised). The images
-    are gathered from the memory map per batch (copied from pinned memory to a GPU), or, when
-    `resident`, indexed in a uint8 tensor held on the device: the same batches either way."""
-
-    def __init__(self, train_xy, val_xy, prep: Preprocessing, augment: AugmentParams, resized: bool, device,
-                 resident: bool = False):
-        self.x, self.y = train_xy
-        self.val_x, self.val_y = val_xy
-        self.prep, self.augment, self.resized, self.device = prep, augment, resized, torch.device(device)
-        self.resident = torch.from_numpy(np.ascontiguousarray(self.x)).to(self.device) if resident else None
-
-    def images(self, idx: np.ndarray) -> torch.Tensor:
-        """The uint8 images `idx` (sorted training indices) on the device."""
-        if self.resident is not None:
-            return self.resident[torch.from_numpy(idx).to(self.device)]
-        xb = torch.from_numpy(self.x[idx])
-        if self.device.type == "cuda":
-            xb = xb.pin_memory()  # an asynchronous copy: the GPU does not wait for the host
-        return xb.to(self.device, non_blocking=True)
-
-    def batch(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-        xb = augment_batch(self.images(idx), self.augment, self.prep.mean, gen, self.prep.image_size, self.resized)
-        return self.prep.normalize(xb).contiguous(memory_format=torch.channels_last)
-
-    def val_logits(self, model: nn.Module) -> torch.Tensor:
-        return torch.from_numpy(predict_logits(model, self.val_x, self.prep))
-
-
-def make_ema(model: nn.Module, decay: float):
-    """An exponential moving average of `model`'s weights and buffers (BatchNorm statistics),
-    torch's `AveragedModel`, updated after every optimizer step; None when `decay` is 0. The
-    decay is warmed up as timm's ModelEmaV3 does, min(decay, (1 + n) / (10 + n)) after n
-    updates: with 0.999 and a few hundred steps (a small data set) a plain average would still
-    be mostly the initial weights."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: the latest count
-            torch._foreach_copy_(averaged, current)
-            return
-        n = float(n_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-
-
 def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "aug_gen": aug_gen.get_state(),
@@ -201,7 +153,11 @@ def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
 def _set_rng_state(state: dict, gen: torch.Generator, aug_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["gen"])
-    aug_gen.set_state(state["aug_gen"])
+    try:
+        aug_gen.set_state(state["aug_gen"])
+    except RuntimeError:  # saved by a run on another kind of device: its generator's state does not fit
+        print("train: the resumed run's augmentation generator was on another kind of device; "
+              "augmentation continues from a fresh seed", flush=True)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
@@ -231,8 +187,11 @@ class _Optimization:
     grad_clip: float
     amp_dtype: torch.dtype | None
     scaler: object
+    graphs: bool = False  # the forward is compiled into CUDA graphs: each step tells them a new one begins
 
     def step(self, model: nn.Module, forward: nn.Module, xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(xb.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = forward(xb)
         loss = F.cross_entropy(logits.float(), target, weight=self.loss_weight, label_smoothing=self.label_smoothing)
@@ -274,7 +233,7 @@ def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, step
     return _Optimization(opt, make_scheduler(opt, r, cfg.lr, cfg.epochs, steps_per_epoch),
                          EarlyStopping(r.monitor, r.patience, r.min_delta),
                          make_mixer(r, int(head_out_features(model))), loss_weight, r.label_smoothing, r.grad_clip,
-                         amp_dtype, scaler)
+                         amp_dtype, scaler, graphs=r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
 BAR_SECONDS = 2.0  # the progress bar's loss and accuracy are read from the device this often
@@ -284,25 +243,26 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor,
                     optim: _Optimization, gen: torch.Generator, bar, ema=None) -> tuple[float, int, int]:
     """One pass over `batches` of training indices: (loss sum, correct, images seen). The sums
     stay on the device (float64, the same values as summing `loss.item()` on the host) and are
-    read once at the end, and every BAR_SECONDS for the progress bar: no step waits for the host.
-    The weights' moving average `ema`, when kept, follows every step."""
+    read once at the end, and every BAR_SECONDS for the progress bar: no step waits for the host
+    (the indices reach the device once per epoch, augmentation draws on the device, nothing is
+    read back). The weights' moving average `ema`, when kept, follows every step."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
     seen, t0 = 0, time.perf_counter()
     shown = t0
-    for idx in batches:
-        idx = np.sort(idx)  # sorted reads are sequential in a memory-mapped array
-        xb, yb = data.batch(idx, gen), y[idx]
+    batches = [np.sort(idx) for idx in batches]  # sorted reads are sequential in a memory-mapped array
+    for xb, at in data.epoch(batches, gen):
+        yb = y[at]
         target = yb
         if optim.mixer is not None:
             xb, target = optim.mixer(xb, yb)  # soft targets, one λ per batch
         loss, logits = optim.step(model, forward, xb, target)
         if ema is not None:
             ema.update_parameters(model)
-        loss_sum += loss.detach().double() * len(idx)
+        loss_sum += loss.detach().double() * len(at)
         hard = target.argmax(1) if target.ndim == 2 else target
         correct += (logits.argmax(1) == hard).sum()
-        seen += len(idx)
+        seen += len(at)
         bar.update(1)
         if not bar.disable and (now := time.perf_counter()) - shown >= BAR_SECONDS:
             shown = now
@@ -380,10 +340,10 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     progress = progress and rank == 0
     threads = set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // world))
     gen = seed_everything(cfg.seed)  # the epoch order: the same on every rank
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + rank)  # augmentation: each rank its own
+    device = torch.device(cfg.device)
+    aug_gen = augmentation_generator(device, cfg.seed + 1 + rank)  # each rank its own
     y_np = np.asarray(y_train)
     steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
-    device = torch.device(cfg.device)
     forward = _placed(model, cfg, device, world)
     y_t = torch.from_numpy(y_np).to(device)
     optim = _optimization(model, cfg, device, steps_per_epoch)
@@ -432,7 +392,12 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
     if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
-    return _result(rows, best, optim.stopper, cfg, threads, world)
+    result = _result(rows, best, optim.stopper, cfg, threads, world)
+    if cfg.train.compile and progress and "first_epoch_excess_seconds" in result.timing:
+        t = result.timing
+        print(f"train: torch.compile ({cfg.train.compile_mode}) cost about {t['first_epoch_excess_seconds']:.1f} s: the first "
+              f"epoch took {t['first_epoch_seconds']:.1f} s, later ones {t['later_epoch_seconds']:.1f} s", flush=True)
+    return result
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
@@ -446,7 +411,9 @@ def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int
 
         # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
         forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
-    return torch.compile(forward) if cfg.train.compile else forward
+    if not cfg.train.compile:
+        return forward
+    return torch.compile(forward, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
 
 
 def _set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int, announce: bool) -> int:
@@ -490,6 +457,12 @@ def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainCon
     seconds = float(sum(r["seconds"] for r in rows))
     timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,
               "threads": threads, "processes": world}
+    if rows:
+        timing["first_epoch_seconds"] = float(rows[0]["seconds"])  # with torch.compile: compiling included
+    if len(rows) > 1:  # the first epoch's excess over the others' images/s, as seconds
+        later = sum(r["seconds"] for r in rows[1:]) / sum(r["images"] for r in rows[1:])
+        timing["later_epoch_seconds"] = later * rows[0]["images"]
+        timing["first_epoch_excess_seconds"] = max(0.0, timing["first_epoch_seconds"] - timing["later_epoch_seconds"])
     logits = best.val_logits.numpy() if best.val_logits is not None else None
     return TrainResult(best.state, best.epoch, history.drop(columns=["seconds", "images"]), metrics, timing, logits)
 

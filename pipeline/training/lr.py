@@ -94,10 +94,20 @@ def find_lr(params, device: str = "cpu", steps: int = 100) -> tuple[np.ndarray, 
     import torch.nn.functional as F
 
     from pipeline.prepared import load_split
-    from pipeline.training.loop import ImageBatches, _batches, epoch_order, seed_everything, set_threads
+    from pipeline.training.batches import ImageBatches
+    from pipeline.training.loop import (
+        _batches,
+        epoch_order,
+        seed_everything,
+        set_threads,
+    )
     from pipeline.training.recipe import make_optimizer, param_groups
     from pipeline.training.run import setup
-    from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, trainable_names
+    from pipeline.training.transfer import (
+        apply_trainable,
+        freeze_batchnorm_stats,
+        trainable_names,
+    )
 
     s = setup(params, device)
     cfg, model = s.cfg, s.model.to(device)

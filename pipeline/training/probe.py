@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from pipeline.models import head_of, pre_logits
 from pipeline.preprocess import Preprocessing
 from pipeline.training.augment import augment_batch
+from pipeline.training.batches import device_indices
 from pipeline.training.loop import TrainConfig, TrainResult, fit, set_threads
 
 BATCH = 64  # images per forward pass of the frozen backbone
@@ -82,6 +84,11 @@ class FeatureBatches:
 
     def batch(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         return self.f[torch.from_numpy(idx).to(self.f.device)]
+
+    def epoch(self, batches: list[np.ndarray], gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features, their indices on the device) for each batch of indices."""
+        for at in device_indices(batches, self.f.device):
+            yield self.f[at], at
 
     @torch.no_grad()
     def val_logits(self, head: nn.Module) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import paths, runview, tracking
+from pipeline.calibration import fit_temperature
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
@@ -20,13 +21,19 @@ from pipeline.io import atomic_path, files_sha256, write_json
 from pipeline.models import entry
 from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params
-from pipeline.calibration import fit_temperature
 from pipeline.plots import pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
 from pipeline.training import trial
 from pipeline.training.augment import augment_batch
-from pipeline.training.loop import TrainConfig, TrainResult, resolve_class_weights, resume_epoch, seed_everything, train
+from pipeline.training.loop import (
+    TrainConfig,
+    TrainResult,
+    resolve_class_weights,
+    resume_epoch,
+    seed_everything,
+    train,
+)
 from pipeline.training.lr import auto_lr
 
 
