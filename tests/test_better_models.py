@@ -14,7 +14,7 @@ from pipeline.evaluation.metrics import calibration_metrics, expected_calibratio
 from pipeline.evaluation.run import tta_logits, tta_probabilities
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, TrainParams, parse_params
-from pipeline.preprocess import tta_views
+from pipeline.preprocess import Preprocessing, tta_views
 from pipeline.probabilities import softmax
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import TrainConfig, seed_everything, train
@@ -178,6 +178,22 @@ def test_hflip_tta_of_a_flip_symmetric_model_equals_plain():
     np.testing.assert_allclose(views[0], views[1], atol=1e-5)
     np.testing.assert_allclose(tta_probabilities(views), softmax(views[0]), atol=1e-6)
 
+
+def test_tta_reuses_the_plain_logits_as_its_centre_view():
+    """Evaluate passes its plain logits as the first view instead of running it again: that is
+    valid only if the first view's logits are the plain pass's, bit for bit (stored 20 px, input 16)."""
+    from pipeline.checkpoint import predict_logits
+
+    torch.manual_seed(0)
+    model = FlipSymmetric().eval()
+    x = np.random.default_rng(2).integers(0, 256, (9, 3, 20, 20), dtype=np.uint8)
+    prep = Preprocessing(16, 20, mean=(0.5,) * 3, std=(0.25,) * 3)
+    plain_logits = predict_logits(model, x, prep)
+    fresh = tta_logits(model, x, prep, "hflip_crops")
+    reused = tta_logits(model, x, prep, "hflip_crops", centre=plain_logits)
+    assert len(fresh) == len(reused) == 10 and reused[0] is plain_logits
+    for a, b in zip(fresh, reused):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_predict_tta_averages_the_views(tmp_path):

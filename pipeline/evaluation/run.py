@@ -42,9 +42,12 @@ PICTURES = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix",
             ("Augmented training samples", paths.AUGMENTED_SAMPLES_PNG)]
 
 
-def tta_logits(model, x: np.ndarray, prep, mode: str) -> list[np.ndarray]:
-    """The model's logits of each test-time-augmentation view (`pipeline.preprocess.tta_views`)."""
-    return [predict_logits(model, view, prep) for view in tta_views(x, prep.image_size, mode)]
+def tta_logits(model, x: np.ndarray, prep, mode: str, centre: np.ndarray | None = None) -> list[np.ndarray]:
+    """The model's logits of each test-time-augmentation view (`pipeline.preprocess.tta_views`);
+    `centre`: the plain pass's logits, which are the first view's (its centre crop): not run again."""
+    views = tta_views(x, prep.image_size, mode)
+    first = [centre] if centre is not None else []
+    return first + [predict_logits(model, view, prep) for view in views[len(first):]]
 
 
 def tta_probabilities(views: list[np.ndarray], t: float = 1.0) -> np.ndarray:
@@ -60,8 +63,8 @@ def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[di
     metrics, per_class, cm = evaluation_metrics(y, probs, classes)
     metrics |= calibration_metrics(y, logits, t)
     if tta != "none":
-        metrics |= tta_metrics(y, tta_probabilities(tta_logits(model, x, prep, tta)), classes) | {"tta_views": len(
-            tta_views(x[:1], prep.image_size, tta))}
+        views = tta_logits(model, x, prep, tta, centre=logits)
+        metrics |= tta_metrics(y, tta_probabilities(views), classes) | {"tta_views": len(views)}
     return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t))}
 
 
