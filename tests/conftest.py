@@ -14,6 +14,10 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 # Small enough for seconds per stage, big enough to learn: 2 epochs of digits at 16 px.
 TINY = {"epochs": 2, "image_size": 16, "batch_size": 64}
+# The pictures of a model's inside take ~7 s of each evaluate run; the DVC CLI tests (a dozen or
+# more pipeline runs) check stages, caching and tracking, not pictures: they get the one-line note
+# pictures instead. The pictures themselves: tests/test_inside.py and the in-process pipeline.
+NO_INSIDE_PICTURES = {"evaluate.activations": False, "evaluate.filters": False, "evaluate.embedding": False}
 
 
 def plain(x, mean: float = 0.5, std: float = 0.3):
@@ -69,7 +73,7 @@ def project(tmp_path: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    set_params(dest, **TINY)
+    set_params(dest, **TINY, **NO_INSIDE_PICTURES)
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"]):
         run(cmd, dest)
