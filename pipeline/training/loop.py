@@ -405,6 +405,10 @@ def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int
     wrapped and compiled when asked). channels_last on CPU too: oneDNN's convolutions run ~1.2x
     faster in it on this 2-core AVX2 machine (benchmarks/bench_data_path.py), as on GPUs."""
     model.to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # cuDNN times its algorithms once per input shape and keeps the fastest, as timm's train.py
+        # and airbench do (a training step's shapes repeat); GPU runs are not bit-reproducible anyway
+        torch.backends.cudnn.benchmark = True
     forward = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
