@@ -180,7 +180,7 @@ def time_to_94(cifar: Path | None, device: torch.device, smoke: bool, prepare_s:
             "whole_s": round(prepare_s + time.perf_counter() - t0, 2), "test_accuracy": accuracy,
             "reached_94": accuracy >= 0.94, "best_epoch": result.best_epoch,
             "val_accuracy": [round(float(v), 4) for v in result.history["val_accuracy"]],
-            "n_train": int(len(y_tr)), "n_val": len(val[1]), "n_test": int(len(y_te))}
+            "n_train": len(y_tr), "n_val": len(val[1]), "n_test": len(y_te)}
 
 
 def syncs_per_step(device: torch.device, precision: str, smoke: bool) -> dict:
@@ -220,24 +220,41 @@ def main(argv: list[str] | None = None) -> dict:
     precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     models = [("resnet18", 16, 16), ("resnet18", 32, 8)] if args.smoke else MODELS
     steps = 3 if args.smoke else args.steps
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "precision": precision, "smoke": args.smoke}
     with tempfile.TemporaryDirectory() as work:
         cifar, prepare_s = args.cifar, 0.0
         if args.jpegs:  # first, before CUDA starts: prepare forks its decoding workers
             cifar, prepare_s = cifar_from_jpegs(args.jpegs, Path(work))
-        out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "precision": precision, "smoke": args.smoke}
-        out["time_to_94"] = (time_to_94(cifar, device, args.smoke, prepare_s) if cifar or args.smoke
-                             else {"skipped": "give --jpegs cifar10-jpeg.tar.gz or --cifar data/prepared"})
-        out["throughput"] = throughput(models, steps, device, precision)
-        out["precision_compile"] = precision_compile(32, 8 if args.smoke else 512, steps, device)
-        out["host_syncs"] = syncs_per_step(device, precision, args.smoke)
-        if device.type == "cuda":
-            out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+        if cifar or args.smoke:
+            section(out, "time_to_94", lambda: time_to_94(cifar, device, args.smoke, prepare_s), args.out)
+        else:
+            out["time_to_94"] = {"skipped": "give --jpegs cifar10-jpeg.tar.gz or --cifar data/prepared"}
+    section(out, "throughput", lambda: throughput(models, steps, device, precision), args.out)
+    section(out, "host_syncs", lambda: syncs_per_step(device, precision, args.smoke), args.out)
+    section(out, "precision_compile", lambda: precision_compile(32, 8 if args.smoke else 512, steps, device),
+            args.out)
+    if device.type == "cuda":
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     text = json.dumps(out)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
     return out
+
+
+def section(out: dict, key: str, measure, path: Path | None) -> None:
+    """One part of the check: its figures, or its error in one line, so that the others still
+    run (a lent GPU's minutes are few: one failure must not cost the whole call). The JSON so far
+    is written to `path` after each part, so a run cut short by its time limit keeps what it had."""
+    t0 = time.perf_counter()
+    try:
+        out[key] = measure()
+    except Exception as exc:  # noqa: BLE001 - any failure of one part is reported, not raised
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+    print(f"gpu_check: {key} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    if path:
+        path.write_text(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -296,3 +296,22 @@ def test_a_compiled_run_trains_and_says_what_compiling_cost(capsys):
     assert t["first_epoch_excess_seconds"] == pytest.approx(t["first_epoch_seconds"] - t["later_epoch_seconds"])
     assert t["first_epoch_excess_seconds"] > 1  # compiling takes seconds
     assert "torch.compile (reduce-overhead) cost about" in capsys.readouterr().out
+
+
+def test_a_failing_part_of_the_gpu_check_is_reported_and_the_rest_kept(tmp_path):
+    """A lent GPU's minutes are few: a part that fails records its error and the JSON so far is
+    on disk after every part."""
+    import json
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import section
+
+    out, path = {"device": "cpu"}, tmp_path / "out.json"
+    section(out, "works", lambda: {"img_s": 1.0}, path)
+    section(out, "breaks", lambda: build_model("no_such_model", num_classes=2), path)
+    assert out["works"] == {"img_s": 1.0} and list(out["breaks"]) == ["error"]
+    assert "no_such_model" in out["breaks"]["error"] and "\n" not in out["breaks"]["error"].strip()
+    assert json.loads(path.read_text()) == out
