@@ -65,11 +65,13 @@ def start_queue(project: Path, workers: int) -> None:
     """`dvc queue start -j N` with its output in a file, not a pipe. DVC (dvc-task 0.40) spawns each
     worker from a forked `multiprocessing.Process` that keeps the caller's stdout and stderr open
     until the worker exits, so a captured `dvc queue start` returns only when the whole queue has
-    run: on a slow CI machine that was past the 600-s timeout. A terminal or a file does not wait."""
-    log = project / "queue-start.log"
+    run: on a slow CI machine that was past the 600-s timeout. A terminal or a file does not wait,
+    so this one returns once the workers are spawned (seconds; 120 s is the limit)."""
+    log = project.parent / "queue-start.log"  # outside the repository: not part of any experiment
     with log.open("w") as out:
-        proc = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=project, env=clean_env(),
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        proc = subprocess.run(["dvc", "queue", "start", "-j", str(workers)], check=False, cwd=project,
+                              env=clean_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=120)
     assert proc.returncode == 0, log.read_text()
 
 
@@ -81,9 +83,7 @@ def test_parallel_queue_records_every_run_in_the_main_store(project: Path):
     lrs = ["0.002", "0.004"]
     for lr in lrs:
         run(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "--name", f"q-lr-{lr[2:]}"], project)
-    started = time.time()
     start_queue(project, workers=2)
-    assert time.time() - started < 120, "dvc queue start should return once its workers are spawned"
     deadline = time.time() + 900
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], project).stdout
