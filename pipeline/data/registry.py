@@ -35,6 +35,14 @@ DATASETS: dict[str, DataSet] = {
 }
 
 
+def display_name(dataset: str, data_dir: str | Path) -> str:
+    """What a person calls the data set in reports, run names and tables: its `dataset:` name,
+    or for `folder` the folder's own name (data_dir=data/flowers → flowers)."""
+    if DATASETS[dataset].kind != "folder":
+        return dataset
+    return Path(data_dir).resolve().name or str(data_dir)
+
+
 def class_count(dataset: str, data_dir: Path) -> int:
     """How many classes `dataset` has, without reading an image (a folder: its class folders)."""
     if (known := DATASETS[dataset].classes) is not None:
