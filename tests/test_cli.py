@@ -1,17 +1,20 @@
-"""`python -m pipeline summary|models`: real subprocesses, as a user types them."""
-from tests.conftest import ROOT, run
+"""`python -m pipeline summary|models`: real subprocesses, as a user types them. `summary` runs
+in a temporary folder: its defaults come from the working directory's params.yaml and data/."""
+import json
+
+from tests.conftest import ROOT, run, set_params
 
 
-def test_summary_prints_table_counts_and_macs():
-    out = run(["python", "-m", "pipeline", "summary", "-m", "resnet18", "--num-classes", "7"], ROOT).stdout
+def test_summary_prints_table_counts_and_macs(tmp_path):
+    out = run(["python", "-m", "pipeline", "summary", "-m", "resnet18", "--num-classes", "7"], tmp_path).stdout
     assert "fc" in out and "Linear" in out and "512×1×1" in out
     params = 11_176_512 + 7 * 512 + 7  # resnet18 body + a 7-class head
     assert f"parameters: {params:,} total, {params:,} trainable" in out
     assert "M MACs" in out and "input 3×32×32, 7 classes" in out
 
 
-def test_summary_rejects_alexnet_below_63_px():
-    proc = run(["python", "-m", "pipeline", "summary", "-m", "alexnet", "--image-size", "32"], ROOT, check=False)
+def test_summary_rejects_alexnet_below_63_px(tmp_path):
+    proc = run(["python", "-m", "pipeline", "summary", "-m", "alexnet", "--image-size", "32"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --image-size 32: alexnet needs at least 63 px"
 
 
@@ -21,13 +24,48 @@ def test_models_lists_ours_and_timm():
     assert "resnet50" in run(["python", "-m", "pipeline", "models", "resnet*"], ROOT).stdout
 
 
-def test_summary_counts_each_module_with_its_children():
+def test_summary_counts_each_module_with_its_children(tmp_path):
     cmd = ["python", "-m", "pipeline", "summary", "-m", "resnet18", "--num-classes", "7", "--depth", "1"]
-    out = run(cmd, ROOT).stdout
+    out = run(cmd, tmp_path).stdout
     rows = {line.split()[0]: int(line.split()[-1].replace(",", "")) for line in out.splitlines()
             if line[:1].isalpha() and line.split()[-1].replace(",", "").isdigit()}
     assert rows["layer1"] == 147_968 and rows["layer4"] == 8_393_728  # 2 BasicBlocks each, not 0
     assert sum(rows.values()) == 11_176_512 + 7 * 512 + 7  # the rows at one depth add up to the total
+
+
+def summary_head(cwd, *args: str) -> tuple[str, str]:
+    """`pipeline summary --depth 0 ARGS` in `cwd` → (the line saying where each value came from, the model line)."""
+    lines = run(["python", "-m", "pipeline", "summary", "--depth", "0", *args], cwd).stdout.splitlines()
+    return lines[0], next(line for line in lines if line.startswith("model "))
+
+
+def test_summary_defaults_come_from_params_yaml_and_the_prepared_data(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(tmp_path, model="resnet18")
+    (tmp_path / "data/resolved").mkdir(parents=True)
+    (tmp_path / "data/prepared").mkdir()
+    (tmp_path / "data/resolved/preprocessing.json").write_text(json.dumps({"image_size": 48, "stored_size": 48}))
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"classes": ["cat", "dog", "fox"]}))
+    assert summary_head(tmp_path) == (
+        "summary: model resnet18 (params.yaml), 48 px (data/resolved/preprocessing.json), 3 classes (data/prepared)",
+        "model resnet18: input 3×48×48, 3 classes")
+    assert summary_head(tmp_path, "-m", "original", "--image-size", "20", "--num-classes", "4") == (
+        "summary: model original (-m), 20 px (--image-size), 4 classes (--num-classes)",
+        "model original: input 3×20×20, 4 classes")  # what is given wins
+
+
+def test_summary_defaults_without_prepared_data_and_without_params_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(tmp_path, model="alexnet")
+    assert summary_head(tmp_path) == ("summary: model alexnet (params.yaml), 63 px (alexnet's minimum), 10 classes "
+                                      "(default)", "model alexnet: input 3×63×63, 10 classes")
+    assert summary_head(tmp_path, "-m", "original")[0] == \
+        "summary: model original (-m), 32 px (default), 10 classes (default)"
+    (tmp_path / "params.yaml").unlink()
+    proc = run(["python", "-m", "pipeline", "summary"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: no -m/--model given and no params.yaml here to take the model from; give one (e.g. -m resnet18) "
+        "or run in the repository root"]
 
 
 def models_table(*args: str) -> tuple[dict[str, list[str]], list[str]]:

@@ -1,9 +1,16 @@
 """`python -m pipeline predict` as a user runs it (real subprocess, real ONNX Runtime), with the
 exported ONNX model and with the checkpoint: it agrees with the evaluate stage on the test
 split, applies the evaluation preprocessing to images of other sizes and modes, and reports
-unreadable files one line each while still predicting the others."""
+unreadable files one line each while still predicting the others. Without --model it runs
+models/model.onnx; several images give one line each, a per-class summary and the accuracy
+against class folders, a progress bar on stderr only, and --out a CSV of every probability."""
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.metrics import softmax
 from pipeline.export.predict import load_predictor
 from pipeline.images import resize
-from tests.conftest import run
+from tests.conftest import clean_env, run
 
 MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}
 # |log-probability| difference allowed vs PyTorch on the same input: ONNX Runtime's logits may
@@ -27,12 +34,19 @@ TOLERANCE = {"onnx": 2e-4, "checkpoint": 1e-5}
 
 
 def predict(work, model: str, files, *args, check=True):
-    cmd = [sys.executable, "-m", "pipeline", "predict", str(work / MODELS[model]), *map(str, files), *args]
+    cmd = [sys.executable, "-m", "pipeline", "predict", "--model", str(work / MODELS[model]), *map(str, files), *args]
     return run(cmd, work, check=check)
 
 
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The words of each line of the table of several images (its header checked and dropped)."""
+    lines = stdout.split("\n\n")[0].splitlines()
+    assert lines[0].split() == ["image", "class", "prob", "next"]
+    return [line.split() for line in lines[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +141,11 @@ def test_unreadable_files_are_one_line_each_and_the_rest_is_predicted(exported_p
                       f"error: {bad[2]}: decompression bomb (more pixels than the limit, 1,000)",
                       f"error: {bad[3]}: decompression bomb (more pixels than the limit, 1,000)"]
     evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
-    tables = proc.stdout.strip().split("\n\n")
-    assert [t.splitlines()[0] for t in tables] == [str(test_pngs[i]) for i in range(3)]
-    assert [t.splitlines()[2].split()[1] for t in tables] == evaluated[:3]  # rank 1's label
-    assert all(len(t.splitlines()) == 2 + 5 for t in tables)  # header + the default top 5
+    rows = table_rows(proc.stdout)
+    assert [r[0] for r in rows] == [str(test_pngs[i]) for i in range(3)]
+    assert [r[1] for r in rows] == evaluated[:3]  # the top-1 class
+    assert all(len(r) == 3 + 2 * 2 for r in rows)  # path, class, probability and the next 2 classes
+    assert "7 images: 3 predicted, 4 failed (on stderr)" in proc.stdout
     # without the limit, the same two large images are ordinary images
     ok = predict(work, "checkpoint", bad[2:], "--json")
     assert [o["image"] for o in json_lines(ok.stdout)] == [str(f) for f in bad[2:]]
@@ -248,3 +263,139 @@ def test_a_folder_without_images_is_one_line(exported_pipeline, tmp_path, conten
     why = "it is empty" if content == "nothing" else "skipped 1 file (not images by extension: .md)"
     assert proc.stderr.splitlines() == [f"error: folder '{folder}' has no image files: {why}; predict looks for "
                                         ".bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp in it and its subfolders"]
+
+
+def test_without_a_model_it_runs_models_model_onnx_of_the_working_directory(exported_pipeline, test_pngs, tmp_path):
+    work = exported_pipeline[0]
+    (tmp_path / paths.MODELS_DIR).mkdir()
+    shutil.copy(work / paths.ONNX_MODEL, tmp_path / paths.ONNX_MODEL)
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(test_pngs[0]), str(test_pngs[1]), "--json"]
+    out = json_lines(run(cmd, tmp_path).stdout)
+    assert out == json_lines(predict(work, "onnx", test_pngs[:2], "--json").stdout)
+    (tmp_path / paths.ONNX_MODEL).unlink()  # no default model: one line saying how to make it
+    proc = run(cmd, tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: no --model given and the default models/model.onnx does not exist here; make it with "
+        "`dvc repro export` (`dvc repro` runs the whole pipeline), or pass --model models/model.pt"]
+
+
+def test_the_older_form_model_first_still_works_and_one_image_gets_its_top_k(exported_pipeline, test_pngs):
+    work = exported_pipeline[0]
+    cmd = [sys.executable, "-m", "pipeline", "predict", str(work / paths.CHECKPOINT), str(test_pngs[0])]
+    older = run(cmd, work).stdout
+    assert older == predict(work, "checkpoint", [test_pngs[0]]).stdout
+    lines = older.splitlines()
+    assert lines[0] == str(test_pngs[0]) and lines[1].split() == ["rank", "label", "probability"]
+    assert len(lines) == 2 + 5  # the default top 5
+    stray = run(cmd[:4] + [str(test_pngs[0]), str(work / paths.ONNX_MODEL)], work, check=False)
+    assert stray.returncode == 2 and stray.stderr.splitlines() == [
+        f"error: {work / paths.ONNX_MODEL} looks like a model, not an image; give one model, first or with -m/--model"]
+
+
+def class_folders(work, test_pngs, root) -> dict:
+    """23 test images as root/test/<class>/, root/<class>/ and root/loose/ (no class) files; the
+    first one in the folder of a class the model does not predict for it. {file: (index, folder label)}."""
+    y = np.load(work / paths.PREPARED_DIR / "test_y.npy")
+    evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(int).tolist()
+    placed = {}
+    for i in range(23):
+        label = str((evaluated[0] + 1) % 10) if i == 0 else str(y[i])
+        dest = root / "test" / label if i < 20 else root / label if i < 22 else root / "loose"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(test_pngs[i], dest / f"{i:03d}.png")
+        placed[dest / f"{i:03d}.png"] = (i, None if i == 22 else label)
+    return placed
+
+
+def test_a_folder_is_one_line_per_image_then_a_summary_per_class_and_the_accuracy(exported_pipeline, test_pngs,
+                                                                                  tmp_path):
+    work = exported_pipeline[0]
+    placed = class_folders(work, test_pngs, tmp_path / "photos")
+    proc = predict(work, "onnx", [tmp_path / "photos"])
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
+    rows = table_rows(proc.stdout)
+    assert sorted(r[0] for r in rows) == sorted(map(str, placed)) and len(rows) == 23
+    predicted = {r[0]: r[1] for r in rows}
+    for r in rows:
+        i, label = placed[Path(r[0])]
+        assert r[1] == evaluated[i] and len(r) == 3 + 2 * 2 + 2 * (label not in (None, r[1]))
+        assert r[-2:] == ["(folder:", f"{label})"] if label not in (None, r[1]) else "(folder:" not in r
+    as_json = json_lines(predict(work, "onnx", placed, "--json").stdout)
+    probs = {o["image"]: o["top_k"][0]["probability"] for o in as_json}
+    summary = proc.stdout.split("\n\n")[1].splitlines()
+    assert summary[0].split() == ["class", "predicted", "mean", "prob", "in", "folder", "right"]
+    per_class = {line.split()[0]: line.split()[1:] for line in summary[1:-2]}
+    labels = {str(f): label for f, (_, label) in placed.items()}
+    for c, (n, mean, in_folder, right) in per_class.items():
+        mine = [f for f, p in predicted.items() if p == c]
+        assert int(n) == len(mine) and float(mean) == pytest.approx(np.mean([probs[f] for f in mine]), abs=6e-4)
+        assert int(in_folder) == list(labels.values()).count(c)
+        assert int(right) == sum(labels[f] == c for f in mine)
+    assert sum(int(v[0]) for v in per_class.values()) == 23
+    right = sum(labels[f] == p for f, p in predicted.items())
+    assert right <= 21  # the first image sits in another class's folder
+    assert summary[-2].startswith(f"23 images: 23 predicted, 0 failed; model {work / paths.ONNX_MODEL}, ")
+    assert summary[-1] == (f"accuracy against the class folders: {right / 22:.1%} ({right} of 22 right, "
+                           f"{22 - right} wrong; 1 not in a class folder)")
+
+
+def test_out_writes_one_csv_row_per_image_with_every_probability(exported_pipeline, test_pngs, tmp_path):
+    work = exported_pipeline[0]
+    placed = class_folders(work, test_pngs, tmp_path / "photos")
+    broken = tmp_path / "photos" / "test" / "3" / "broken.jpg"
+    broken.write_text("not a jpeg\n")
+    out = tmp_path / "preds.csv"
+    proc = predict(work, "onnx", [tmp_path / "photos"], "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"error: {broken}: not an image (cannot identify)", f"predict: wrote {out} (24 rows, one per image)"]
+    assert "24 images: 23 predicted, 1 failed (on stderr)" in proc.stdout
+    csv = pd.read_csv(out, dtype={"image": str, "predicted": str, "label": str, "error": str})
+    classes = [str(c) for c in range(10)]
+    assert csv.columns.tolist() == ["image", "predicted", "probability", "label", "error"] + [f"p_{c}" for c in classes]
+    assert sorted(csv["image"]) == sorted(map(str, [*placed, broken]))
+    ok, bad = csv[csv["image"] != str(broken)], csv[csv["image"] == str(broken)]
+    p = ok[[f"p_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert ok["predicted"].tolist() == [classes[i] for i in p.argmax(axis=1)]
+    np.testing.assert_allclose(ok["probability"], p.max(axis=1))
+    assert ok["predicted"].tolist() == [r[1] for r in table_rows(proc.stdout)]  # the table's order and classes
+    assert ok["label"].fillna("").tolist() == [placed[Path(f)][1] or "" for f in ok["image"]]
+    assert ok["error"].isna().all() and bad["error"].tolist() == ["not an image (cannot identify)"]
+    assert bad[["predicted", "probability", *[f"p_{c}" for c in classes]]].isna().all(axis=None)
+
+
+def read_terminal(fd: int, into: list) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
+def test_the_progress_bar_is_drawn_on_a_terminals_stderr_never_on_stdout(exported_pipeline, test_pngs):
+    import fcntl
+    import struct
+    import termios
+    import threading
+
+    work = exported_pipeline[0]
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, as a terminal has
+    cmd = [sys.executable, "-m", "pipeline", "predict", "-m", str(work / paths.ONNX_MODEL), *map(str, test_pngs[:20])]
+    proc = subprocess.Popen(cmd, cwd=work, env=clean_env(), stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    drawn: list[bytes] = []
+    reader = threading.Thread(target=read_terminal, args=(leader, drawn))
+    reader.start()
+    stdout = proc.communicate(timeout=300)[0]
+    reader.join(timeout=30)
+    os.close(leader)
+    terminal = b"".join(drawn).decode()
+    assert proc.returncode == 0 and re.search(r"predict: +\d+%\|.*\| *\d+/20 ", terminal)
+    assert "\r" not in stdout and "/20" not in stdout and "%|" not in stdout
+    assert len(table_rows(stdout)) == 20 and "20 images: 20 predicted, 0 failed" in stdout

@@ -1,31 +1,43 @@
-"""`pipeline predict MODEL IMAGE|FOLDER...`: the top-k classes of image files.
+"""`pipeline predict [-m MODEL] IMAGE|FOLDER... [--out FILE.csv]`: the classes of image files.
 
-MODEL is an exported ONNX model (classes and preprocessing read from its metadata, or from the
-JSON beside it; run by ONNX Runtime without importing torch) or a checkpoint (models/model.pt).
-A FOLDER stands for its image files, found recursively and sorted by path as prepare scans a
-folder data set (`pipeline.data.folder`); hidden files and other extensions are skipped and
-counted on stderr. Every image goes through exactly the evaluation preprocessing (the model's
-`Preprocessing`, on a numpy array for ONNX, on a tensor for the checkpoint: the same values):
-decoded to RGB as prepare decodes a folder data set (`pipeline.images.decode_image`: EXIF
-rotation, alpha on white, 16-bit scaled), resized to the stored size with prepare's policy
-(`pipeline.images.resize`), centre-cropped to the model's input and normalised with the stored
-mean/std. A file that cannot be read (missing, not an image, truncated, more pixels than the
-limit) is one line on stderr; the others are still predicted, and the exit status is 1 at the end.
+MODEL (default models/model.onnx, which `dvc repro export` writes; the older form `predict
+MODEL.onnx|MODEL.pt IMAGE...` still works) is an exported ONNX model (classes and preprocessing
+read from its metadata, or from the JSON beside it; run by ONNX Runtime without importing torch)
+or a checkpoint (models/model.pt). A FOLDER stands for its image files, found recursively and
+sorted by path as prepare scans a folder data set (`pipeline.data.folder`); hidden files and
+other extensions are skipped and counted on stderr. Every image goes through exactly the
+evaluation preprocessing (the model's `Preprocessing`, on a numpy array for ONNX, on a tensor for
+the checkpoint: the same values): decoded to RGB as prepare decodes a folder data set
+(`pipeline.images.decode_image`: EXIF rotation, alpha on white, 16-bit scaled), resized to the
+stored size with prepare's policy (`pipeline.images.resize`), centre-cropped to the model's input
+and normalised with the stored mean/std.
+
+One image file: its top-k table. Several, or a folder: a progress bar on stderr (only when stderr
+is a terminal), one aligned line per image on stdout (path, top-1 class and probability, the next
+classes), then a summary: images predicted as each class with their mean probability, how many
+were predicted and how many failed, and, for images in class-named folders (root/<class>/x.jpg,
+root/test/<class>/x.jpg: the folder's name is one of the model's classes), the accuracy against
+those folder labels. `--json`: one JSON object per line and nothing else on stdout. `--out
+FILE.csv`: one row per image with every class's probability. A file that cannot be read (missing,
+not an image, truncated, more pixels than the limit) is one line on stderr; the others are still
+predicted, and the exit status is 1 at the end.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
+from pipeline import paths
 from pipeline.data.folder import EXTENSIONS, name_problem, walk_files
 from pipeline.errors import UserError
 from pipeline.images import BadImage
@@ -33,6 +45,10 @@ from pipeline.preprocess import Preprocessing
 
 EXIT_SOME_FAILED = 1
 BATCH = 64  # images decoded and run at once
+MODEL_SUFFIXES = (".onnx", ".pt", ".pth")  # a first IMAGE ending so is the model: `predict MODEL IMAGE...`
+TOP_K = 5  # classes shown for one image and in --json
+ROW_TOP_K = 3  # classes on each line of the table of several images: the top-1 and the next two
+PATH_WIDTH = 60  # the table's path column: wider paths push their own line out of line
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,21 @@ class Predictor:
     @property
     def resize(self) -> str:
         return self.prep.resize
+
+
+def model_and_images(model: Path | None, images: list[Path]) -> tuple[Path, list[Path]]:
+    """The model to run and the images to predict: `--model`, else a first IMAGE ending in .onnx
+    or .pt (the older form `predict MODEL IMAGE...`), else models/model.onnx, which must exist."""
+    if model is None and images and images[0].suffix.lower() in MODEL_SUFFIXES:
+        model, images = images[0], images[1:]
+    if stray := [p for p in images if p.suffix.lower() in MODEL_SUFFIXES]:
+        raise UserError(f"{stray[0]} looks like a model, not an image; give one model, first or with -m/--model")
+    if not images:
+        raise UserError(f"no images to predict with {model}; give image files or folders after it")
+    if model is None and not paths.ONNX_MODEL.is_file():
+        raise UserError(f"no --model given and the default {paths.ONNX_MODEL} does not exist here; make it with "
+                        "`dvc repro export` (`dvc repro` runs the whole pipeline), or pass --model models/model.pt")
+    return model or paths.ONNX_MODEL, images
 
 
 def load_predictor(path: Path) -> Predictor:
@@ -169,11 +200,10 @@ def probabilities(predictor: Predictor, images: np.ndarray, tta: str = "none") -
     return np.mean([softmax(predictor.logits(v)) for v in tta_views(images, predictor.image_size, tta)], axis=0)
 
 
-def predict_files(predictor: Predictor, files: list[Path], k: int, max_pixels: int | None = None,
-                  tta: str = "none") -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
-    """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
-
-    k = min(k, len(predictor.classes))
+def predict_probabilities(predictor: Predictor, files: list[Path], max_pixels: int | None = None, tta: str = "none",
+                          tick: Callable[[], object] | None = None) -> Iterator[tuple[Path, np.ndarray | None, str]]:
+    """(file, its class probabilities, '') per file in order, or (file, None, reason); `tick()`
+    after each file is read (a progress bar's update)."""
     for start in range(0, len(files), BATCH):
         chunk, images, reasons = files[start:start + BATCH], [], {}
         with pixel_limit(max_pixels):
@@ -182,35 +212,174 @@ def predict_files(predictor: Predictor, files: list[Path], k: int, max_pixels: i
                     images.append(preprocess(f, predictor.prep))
                 except BadImage as exc:
                     reasons[f] = str(exc)
+                if tick:
+                    tick()
         probs = iter(probabilities(predictor, np.stack(images), tta) if images else [])
         for f in chunk:
-            if f in reasons:
-                yield f, None, reasons[f]
-                continue
-            p = next(probs)
-            yield f, [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]], ""
+            yield (f, None, reasons[f]) if f in reasons else (f, next(probs), "")
+
+
+def top_k(classes: list[str], p: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The k most probable (label, probability), best first (ties: the earlier class)."""
+    return [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
+
+
+def predict_files(predictor: Predictor, files: list[Path], k: int, max_pixels: int | None = None,
+                  tta: str = "none") -> Iterator[tuple[Path, list[tuple[str, float]] | None, str]]:
+    """(file, top-k (label, probability) best first, '') per file in order, or (file, None, reason)."""
+    k = min(k, len(predictor.classes))
+    for f, p, reason in predict_probabilities(predictor, files, max_pixels, tta):
+        yield f, None if p is None else top_k(predictor.classes, p, k), reason
+
+
+def folder_label(path: Path, classes: list[str]) -> str | None:
+    """The class an image's folder names (root/<class>/x.jpg, root/test/<class>/x.jpg), if any."""
+    return path.parent.name if path.parent.name in classes else None
 
 
 def format_table(path: Path, top: list[tuple[str, float]]) -> str:
+    """One image: its top-k as a ranked table under its path."""
     width = max(5, *(len(label) for label, _ in top))
     rows = [f"{path}", f"  {'rank':>4}  {'label':<{width}}  probability"]
     rows += [f"  {i:>4}  {label:<{width}}  {p:11.4f}" for i, (label, p) in enumerate(top, 1)]
     return "\n".join(rows)
 
 
-def run(model: Path, images: list[Path], top_k: int = 5, as_json: bool = False,
-        max_pixels: int | None = None, tta: str = "none") -> int:
-    """Print predictions for `images` (files and folders); return how many could not be read."""
+@dataclass(frozen=True)
+class Rows:
+    """Several images: one aligned line each, `path  class  probability  next 0.05  other 0.01`,
+    ending `(folder: <class>)` where the image's class folder says otherwise."""
+    path_width: int
+    label_width: int
+
+    @classmethod
+    def fit(cls, files: list[Path], classes: list[str]) -> "Rows":
+        return cls(min(PATH_WIDTH, max(len(str(f)) for f in files)), min(24, max(5, *map(len, classes))))
+
+    def header(self) -> str:
+        return f"{'image':<{self.path_width}}  {'class':<{self.label_width}}  {'prob':>5}  next"
+
+    def line(self, path: Path, top: list[tuple[str, float]], label: str | None) -> str:
+        (best, p), others = top[0], "  ".join(f"{c} {q:.2f}" for c, q in top[1:])
+        wrong = f"  (folder: {label})" if label is not None and label != best else ""
+        return f"{str(path):<{self.path_width}}  {best:<{self.label_width}}  {p:5.3f}  {others}{wrong}".rstrip()
+
+
+@dataclass
+class Tally:
+    """What the summary counts: per predicted image its class, probability and folder label."""
+    classes: list[str]
+    predicted: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # the class folder's index, -1 outside class folders
+    failed: int = 0
+
+    def add(self, p: np.ndarray | None, label: str | None) -> None:
+        if p is None:
+            self.failed += 1
+            return
+        self.predicted.append(i := int(np.argmax(p)))
+        self.confidence.append(float(p[i]))
+        self.labels.append(-1 if label is None else self.classes.index(label))
+
+
+def summary(t: Tally, model: Path, seconds: float) -> str:
+    """Per class (predicted or labelled at least once) the images predicted as it and their mean
+    probability, with labels also the images in its folder and how many of them were right; then
+    the counts and the accuracy against the folder labels."""
+    pred, conf, lab = np.array(t.predicted, int), np.array(t.confidence), np.array(t.labels, int)
+    shown = [c for c in range(len(t.classes)) if (pred == c).any() or (lab == c).any()]
+    width, labelled = max([5] + [len(t.classes[c]) for c in shown]), lab >= 0
+    lines = [f"{'class':<{width}}  predicted  mean prob" + ("  in folder  right" if labelled.any() else "")]
+    for c in shown:
+        mean = f"{conf[pred == c].mean():9.3f}" if (pred == c).any() else f"{'-':>9}"
+        tail = f"  {(lab == c).sum():>9}  {((lab == c) & (pred == c)).sum():>5}" if labelled.any() else ""
+        lines.append(f"{t.classes[c]:<{width}}  {(pred == c).sum():>9}  {mean}{tail}")
+    lines.append(f"{len(pred) + t.failed} images: {len(pred)} predicted, {t.failed} failed"
+                 f"{' (on stderr)' if t.failed else ''}; model {model}, {seconds:.1f} s")
+    if labelled.any():
+        right, n = int((pred == lab)[labelled].sum()), int(labelled.sum())
+        outside = f"; {len(pred) - n} not in a class folder" if n < len(pred) else ""
+        lines.append(f"accuracy against the class folders: {right / n:.1%} ({right} of {n} right, {n - right} wrong"
+                     f"{outside})")
+    return "\n".join(lines)
+
+
+def write_csv(out: Path, results: list[tuple[Path, np.ndarray | None, str | None, str]], classes: list[str]) -> None:
+    """One row per image: image, predicted, probability, label (its class folder), error, p_<class>...;
+    an unreadable image has an empty prediction and probabilities, and its reason in `error`."""
+    import pandas as pd
+
+    from pipeline.io import atomic_path
+
+    rows = [{"image": str(f), "predicted": "" if p is None else classes[int(np.argmax(p))],
+             "probability": np.nan if p is None else float(np.max(p)), "label": label or "", "error": reason}
+            for f, p, label, reason in results]
+    probs = np.stack([np.full(len(classes), np.nan) if p is None else p for _, p, _, _ in results])
+    frame = pd.concat([pd.DataFrame(rows), pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+@contextmanager
+def progress_bar(total: int, wanted: bool) -> Iterator[object | None]:
+    """tqdm's bar on stderr counting the images read, when `wanted` and stderr is a terminal (else
+    None); lines printed meanwhile go through its `write`, above it. It is gone once done."""
+    if not wanted:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="predict", unit="img", file=sys.stderr, leave=False, disable=None) as bar:
+        yield None if bar.disable else bar
+
+
+def say(line: str, bar: object | None, file=None) -> None:
+    """Print a line (to stdout by default), above the progress bar when there is one."""
+    if bar is not None:
+        bar.write(line, file=file or sys.stdout)
+    else:
+        print(line, file=file or sys.stdout)
+
+
+def check_out(out: Path | None) -> None:
+    if out is not None and (out.suffix.lower() != ".csv" or out.is_dir()):
+        raise UserError(f"--out {out}: give a .csv file to write, e.g. --out predictions.csv")
+
+
+def run(model: Path, images: list[Path], k: int | None = None, as_json: bool = False, max_pixels: int | None = None,
+        tta: str = "none", out: Path | None = None) -> int:
+    """Print predictions for `images` (files and folders): a table and a summary when there are
+    several; write `out` (CSV) when given; return how many could not be read."""
+    check_out(out)
     files = image_files(images)
-    predictor = load_predictor(model)
-    failed = 0
-    for path, top, reason in predict_files(predictor, files, top_k, max_pixels, tta):
-        if top is None:
-            failed += 1
-            sys.stdout.flush()  # keep the error next to its neighbours in a terminal
-            print(f"error: {path}: {reason}", file=sys.stderr, flush=True)
-        elif as_json:
-            print(json.dumps({"image": str(path), "top_k": [{"label": lb, "probability": p} for lb, p in top]}))
-        else:
-            print(format_table(path, top) + "\n")
-    return failed
+    predictor, started = load_predictor(model), time.perf_counter()
+    several = len(files) > 1 or any(p.is_dir() for p in images)
+    rows = Rows.fit(files, predictor.classes) if several and not as_json else None
+    k = min(k or (ROW_TOP_K if rows else TOP_K), len(predictor.classes))
+    tally, results = Tally(predictor.classes), []
+    if rows:
+        print(rows.header())
+    with progress_bar(len(files), several) as bar:
+        for path, p, reason in predict_probabilities(predictor, files, max_pixels, tta, bar and bar.update):
+            label = folder_label(path, predictor.classes)
+            tally.add(p, label)
+            results += [(path, p, label, reason)] if out else []
+            if p is None:
+                sys.stdout.flush()  # keep the error next to its neighbours in a terminal
+                say(f"error: {path}: {reason}", bar, sys.stderr)
+            else:
+                say(display(path, top_k(predictor.classes, p, k), label, as_json, rows), bar)
+    if rows:
+        print("\n" + summary(tally, model, time.perf_counter() - started))
+    if out:
+        write_csv(out, results, predictor.classes)
+        print(f"predict: wrote {out} ({len(results)} rows, one per image)", file=sys.stderr)
+    return tally.failed
+
+
+def display(path: Path, top: list[tuple[str, float]], label: str | None, as_json: bool, rows: Rows | None) -> str:
+    """One image's output: a JSON line, a line of the table of several images, or its own table."""
+    if as_json:
+        return json.dumps({"image": str(path), "top_k": [{"label": lb, "probability": q} for lb, q in top]})
+    return rows.line(path, top, label) if rows else format_table(path, top)
