@@ -1,5 +1,8 @@
-"""`pipeline summary -m NAME`, `pipeline models [PATTERN]`, `pipeline predict MODEL IMAGE|FOLDER...`,
-`pipeline lr-find`, `pipeline tune --trials N` and `pipeline ensemble MEMBER...`."""
+"""`pipeline summary [-m NAME]`, `pipeline models [PATTERN]`, `pipeline predict [-m MODEL] IMAGE|FOLDER...`,
+`pipeline lr-find`, `pipeline tune --trials N` and `pipeline ensemble MEMBER...`.
+
+Without -m, `summary` shows params.yaml's model at the project's input size and class count,
+and `predict` runs models/model.onnx (what `dvc repro` exports)."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +13,65 @@ from pipeline import paths
 from pipeline.errors import UserError, run_cli
 
 
+SUMMARY_IMAGE_SIZE = 32  # `pipeline summary`'s input size when neither --image-size nor data/resolved gives one
+SUMMARY_NUM_CLASSES = 10  # and its head's outputs when neither --num-classes nor data/prepared gives them
+
+
 def _summary(args: argparse.Namespace) -> None:
     from pipeline.models import build_model, check_model_name, min_image_size
     from pipeline.models.summary import summarize
 
-    check_model_name(args.model)
-    if args.image_size < (need := min_image_size(args.model)):
-        raise UserError(f"--image-size {args.image_size}: {args.model} needs at least {need} px")
-    model = build_model(args.model, num_classes=args.num_classes)
-    print(summarize(model, args.model, args.image_size, args.num_classes).table(args.depth))
+    name, name_from = _summary_model(args.model)
+    size, size_from = _summary_size(args)
+    k, k_from = _summary_classes(args)
+    check_model_name(name)
+    if size < (need := min_image_size(name)):
+        if args.image_size is not None:
+            raise UserError(f"--image-size {size}: {name} needs at least {need} px")
+        size, size_from = need, f"{name}'s minimum"
+    print(f"summary: model {name} ({name_from}), {size} px ({size_from}), {k} classes ({k_from})")
+    print(summarize(build_model(name, num_classes=k), name, size, k).table(args.depth))
+
+
+def _summary_model(given: str | None) -> tuple[str, str]:
+    """(model name, where it came from): -m, else params.yaml's `model`."""
+    from pipeline.params import load_params
+
+    if given:
+        return given, "-m"
+    if not paths.PARAMS.is_file():
+        raise UserError(f"no -m/--model given and no {paths.PARAMS} here to take the model from; "
+                        "give one (e.g. -m resnet18) or run in the repository root")
+    return load_params(check_models=False).model, str(paths.PARAMS)
+
+
+def _summary_size(args: argparse.Namespace) -> tuple[int, str]:
+    """(input size, where it came from): --image-size, else the resolved preprocessing's, else 32."""
+    if args.image_size is not None:
+        return args.image_size, "--image-size"
+    if resolved := _json_if_there(paths.RESOLVED_PREPROCESSING, "check"):
+        return int(resolved["image_size"]), str(paths.RESOLVED_PREPROCESSING)
+    return SUMMARY_IMAGE_SIZE, "default"
+
+
+def _summary_classes(args: argparse.Namespace) -> tuple[int, str]:
+    """(classes, where they came from): --num-classes, else the prepared data's, else 10."""
+    if args.num_classes is not None:
+        return args.num_classes, "--num-classes"
+    if (meta := _json_if_there(paths.PREPARED_META, "prepare")) and meta.get("classes"):
+        return len(meta["classes"]), str(paths.PREPARED_DIR)
+    return SUMMARY_NUM_CLASSES, "default"
+
+
+def _json_if_there(path: Path, stage: str) -> dict | None:
+    from pipeline.io import read_json
+
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON); re-make it: dvc repro -f {stage}") from None
 
 
 COUNT_LIMIT = 100  # `pipeline models` counts parameters when at most this many names match (~50 ms each)
@@ -58,9 +111,10 @@ def _millions(n: int | None) -> str:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.export.predict import EXIT_SOME_FAILED, run
+    from pipeline.export.predict import EXIT_SOME_FAILED, model_and_images, run
 
-    if run(args.model, args.images, args.top_k, args.json, args.max_pixels, args.tta):
+    model, images = model_and_images(args.model, args.images)
+    if run(model, images, args.top_k, args.json, args.max_pixels, args.tta, args.out):
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -88,6 +142,12 @@ def _ensemble(args: argparse.Namespace) -> None:
     run(args.members, args.weights, args.out or ENSEMBLE_ONNX)
 
 
+def _runs(args: argparse.Namespace) -> None:
+    from pipeline.runs import show
+
+    show(args.n, args.json)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -98,10 +158,19 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pipeline", description="Tools around the image-classification pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("summary", help="layer table, parameter counts and MACs/FLOPs of a model")
-    s.add_argument("-m", "--model", required=True, help="a registry or timm model name, e.g. resnet18")
-    s.add_argument("--image-size", type=int, default=32, help="input height and width in pixels (default 32)")
-    s.add_argument("--num-classes", type=int, default=10, help="outputs of the head (default 10)")
+    s = sub.add_parser("summary", help="layer table, parameter counts and MACs/FLOPs of a model",
+                       description="The layers of a model (output shapes, parameters with their children's), its "
+                                   "parameter count and MACs per image. Without options: the model of params.yaml "
+                                   "at the project's input size and class count; the first line says where each "
+                                   "value came from.")
+    s.add_argument("-m", "--model", default=None,
+                   help="a registry or timm model name, e.g. resnet18 (default: `model` of params.yaml)")
+    s.add_argument("--image-size", type=_positive, default=None,
+                   help=f"input height and width in pixels (default: image_size of {paths.RESOLVED_PREPROCESSING} "
+                        f"when the check stage has run, else {SUMMARY_IMAGE_SIZE} or the model's minimum)")
+    s.add_argument("--num-classes", type=_positive, default=None,
+                   help=f"outputs of the head (default: the classes of {paths.PREPARED_META} when prepare "
+                        f"has run, else {SUMMARY_NUM_CLASSES})")
     s.add_argument("--depth", type=int, default=2, help="module nesting shown in the table (default 2)")
     s.set_defaults(fn=_summary)
     m = sub.add_parser("models", help="list the model names with parameter counts and pretrained weights",
@@ -112,16 +181,29 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=_positive, default=1000,
                    help="outputs of the head the parameter counts assume (default 1000, ImageNet's)")
     m.set_defaults(fn=_models)
-    p = sub.add_parser("predict", help="top-k classes of image files with an exported model or a checkpoint",
+    p = sub.add_parser("predict", help=f"classes of image files or folders, with {paths.ONNX_MODEL} or a given model",
                        description="Predict image files with the evaluation preprocessing (RGB, prepare's resize, "
                                    "the model's mean/std). A folder stands for its image files (recursively, sorted; "
-                                   "hidden files and other extensions skipped, counted on stderr). Unreadable files "
-                                   "are reported on stderr, one line each; the others are still predicted and the "
-                                   "exit status is 1. A .onnx model runs on ONNX Runtime without importing torch.")
-    p.add_argument("model", type=Path, metavar="MODEL", help="models/model.onnx (exported) or models/model.pt (checkpoint)")
+                                   "hidden files and other extensions skipped, counted on stderr). One image: its "
+                                   "top-k table. Several: a progress bar on stderr (in a terminal), one line per "
+                                   "image (class, probability, the next classes), then per class the images "
+                                   "predicted as it and their mean probability; for images in class-named folders "
+                                   "(photos/<class>/x.jpg, photos/test/<class>/x.jpg) the accuracy against them. "
+                                   "Unreadable files are reported on stderr, one line each; the others are still "
+                                   "predicted and the exit status is 1. A .onnx model runs on ONNX Runtime without "
+                                   "importing torch.")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE|FOLDER",
-                   help="image files of any size and mode, or folders of them")
-    p.add_argument("-k", "--top-k", type=_positive, default=5, help="classes shown per image (default 5)")
+                   help="image files of any size and mode, or folders of them (the older form `predict "
+                        "MODEL.onnx|MODEL.pt IMAGE...` also works)")
+    p.add_argument("-m", "--model", type=Path, default=None,
+                   help=f"an exported model (.onnx) or a checkpoint (models/model.pt); default {paths.ONNX_MODEL}, "
+                        "which `dvc repro export` writes")
+    p.add_argument("-k", "--top-k", type=_positive, default=None,
+                   help="classes shown per image (default 5; 3 on the one-line-per-image table of several images)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.csv",
+                   help="also write one row per image: image, predicted, probability, label (its class folder, "
+                        "if any), error, and p_<class> for every class; an unreadable image gets a row with "
+                        "empty prediction and probabilities and its reason in `error`")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')
     p.add_argument("--max-pixels", type=_positive, default=None,
@@ -163,6 +245,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None,
                    help="the ONNX model (default models/ensemble.onnx); its card is written beside it as .json")
     e.set_defaults(fn=_ensemble)
+    r = sub.add_parser("runs", help="every experiment on one screen: best test accuracy first, what differed",
+                       description="Every DVC experiment of the repository (of every baseline commit), the "
+                                   "baselines and the workspace, grouped by data set, best test accuracy first "
+                                   "(* marks the best of each): model, strategy, test and best validation "
+                                   "accuracy, training time (from MLflow) and the params that differ among them.")
+    r.add_argument("-n", type=_positive, default=None, metavar="N", help="the N best rows of each data set")
+    r.add_argument("--json", action="store_true", help="the rows as a JSON list, for scripts")
+    r.set_defaults(fn=_runs)
     return ap
 
 
