@@ -11,12 +11,16 @@ weights in ../shared/weights/, through the real stages in a temporary copy of th
 2. `python -m pipeline ensemble` of the three checkpoints, weights fitted on the validation
    split: the ensemble's test accuracy, log loss and ECE beside each member's.
 
+With `--seeds 0,1,2` instead: the ensemble people try first, the same partial fine-tuning
+trained with each `seed` (one split: `data.split_seed` stays), each member's test figures and
+the ensemble's (no TTA, none of the inside pictures: what differs is the seed alone).
+
 The pictures of the probe's evaluate (activations, filters, embedding, label issues,
 reliability) are copied to --pictures for a person to look at.
 
 Needs ../shared/data/cifar10-jpeg.tar.gz and ../shared/weights/tf_efficientnet_lite0_imagenet.pth;
 skips with a message where they are absent.
-Run: python benchmarks/bench_better_models.py [--size 128] [--epochs 3] [--ema 0.99]
+Run: python benchmarks/bench_better_models.py [--size 128] [--epochs 3] [--ema 0.99] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--pictures", type=Path, default=Path("/tmp/better_models_pictures"))
+    ap.add_argument("--seeds", default=None, help="e.g. 0,1,2: only the ensemble of one recipe trained with each seed")
     args = ap.parse_args()
     if not (bt.ARCHIVE.exists() and bt.WEIGHTS.exists()):
         print(f"skipped: needs {bt.ARCHIVE} and {bt.WEIGHTS} (../shared beside the project)")
@@ -75,6 +80,8 @@ def main() -> None:
                                 "augment.hflip": True, "evaluate.tta": "hflip_crops"})
         bt.run(["git", "commit", "-qam", "benchmark params"], project)
         bt.stages(project, ("check", "download", "prepare"))
+        if args.seeds:
+            return seed_ensemble(project, members, [int(x) for x in args.seeds.split(",")], args.epochs)
         results = [one_model(project, "probe", {"finetune": "linear_probe"}, members)]
         args.pictures.mkdir(parents=True, exist_ok=True)
         for name in PICTURES:
@@ -88,6 +95,19 @@ def main() -> None:
         ens = json.loads((project / "metrics/ensemble.json").read_text())
         print(json.dumps({"ensemble": ens, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
         print(f"pictures of the probe's evaluate: {args.pictures}")
+
+
+def seed_ensemble(project: Path, members: Path, seeds: list[int], epochs: int) -> None:
+    """The same partial fine-tuning with each seed (the split stays: data.split_seed), then
+    `pipeline ensemble` of them."""
+    quick = {"finetune": "partial", "epochs": epochs, "evaluate.tta": "none", "evaluate.activations": False,
+             "evaluate.filters": False, "evaluate.embedding": False, "evaluate.label_issues": False}
+    results = [one_model(project, f"seed{seed}", quick | {"seed": seed}, members) for seed in seeds]
+    t0 = time.perf_counter()
+    bt.run([sys.executable, "-m", "pipeline", "ensemble", *(str(members / f"{r['model']}.pt") for r in results)],
+           project)
+    ens = json.loads((project / "metrics/ensemble.json").read_text())
+    print(json.dumps({"seed_ensemble": ens, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ val carved out of train) at --size px, timm's tf_efficientnet_lite0 with the rea
 weights in ../shared/weights/, linear probe (cached features), run through the real stages in
 a temporary copy of the project:
 
-1. `crossval.folds: 5`: the five fold stages and the summary; mean ± std of accuracy, wall time;
-   beside it the train stage's single validation figure and the test accuracy of the same setup.
+1. `crossval.folds: 5`: the train stage, its five folds first; mean ± std of accuracy, wall time
+   (the folds and the model), beside the single validation figure and the test accuracy of the same setup.
 2. `python -m pipeline tune --trials N` over `transfer.probe_l2` (log range 1e-4 … 1) with the
    objective best_val_accuracy: each trial a DVC experiment; the best value and params, wall time.
 
@@ -56,9 +56,7 @@ def main() -> None:
         if args.only != "tune":
             bt.set_params(project, {"crossval.folds": 5})
             t0 = time.perf_counter()
-            for fold in range(10):
-                bt.run([sys.executable, "-m", "stages.crossval", str(fold)], project)
-            bt.run([sys.executable, "-m", "stages.crossval_summary"], project)
+            bt.run([sys.executable, "-m", "stages.train"], project)  # the 5 folds, then the model
             cv = json.loads((project / "metrics/crossval.json").read_text())
             print(json.dumps({"crossval_5_fold": {"accuracy_mean": cv["accuracy"]["mean"], "accuracy_std": cv["accuracy"]["std"],
                                                   "per_fold": cv["accuracy"]["per_fold"],

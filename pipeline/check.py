@@ -2,6 +2,7 @@
 touched, checked in one place, and the preprocessing resolved from the weights."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline import dvcplots, paths, tracking
@@ -32,9 +33,24 @@ def check_training(params: Params) -> None:
                         "give one weight per class, or none / balanced")
 
 
+def link_weights(weights: str | None, link: Path = paths.RESOLVED_WEIGHTS) -> None:
+    """`link`: a symbolic link to the weights file, or a one-line file saying there are none. DVC
+    hashes what a link points to, so when the file's bytes change (same path, same params) the
+    train stage, which depends on the link, re-runs, and so does this stage (its output
+    changed): no stage has to run on every `dvc repro` to notice."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    if weights:
+        tmp.symlink_to(Path(weights).resolve())
+    else:
+        tmp.write_text("no weights file: weights: null in params.yaml\n")  # not empty: DVC warns of empty deps
+    os.replace(tmp, link)
+
+
 def check(params: Params) -> dict:
-    """Validate what the params point at; write the resolved preprocessing and the weights'
-    hash (only after every check passed). Returns what was written."""
+    """Validate what the params point at; write the resolved preprocessing and the link to the
+    weights (only after every check passed). Returns what was written."""
     check_files(params)
     check_training(params)
     tracking.enabled()  # an unusable MLflow store stops here (unless mlflow.required: false)
@@ -42,7 +58,7 @@ def check(params: Params) -> dict:
                                  params.data.resize)  # reads (and so checks) the weights file
     weights = {"path": params.weights, "sha256": file_sha256(Path(params.weights)) if params.weights else None}
     write_json(paths.RESOLVED_PREPROCESSING, prep.to_dict())
-    write_json(paths.RESOLVED_WEIGHTS, weights)
+    link_weights(params.weights)
     dvcplots.ensure_page()  # `dvc plots show` draws offline (written once, ~1.5 s)
     print(f"check: params.yaml is valid; preprocessing {prep.image_size} px: {prep.reason}")
     return {"preprocessing": prep.to_dict(), "weights": weights}

@@ -32,6 +32,7 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
+    split_seed: int = Field(0, ge=0, le=2**32 - 1)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     resize: Literal["center_crop", "stretch"] = "center_crop"
@@ -115,7 +116,7 @@ class TransferParams(_Section):
 
 
 class MlflowParams(_Section):
-    experiment: str = Field("image-classification", min_length=1)
+    experiment: str = Field("auto", min_length=1)  # auto: named after the data set (`experiment_name`)
     required: bool = True
     register_model: str | None = Field(None, min_length=1)
     model_alias: str = "candidate"
@@ -142,7 +143,7 @@ class PlotsParams(_Section):
     smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-MAX_FOLDS = 10  # dvc.yaml's crossval matrix has this many fold stages (tests/test_crossval.py checks it)
+MAX_FOLDS = 100
 
 
 class CrossvalParams(_Section):
@@ -152,7 +153,7 @@ class CrossvalParams(_Section):
     @classmethod
     def _off_or_k(cls, value: int) -> int:
         if value != 0 and not 2 <= value <= MAX_FOLDS:
-            raise ValueError(f"use 0 (off) or a number of folds from 2 to {MAX_FOLDS}")
+            raise ValueError(f"use 0 (off) or a number of folds from 2 to {MAX_FOLDS}, e.g. 5")
         return value
 
 
@@ -266,6 +267,15 @@ class Params(_Section):
             raise ValueError("Input should be greater than 0" if value <= 0 else "Input should be at most 10")
         raise ValueError("use auto or a number, e.g. 0.001")
 
+    def experiment_name(self) -> str:
+        """The MLflow experiment the runs go to: `mlflow.experiment`, or with `auto` the data
+        set's name (a folder's own name), so that sorting runs by accuracy compares like with like."""
+        if self.mlflow.experiment != "auto":
+            return self.mlflow.experiment
+        from pipeline.data.registry import display_name
+
+        return display_name(self.dataset, self.data_dir)
+
     def flat(self) -> dict[str, Any]:
         """All params as `section.key: value`, for MLflow."""
         out: dict[str, Any] = {}
@@ -275,6 +285,11 @@ class Params(_Section):
             else:
                 out[key] = value
         return out
+
+
+def trains_on_augmented_images(finetune: str, augmented_passes: int) -> bool:
+    """False for a linear probe on features computed once from the unaugmented images."""
+    return finetune != "linear_probe" or augmented_passes > 0
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -326,6 +341,11 @@ class StageParams:
 
     def flat(self) -> dict[str, Any]:
         return self._params.flat()
+
+    def experiment_name(self) -> str:
+        """Where the run is recorded (a record: reads `mlflow.experiment`, and with `auto` the
+        data set's name, which every stage that logs already depends on through its data)."""
+        return self._params.experiment_name()
 
 
 def update_params_file(path: Path, updates: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""MLflow: one run per pipeline execution, started by train, continued by evaluate and export.
+"""MLflow: one run per pipeline execution, started by train (which logs its curves live) and
+completed by the report stage (`pipeline.publish`), whatever DVC skipped in between.
 
 The default store is `sqlite:///<repo root>/mlflow.db`, the root taken from `DVC_ROOT` so
 that queued/temp experiments (which run in a temporary copy) log into the main store;
@@ -84,7 +85,7 @@ def _moved_store_problem(db: Path) -> str | None:
         return None
     from pipeline.params import load_params
 
-    name = load_params(check_models=False).mlflow.experiment
+    name = load_params(check_models=False).experiment_name()
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S) as con:
             row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (name,)).fetchone()
@@ -107,13 +108,18 @@ def required() -> bool:
     return load_params(check_models=False).mlflow.required
 
 
+def bound_http_retries() -> None:
+    """MLflow's client retries an unreachable server for minutes: bound each call (`_HTTP_LIMITS`)."""
+    for key, value in _HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
 def enabled() -> bool:
     """Whether this process logs to MLflow: the store is usable, or it is not and
     `mlflow.required: false` lets the stage go on without it (said once). Otherwise one line."""
     global _enabled
     if _enabled is None:
-        for key, value in _HTTP_LIMITS.items():
-            os.environ.setdefault(key, value)
+        bound_http_retries()
         problem = store_problem()
         if problem and required():
             from pipeline.errors import UserError
@@ -197,10 +203,11 @@ def artifact_root() -> Path:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def use_experiment(mlflow: Any, experiment: str) -> None:
-    """Make `experiment` active, creating it if needed. With a local SQLite store, MLflow would
-    fix the new experiment's artifact location at `./mlruns` of the *current directory*: for
-    a queued experiment, a temporary copy that DVC deletes afterwards, taking every later
+def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = None) -> str:
+    """Make `experiment` active, creating it if needed, with `tags` (its description, `NOTE`,
+    only when it has none yet: a person may have edited it); return its id. With a local SQLite store, MLflow
+    would fix the new experiment's artifact location at `./mlruns` of the *current directory*:
+    for a queued experiment, a temporary copy that DVC deletes afterwards, taking every later
     run's artifacts and models with it. So a new experiment gets `<repo root>/mlartifacts`.
     A tracking server chooses its own artifact location."""
     if tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
@@ -213,21 +220,26 @@ def use_experiment(mlflow: Any, experiment: str) -> None:
             if mlflow.get_experiment_by_name(experiment) is None:  # not "a parallel run created it first"
                 raise
     found = _retry(mlflow.set_experiment, experiment)
-    if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made elsewhere, or by an older version
-        for key, value in EXPERIMENT_KIND.items():
+    wanted = EXPERIMENT_KIND | {k: v for k, v in (tags or {}).items() if k != NOTE or not found.tags.get(NOTE)}
+    for key, value in wanted.items():  # made elsewhere, or by an older version
+        if found.tags.get(key) != value:
             _retry(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, key, value)
+    return found.experiment_id
 
 
-def recorded_run(run_file: Path) -> str | None:
-    """The run id `run_file` holds, if any."""
-    return read_json(run_file).get("run_id") if run_file.exists() else None
+NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown) in the UI
+
+
+def recorded_run(run_file: Path) -> dict:
+    """What `run_file` holds (run_id, experiment, tracking_uri, checkpoint_sha256, complete), or {}."""
+    return read_json(run_file) if run_file.exists() else {}
 
 
 def _interrupted_run(mlflow: Any, run_file: Path) -> str | None:
     """The run of `run_file` if a killed training left it RUNNING in this store."""
     from mlflow.exceptions import MlflowException
 
-    if (run_id := recorded_run(run_file)) is None:
+    if (run_id := recorded_run(run_file).get("run_id")) is None:
         return None
     try:
         return run_id if mlflow.get_run(run_id).info.status == "RUNNING" else None
@@ -235,11 +247,12 @@ def _interrupted_run(mlflow: Any, run_file: Path) -> str | None:
         return None
 
 
-def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
-              run_file: Path = paths.MLFLOW_RUN, resuming: bool = False) -> str | None:
-    """Create the pipeline's run, log params and tags, record its id in `run_file`; None when
-    tracking is off. A run a killed training left RUNNING is continued when training resumes
-    from that training's checkpoint (`resuming`), else ended as KILLED."""
+def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
+              run_file: Path = paths.MLFLOW_RUN, resuming: bool = False,
+              experiment_tags: dict[str, str] | None = None) -> str | None:
+    """Create this execution's run (`name`, params, tags), record its id in `run_file`; None
+    when tracking is off. A run a killed training left RUNNING is continued when training
+    resumes from that training's checkpoint (`resuming`), else ended as KILLED."""
     if not enabled():
         return None
     mlflow = _mlflow()
@@ -248,14 +261,14 @@ def start_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
             print(f"train: continuing the MLflow run {interrupted} of the interrupted training", flush=True)
             return interrupted
         _retry(mlflow.MlflowClient().set_terminated, interrupted, "KILLED")
-    use_experiment(mlflow, experiment)
-    name = tags.get("dvc_exp_name") or f"{tags.get('model', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment_id = use_experiment(mlflow, experiment, experiment_tags)
     run = _retry(mlflow.start_run, run_name=name, tags=tags)
     try:
         _retry(mlflow.log_params, params)
     finally:
         mlflow.end_run()
-    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "tracking_uri": tracking_uri()})
+    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "experiment_id": experiment_id,
+                          "tracking_uri": tracking_uri()})
     return run.info.run_id
 
 
@@ -266,70 +279,41 @@ def last_step(run_id: str, metric: str) -> int:
 
 
 def bind_run(run_file: Path, checkpoint: Path) -> None:
-    """Record in `run_file` which checkpoint its run trained (the file's sha256), so that
-    evaluate and export continue this run only for that checkpoint."""
-    if enabled():
+    """Record in `run_file` which checkpoint its run trained (the file's sha256): the report
+    stage completes this run only for that checkpoint."""
+    if enabled() and run_file.exists():
         write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
 
 
-def _run_to_continue(mlflow: Any, run_file: Path, checkpoint: Path | None) -> str | None:
-    """The id of train's run, when `run_file` names one in this store for this checkpoint."""
+def existing_run(run_id: str | None) -> Any:
+    """The run `run_id` of this store, or None (no id, another store's, tracking off)."""
     from mlflow.exceptions import MlflowException
 
-    if not run_file.exists():
+    if run_id is None or not enabled():
         return None
-    info = read_json(run_file)
-    if checkpoint is not None and info.get("checkpoint_sha256") != file_sha256(checkpoint):
-        return None  # DVC restored train's outputs from its cache: the run file is another run's
     try:
-        mlflow.get_run(info["run_id"])
+        return _retry(_mlflow().get_run, run_id)
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
         return None
-    return info["run_id"]
 
 
 @contextmanager
-def resume_run(run_file: Path = paths.MLFLOW_RUN, checkpoint: Path | None = None, experiment: str | None = None,
-               params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Re-open the run that train started, yielding the `mlflow` module to log with (None
-    when tracking is off). The run ends with the block: FINISHED, or FAILED on an error or an
-    interruption (Ctrl-C, SIGTERM), never left RUNNING.
-
-    The run file is not a DVC output (it holds a run id: different every run), so it may be
-    missing, or another run's when DVC restored train's outputs from its cache (its
-    `checkpoint_sha256` then differs from `checkpoint`'s), or name a run of another store: a
-    new run in the same experiment is started instead, with `params` (the checkpoint's)."""
-    if not enabled():
+def active_run(run_id: str | None) -> Iterator[Any]:
+    """Re-open the run `run_id`, yielding the `mlflow` module to log with (None when tracking
+    is off or there is no run). The run ends with the block: FINISHED, or FAILED on an error
+    or an interruption (Ctrl-C, SIGTERM), never left RUNNING."""
+    if run_id is None or not enabled():
         yield None
         return
     mlflow = _mlflow()
-    run_id = _run_to_continue(mlflow, run_file, checkpoint)
-    if run_id is None:
-        run_id = _new_run_for(mlflow, run_file, checkpoint, experiment, params)
     with mlflow.start_run(run_id=run_id):
         yield mlflow
 
 
-def _new_run_for(mlflow: Any, run_file: Path, checkpoint: Path | None, experiment: str | None,
-                 params: dict[str, Any] | None) -> str:
-    info = read_json(run_file) if run_file.exists() else {}
-    experiment = experiment or info.get("experiment") or "image-classification"
-    print(f"{os.environ.get('DVC_STAGE', 'mlflow')}: train's MLflow run is not in {tracking_uri()} for this "
-          "checkpoint (DVC restored it from its cache, or another store); logging into a new run", flush=True)
-    use_experiment(mlflow, experiment)
-    run = _retry(mlflow.start_run)
-    if params:
-        _retry(mlflow.log_params, params)
-    mlflow.end_run()
-    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "tracking_uri": tracking_uri()}
-               | ({"checkpoint_sha256": file_sha256(checkpoint)} if checkpoint is not None else {}))
-    return run.info.run_id
-
-
 @contextmanager
 def run_block(experiment: str, name: str, tags: dict[str, str], nested: bool = False) -> Iterator[Any]:
-    """A run of its own for the block (cross-validation's parent run; with `nested`, a child of
-    the active one): yields `mlflow`, or None when tracking is off."""
+    """A run of its own for the block (an ensemble's run; with `nested`, a child of the active
+    one, e.g. a fold of cross-validation): yields `mlflow`, or None when tracking is off."""
     if not enabled():
         yield None
         return
@@ -384,10 +368,15 @@ def log_diagnostics(mlflow: Any, stage: str, values: dict[str, Any]) -> None:
         _retry(mlflow.log_dict, values, f"diagnostics/{stage}.json")
 
 
+def set_tags(mlflow: Any, tags: dict[str, str]) -> None:
+    if mlflow is not None:
+        _retry(mlflow.set_tags, tags)
+
+
 def set_description(mlflow: Any, text: str) -> None:
     """The run's description (Markdown), shown at the top of its page in the UI."""
     if mlflow is not None:
-        _retry(mlflow.set_tag, "mlflow.note.content", text)
+        _retry(mlflow.set_tag, NOTE, text)
 
 
 def log_inputs(mlflow: Any, datasets: list[tuple[Any, str]]) -> None:

@@ -4,8 +4,8 @@ The space is params.yaml's `tune.space` (ranges and choices of params keys). Eac
 proposes runs as `dvc exp run --temp --name <study>-trial-<n> -S key=value ... <target>`, a real
 DVC experiment (`dvc exp show`, `dvc exp apply`), whose train stage logs an MLflow run nested
 under the study's parent run. The target is `train` (objective: its best validation accuracy
-or loss) or, with `crossval.folds` > 0, `crossval_summary` (objective: the folds' mean
-accuracy): the test split is never evaluated, so it cannot leak into the choice. With
+or loss, or with `crossval.folds` > 0 the folds' mean accuracy, which the train stage
+computes first): the test split is never evaluated, so it cannot leak into the choice. With
 `--jobs J` > 1 the trials of a round are queued and run by J DVC queue workers.
 
 The study lives in an Optuna storage (default sqlite:///<repo root>/optuna.db; an RDB URL
@@ -33,7 +33,7 @@ from pipeline.training.trial import ENV, experiment_name
 OBJECTIVES = {  # name -> (dvc target, metrics file, key in it, direction, per-epoch column to report)
     "best_val_accuracy": ("train", paths.TRAIN_METRICS, "best_val_accuracy", "maximize", "val_accuracy"),
     "best_val_loss": ("train", paths.TRAIN_METRICS, "best_val_loss", "minimize", "val_loss"),
-    "crossval_accuracy": ("crossval_summary", paths.CROSSVAL_METRICS, "accuracy", "maximize", None),
+    "crossval_accuracy": ("train", paths.CROSSVAL_METRICS, "accuracy", "maximize", None),
 }
 
 
@@ -193,7 +193,7 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
         sampler=optuna.samplers.RandomSampler(seed=params.seed) if kind == "random"
         else optuna.samplers.TPESampler(seed=params.seed, n_startup_trials=min(10, max(2, trials // 3))))
     tags = {"tune_study": params.tune.study, "tune_objective": name}
-    with tracking.parent_run(params.mlflow.experiment, f"tune-{params.tune.study}", tags, "tune_study") as mlflow:
+    with tracking.parent_run(params.experiment_name(), f"tune-{params.tune.study}", tags, "tune_study") as mlflow:
         settings = {"storage": storage_url(params), "study": params.tune.study,
                     "parent_run_id": mlflow.active_run().info.run_id if mlflow else None,
                     "report": report_column if params.tune.prune and params.train.nproc == 1 else None}

@@ -1,12 +1,14 @@
 """Stage `train`: train the model on the prepared splits; keep the best epoch on validation.
+With `crossval.folds` k > 0, k-fold cross-validation of the same recipe runs first.
 
 Reads params: PARAMS below. Reads: data/prepared/ (images and their preprocessing), the
-weights file (data/resolved/weights.json holds its hash). Writes: models/model.pt
-(self-describing checkpoint), models/mlflow_run.json (the MLflow run that evaluate and export
-continue), metrics/train.json, metrics/train_history.csv, metrics/learning_curves.png,
-metrics/augmented_samples.png; metrics/train_timing.json (seconds, images/s; not a DVC
-output); checkpoints/last.pt after every epoch (resumed from when the stage is re-run with
-the same params, data and code; deleted when training completes).
+weights file (through data/resolved/weights, the check stage's link to it). Writes:
+models/model.pt (self-describing checkpoint), metrics/train.json, metrics/train_history.csv,
+metrics/augmented_samples.png, metrics/crossval.json and metrics/oof_predictions.csv (empty with
+cross-validation off); not DVC outputs: models/mlflow_run.json (this execution's MLflow run,
+which the report stage completes), metrics/train_timing.json (seconds, images/s),
+checkpoints/last.pt and checkpoints/crossval/ (resumed from when the stage is re-run with the
+same params, data and code; deleted when training completes).
 Run: `dvc repro train`."""
 from pipeline.errors import run_cli
 from pipeline.params import load_params
@@ -14,11 +16,15 @@ from pipeline.training.distributed import launch_torchrun, pick_device, process_
 from pipeline.training.run import run
 
 PARAMS = ("model", "epochs", "batch_size", "lr", "seed", "pretrained", "weights", "finetune", "augment", "train",
-          "transfer", "mlflow.experiment")
+          "transfer", "crossval", "data.split_seed", "mlflow.experiment")
 
 
 def main() -> dict | None:
     params = load_params(keys=PARAMS)
+    if not under_torchrun():
+        from pipeline.crossval.fold import run_folds
+
+        run_folds(params, pick_device(params.train.device))  # nothing with crossval.folds: 0
     if params.train.nproc > 1 and not under_torchrun() and params.finetune != "linear_probe":
         launch_torchrun(params.train.nproc)  # a linear probe trains on cached features in seconds: one process
     with process_group(pick_device(params.train.device)) as (device, rank):

@@ -63,11 +63,11 @@ def set_params(project: Path, **updates) -> None:
     update_params_file(project / "params.yaml", updates)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """The project's git-tracked files, copied into a fresh git repo with tiny params committed."""
-    dest = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+def make_project(dest: Path) -> Path:
+    """The project's files (tracked, and new ones git does not ignore), copied into a fresh git
+    repo at `dest` with tiny params committed."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
         src = ROOT / rel
         if src.is_file():
@@ -78,6 +78,12 @@ def project(tmp_path: Path) -> Path:
                 ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"]):
         run(cmd, dest)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project in a fresh git repo with tiny params committed (`make_project`)."""
+    return make_project(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +103,10 @@ REGISTERED_MODEL = "tiny-digits"  # mlflow.register_model in `exported_pipeline`
 
 @pytest.fixture(scope="session")
 def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
-    """download → prepare → train → evaluate → export, once, in-process on tiny digits in a
-    temporary folder, with a real SQLite MLflow store and the model registered as
+    """download → prepare → train → evaluate → export → report, once, in-process on tiny digits
+    in a temporary folder, with a real SQLite MLflow store and the model registered as
     REGISTERED_MODEL with alias `champion`. Returns (work dir, tracking URI, each stage's result)."""
-    from stages import check, download, evaluate, export, prepare, train
+    from stages import check, download, evaluate, export, prepare, report, train
 
     work = tmp_path_factory.mktemp("exported")
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -112,5 +118,5 @@ def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
         check.main()
         download.main()
         results = {"prepare": prepare.main(), "train": train.main(), "evaluate": evaluate.main(),
-                   "export": export.main()}
+                   "export": export.main(), "report": report.main()}
     return work, uri, results

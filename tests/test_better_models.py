@@ -236,18 +236,21 @@ def evaluated_again(exported_pipeline, tmp_path):
 
     work = tmp_path / "work"
     shutil.copytree(exported_pipeline[0], work)
-    return work, exported_pipeline[1]
+    return work, f"sqlite:///{work / 'store.db'}"  # its own copy of the store: the report stage logs a run
 
 
 def run_evaluate(work, uri, **updates):
-    from stages import evaluate
+    """evaluate with `updates`, then the report stage (which writes the report); evaluate's metrics."""
+    from stages import evaluate, report
     from tests.conftest import set_params
 
     set_params(work, **updates)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        return evaluate.main()
+        metrics = evaluate.main()
+        report.main()
+        return metrics
 
 
 def test_tta_and_switches_through_the_stage(evaluated_again):

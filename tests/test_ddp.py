@@ -21,8 +21,8 @@ def test_torchrun_two_processes(project: Path):
     assert (project / "models/model.pt").exists() and not (project / "checkpoints/last.pt").exists()
     assert out.stdout.count("train: best epoch") == 1  # rank 0 alone reports and writes
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert len(runs) == 1
-    history = client.get_metric_history(runs[0].info.run_id, "epoch/train/loss")
+    history = client.get_metric_history(runs[0].info.run_id, "loss/train")
     assert [m.step for m in history] == [1, 2]
     run(["python", "-m", "stages.evaluate"], project)  # the checkpoint is a plain one (no DDP prefixes)

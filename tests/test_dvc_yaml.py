@@ -47,8 +47,47 @@ def test_a_stage_cannot_read_a_param_it_did_not_declare():
     from pipeline.params import load_params
 
     params = load_params(ROOT / "params.yaml", keys=("dataset", "mlflow.experiment"))
-    assert params.dataset == "digits" and params.mlflow.experiment == "image-classification"
+    assert params.dataset == "digits" and params.mlflow.experiment == "auto"
     with pytest.raises(AttributeError, match="'lr' without declaring it"):
         params.lr
     with pytest.raises(AttributeError, match="'mlflow.register_model' without declaring it"):
         params.mlflow.register_model
+
+
+def outs(stage: str) -> set[str]:
+    return {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "plots")
+            for o in DVC[stage].get(key, [])}
+
+
+def test_no_stage_runs_on_every_repro():
+    """`dvc status` is clean when nothing changed (an always-changed stage never is)."""
+    assert not [name for name, spec in DVC.items() if spec.get("always_changed")]
+
+
+def test_the_report_stage_depends_on_everything_it_publishes():
+    """What train, evaluate and export write is what the report and the MLflow run hold: a
+    change to any of it re-runs the report (derived from the stages' outputs, not listed twice
+    by eye). Its own record is cached and persist: a fresh clone has none (so its first run
+    publishes), and DVC's run cache never restores it (which would skip this run's MLflow run)."""
+    deps = set(DVC["report"]["deps"])
+    missing = sorted((outs("train") | outs("evaluate") | outs("export")) - deps)
+    assert not missing, f"dvc.yaml: stage report does not depend on {missing}"
+    [record] = DVC["report"]["outs"]
+    assert record == {"models/report.json": {"persist": True}}  # cached (not in git), persist
+    assert STAGES[-1] == "report"
+
+
+def test_train_depends_on_the_weights_through_the_check_stages_link(tmp_path):
+    from pipeline import paths
+    from pipeline.check import link_weights
+
+    assert str(paths.RESOLVED_WEIGHTS) in outs("check") and str(paths.RESOLVED_WEIGHTS) in DVC["train"]["deps"]
+    link = tmp_path / "resolved" / "weights"
+    link_weights(None, link)
+    assert not link.is_symlink() and "weights: null" in link.read_text()  # not empty: DVC warns of empty deps
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"first")
+    link_weights(str(weights), link)
+    assert link.is_symlink() and link.read_bytes() == b"first"
+    weights.write_bytes(b"second")  # DVC hashes what the link points to: new bytes, a changed dep
+    assert link.read_bytes() == b"second"

@@ -214,9 +214,14 @@ def test_outside_git_there_are_no_experiments(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_dvc_experiments_ensembled_by_name(project: Path):
+    """Two experiments that differ only in `seed` (the ensemble people try first): `seed` does
+    not seed the split (data.split_seed does), so the second does not re-prepare and both
+    members share one prepared data set."""
     set_params(project, epochs=1)
-    for name, lr in (("exp-a", "0.003"), ("exp-b", "0.01")):  # up to evaluate: export and crossval are not needed
-        run_cmd(["dvc", "exp", "run", "-S", f"lr={lr}", "--name", name, "evaluate"], project)
+    for name, seed in (("exp-a", "0"), ("exp-b", "1")):  # up to evaluate: export is not needed
+        out = run_cmd(["dvc", "exp", "run", "-S", f"seed={seed}", "--name", name, "evaluate"], project).stdout
+        if name == "exp-b":
+            assert "Stage 'prepare' didn't change, skipping" in out and "Running stage 'train'" in out, out
     listed = run_cmd(["dvc", "exp", "list", "--all-commits", "--name-only"], project).stdout.split()
     assert sorted(listed) == ["exp-a", "exp-b"]
     proc = run_cmd(["python", "-m", "pipeline", "ensemble", "exp-a", "exp-b"], project)

@@ -1,5 +1,5 @@
 """Label issues with real cleanlab: labels flipped on purpose in digits are the top suspects;
-the out-of-fold file as crossval_summary writes it; the CSV and the suspects figure."""
+the out-of-fold file as cross-validation writes it; the CSV and the suspects figure."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,7 +72,7 @@ def test_rows_not_summing_to_one_are_normalised(flipped_digits):
 
 
 def write_oof(path, classes, folds):
-    """metrics/oof_predictions.csv as crossval_summary writes it, from fold records holding
+    """metrics/oof_predictions.csv as cross-validation writes it, from fold records holding
     (split, index, label, probs) lists."""
     records = [{"fold": f, "classes": classes, "oof": dict(zip(("split", "index", "label", "probs"), oof))}
                for f, oof in enumerate(folds)]
@@ -101,7 +101,7 @@ def test_missing_empty_or_crossval_off_oof_file_gives_none(tmp_path):
 def test_oof_file_of_other_classes_is_a_user_error(tmp_path):
     path = tmp_path / "oof_predictions.csv"
     write_oof(path, ["cat", "dog"], [(["val"], [0], [0], [[0.9, 0.1]])])
-    with pytest.raises(UserError, match="dvc repro crossval_summary") as err:
+    with pytest.raises(UserError, match="dvc repro -f train") as err:
         li.oof_probabilities(path, ["cat", "dog", "bird"])
     assert "\n" not in str(err.value)
 

@@ -1,5 +1,6 @@
 """Each stage's main() in-process on tiny digits, with a real SQLite MLflow store:
-what it returns, what it writes, and what the MLflow run holds."""
+what it returns, what it writes, and what the MLflow run holds (completed by the report stage,
+also when DVC skipped train)."""
 
 import numpy as np
 import pandas as pd
@@ -14,13 +15,13 @@ from pipeline.evaluation.metrics import classification_metrics
 from pipeline.export.onnx import MAX_ABS_DIFF, check_parity, onnx_logits, parity
 from pipeline.io import read_json
 from pipeline.prepared import load_split
-from stages import check, download, evaluate, export, prepare, train
+from stages import check, download, evaluate, export, prepare, report, train
 from tests.conftest import ROOT, TINY, set_params
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    """Run all five stages once in a temporary working directory."""
+    """Run every stage once in a temporary working directory."""
     work = tmp_path_factory.mktemp("work")
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     set_params(work, **TINY)
@@ -33,7 +34,7 @@ def pipeline_run(tmp_path_factory):
         check.main()
         download.main()
         results = {"prepare": prepare.main(), "train": train.main(), "evaluate": evaluate.main(),
-                   "export": export.main()}
+                   "export": export.main(), "report": report.main()}
         yield work, uri, results
     finally:
         mp.undo()
@@ -89,47 +90,83 @@ def ckpt_arch(work) -> str:
     return load_checkpoint(work / paths.CHECKPOINT)[1]["arch"]
 
 
+CURVES = ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "schedule/lr")
+
+
 def test_one_mlflow_run_holds_everything(pipeline_run):
     work, uri, results = pipeline_run
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("image-classification")
+    exp = client.get_experiment_by_name("digits")  # mlflow.experiment: auto, named after the data set
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.run_id == read_json(work / paths.MLFLOW_RUN)["run_id"]
+    assert run.info.run_id == read_json(work / paths.MLFLOW_RUN)["run_id"] == results["report"]["run_id"]
+    assert not results["report"]["new_run"] and read_json(work / paths.MLFLOW_RUN)["complete"]
     assert run.data.params["lr"] == "0.003" and run.data.params["train.optimizer"] == "adamw"
     assert run.data.params["epochs"] == "2"
     assert run.data.tags["dataset"] == "digits" and run.data.tags["dvc_exp_name"] == "tiny-exp"
-    assert run.info.run_name == "tiny-exp"
+    assert run.info.run_name == "original · digits"  # not a git checkout: no params known to differ
     # a local store keeps artifacts under the repo root, wherever the stage ran from
     assert run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())
-    assert run.data.tags["finetune"] == "full" and run.data.tags["pretrained"] == "false"
-    for curve in ("epoch/train/loss", "epoch/train/accuracy", "epoch/train/lr", "epoch/val/loss", "epoch/val/accuracy"):
+    assert run.data.tags["strategy"] == "scratch" and run.data.tags["pretrained"] == "false"
+    for curve in CURVES:
         assert [m.step for m in client.get_metric_history(run.info.run_id, curve)] == [1, 2], curve
     assert run.data.metrics["test/accuracy"] == pytest.approx(results["evaluate"]["accuracy"])
-    assert run.data.metrics["export/top1_agreement"] == 1.0
-    # metrics are results, in sections; counts, threads and latency samples are diagnostics
-    assert {k.split("/")[0] for k in run.data.metrics} == {"epoch", "train", "test", "export"}
-    assert not {"test/n_test", "train/threads", "export/n_checked", "epoch", "trainable_params"} & set(run.data.metrics)
+    # the charts hold the curves and the few figures runs are sorted by, test before train; every
+    # other figure is in the description's tables; counts and timings are diagnostics
+    assert {k.split("/")[0] for k in run.data.metrics} == {"accuracy", "loss", "schedule", "test", "train"}
+    assert set(run.data.metrics) - set(CURVES) == {
+        "test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/log_loss", "test/ece_calibrated",
+        "train/best_val_accuracy", "train/seconds"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
             "augmented_samples.png", "eval.json", "per_class.csv", "onnx", "misclassified.png", "gradcam.png",
             "report.md", "report.html", "train.json", "data_report.json", "data_report.md", "diagnostics"} <= artifacts
-    diagnostics = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
-    assert diagnostics == {"diagnostics/train.json", "diagnostics/evaluate.json", "diagnostics/export.json"}
-    assert {f"test/{k}" for k in results["evaluate"] if k != "n_test"} <= set(run.data.metrics)
-    assert run.data.metrics["test/ece"] == pytest.approx(results["evaluate"]["ece"])
-    # what the UI shows: a description, the data set as inputs, the model-training view
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")} == {"diagnostics/train.json"}
+    # what the UI shows: a description with every figure, the data set as inputs, the model-training view
     note = run.data.tags["mlflow.note.content"]
     assert f"**{ckpt_arch(work)}** on **digits**" in note and "not a git checkout" in note, note
-    assert {i.dataset.name.split(" ")[0] for i in run.inputs.dataset_inputs} == {"digits/train", "digits/val",
-                                                                                   "digits/test"}
+    for figure in ("| top-5 accuracy | ", "| expected calibration error after T | ",
+                   f"| best epoch | {results['train']['best_epoch']} |", "| top-1 agreement with PyTorch | 1.0000 |"):
+        assert figure in note, figure
+    inputs = {i.dataset.name.split(" ")[0]: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"digits/train", "digits/val", "digits/test"}
+    assert len(set(inputs.values())) == 3  # each split's digest is its own
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"].startswith("Image classification on **digits**")
     assert {"onnx/model.json", "onnx/export.json"} <= {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
     # the ONNX model itself is the run's logged model; nothing is registered by default
     assert [m.source_run_id for m in client.search_logged_models([exp.experiment_id])] == [run.info.run_id]
     assert client.search_registered_models() == []
+
+
+def test_report_records_a_new_complete_run_when_train_did_not_run(pipeline_run, monkeypatch, capsys):
+    """What `dvc exp run` meets when DVC skipped or restored train: the report stage runs alone.
+    A run completed before is not reused (one run per execution): a new one holds the same
+    params, curves (step = epoch), figures, files and model."""
+    work, uri, results = pipeline_run
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "report-only")
+    again = report.main()
+    assert again["new_run"] and again["run_id"] != results["report"]["run_id"]
+    client = MlflowClient(uri)
+    first, second = (client.get_run(r["run_id"]) for r in (results["report"], again))
+    assert second.info.status == "FINISHED" and second.info.run_name == first.info.run_name
+    assert second.data.tags["dvc_exp_name"] == "report-only"
+    assert {k: v for k, v in second.data.params.items()} == first.data.params
+    for curve in CURVES:
+        assert [m.value for m in client.get_metric_history(second.info.run_id, curve)] == [
+            m.value for m in client.get_metric_history(first.info.run_id, curve)], curve
+    assert set(second.data.metrics) == set(first.data.metrics)  # train/seconds: train_timing.json is this model's
+    assert second.data.metrics["test/accuracy"] == first.data.metrics["test/accuracy"]
+    assert read_json(work / paths.MLFLOW_RUN)["run_id"] == second.info.run_id
+    assert second.info.run_id in (work / paths.EVAL_REPORT_MD).read_text()  # the report names the run that exists
+    out = capsys.readouterr().out
+    assert "recording the run from its outputs" in out and second.info.run_id in out
+    runs = client.search_runs([first.info.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted([first.info.run_id, second.info.run_id])
 
 
 def test_evaluate_confusion_pictures_and_report(pipeline_run):
@@ -196,18 +233,3 @@ def test_missing_inputs_are_one_line_errors(tmp_path, monkeypatch):
     paths.CHECKPOINT.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(paths.CHECKPOINT)
-
-
-def test_evaluate_logs_into_a_new_run_when_trains_run_is_not_in_the_store(tmp_path, monkeypatch):
-    from pipeline import tracking
-    from pipeline.io import write_json
-
-    uri = f"sqlite:///{tmp_path / 'other.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    run_file = tmp_path / "mlflow_run.json"
-    write_json(run_file, {"run_id": "0123456789abcdef0123456789abcdef", "experiment": "elsewhere"})
-    with tracking.resume_run(run_file) as mlflow:
-        tracking.log_metrics(mlflow, {"test/accuracy": 0.5})
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("elsewhere").experiment_id])
-    assert len(runs) == 1 and runs[0].data.metrics["test/accuracy"] == 0.5

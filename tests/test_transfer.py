@@ -1,5 +1,7 @@
 """Transfer learning: which parameters train under each strategy, frozen BatchNorm statistics,
 weights from a local file (ours, from a real training run), offline pretrained errors."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +245,45 @@ def test_random_resized_crop_per_sample_and_centre_crop_for_evaluation():
     assert torch.equal(aug, x[:, :, 2:34, 2:34].float() / 255)  # no resized crop: the centre
     prep = Preprocessing(32, 36, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert torch.equal(prep.center_crop(x), x[:, :, 2:34, 2:34])
+
+
+def test_the_probe_says_what_trains_and_how_fast_the_backbone_ran(prepared_digits, capsys):
+    """What a person reads of a linear probe: the head's parameters out of the whole model's
+    (not "N of N ... (full)"), and the frozen backbone's images/s as its speed (not the head's
+    steps on cached features, thousands of "images"/s)."""
+    from pipeline.training.probe import train_linear_probe
+
+    train_xy, val_xy, _, prep = digits_split(prepared_digits)
+    seed_everything(0)
+    model = build_model("original", num_classes=10, width=8)
+    total, head = (sum(p.numel() for p in m.parameters()) for m in (model, model.head))
+    result = train_linear_probe(model, train_xy, val_xy, prep, probe_config(transfer=TransferParams(probe_l2=0.01)),
+                                progress=True)
+    out = capsys.readouterr().out
+    assert f"{head:,} of {total:,} parameters train (linear probe: the head, on cached features)" in out, out
+    t = result.timing
+    images = len(train_xy[1]) + len(val_xy[1])
+    assert t["train_images_per_second"] == t["feature_images_per_second"] == pytest.approx(images / t["feature_seconds"])
+    assert t["train_seconds"] >= t["feature_seconds"] + t["head_seconds"] * 0.99
+    assert "images/s); training the head on them" in out
+
+
+def test_a_probe_without_augmentation_shows_none_in_its_picture(prepared_digits, tmp_path):
+    """augmented_samples.png (a DVC output of train) says there was no augmentation instead of
+    showing augmentation a probe on unaugmented features never used; the report leaves it out."""
+    from PIL import Image
+
+    from pipeline.params import trains_on_augmented_images
+    from pipeline.training.run import augmented_samples
+
+    train_xy, val_xy, _, prep = digits_split(prepared_digits)
+    setup = SimpleNamespace(cfg=probe_config(), prep=prep, classes=[str(i) for i in range(10)])
+    originals, augmented = augmented_samples(setup, tmp_path / "none.png", prepared_digits)
+    assert len(originals) == len(augmented) == 0
+    with Image.open(tmp_path / "none.png") as small:
+        assert small.size[1] < 200  # one line of text, not a grid of images
+    setup.cfg = probe_config(transfer=TransferParams(augmented_passes=1))
+    originals, _ = augmented_samples(setup, tmp_path / "grid.png", prepared_digits)
+    assert len(originals) == 24
+    assert not trains_on_augmented_images("linear_probe", 0)
+    assert trains_on_augmented_images("linear_probe", 2) and trains_on_augmented_images("full", 0)

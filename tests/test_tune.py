@@ -76,7 +76,7 @@ def test_search_of_three_trials_resumes_and_applies(project: Path):
     for png in ("tune_history.png", "tune_importance.png"):
         assert (project / "metrics" / png).stat().st_size > 1000
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("tune_study") == "image-classification")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["dvc_exp_name"] for r in children) == sorted(exps)

@@ -79,34 +79,43 @@ def test_offline_page_is_rewritten_only_when_stale(tmp_path: Path):
 # --- the MLflow run ---------------------------------------------------------------------------
 
 
-def test_description_names_the_params_that_differ_from_the_commit(project: Path, monkeypatch):
+def test_run_name_and_description_name_the_params_that_differ_from_the_commit(project: Path, monkeypatch):
     from pipeline.params import load_params
 
     monkeypatch.chdir(project)
-    set_params(project, lr=0.01, **{"train.optimizer": "sgd"})
-    changed = runview.changed_params(load_params().flat(), runview.committed_params())
-    assert changed == {"lr": 0.01, "train.optimizer": "sgd"}
-    text = runview.description(model="resnet18", dataset="folder", finetune="linear_probe", transferred=True,
-                               n_classes=2, n_train=1234, image_size=224, lr=0.01, changed=changed)
-    assert text.startswith("**resnet18** on **folder** (2 classes, 1,234 training images at 224 px): linear probe")
-    assert "`lr=0.01`, `train.optimizer=sgd`" in text
-    assert "not a git checkout" in runview.description(model="m", dataset="d", finetune="full", transferred=False,
-                                                       n_classes=2, n_train=1, image_size=8, lr=1e-3, changed=None)
+    set_params(project, lr=0.01, **{"train.optimizer": "sgd", "dataset": "folder", "data_dir": "data/flowers"})
+    params = load_params(check_models=False)
+    changed = runview.changed_params(params.flat(), runview.committed_params())
+    assert changed == {"dataset": "folder", "data_dir": "data/flowers", "lr": 0.01, "train.optimizer": "sgd"}
+    who = runview.run_identity(params, lr=0.01, n_params=5, n_classes=2, n_train=1234, image_size=224,
+                               data_hash="abc")
+    # the folder's own name, not "folder"; the DVC name is a tag; data set and model are in the name already
+    assert who.name == "original · flowers · lr=0.01 train.optimizer=sgd"
+    assert who.experiment == "flowers" and who.tags["dataset"] == "flowers" and who.tags["data_dir"] == "data/flowers"
+    assert who.note.startswith("**original** on **flowers** (2 classes, 1,234 training images at 224 px): from scratch")
+    assert "`lr=0.01`, `train.optimizer=sgd`" in who.note
+    assert "`data/flowers`" in who.experiment_tags["mlflow.note.content"]
+    view = json.loads(who.experiment_tags[f"mlflow.sharedViewState.{runview.SHARED_VIEW}"])
+    assert view["orderByKey"] == "metrics.`test/accuracy`" and view["orderByAsc"] is False
+    assert "metrics.`test/accuracy`" in view["selectedColumns"]
+    assert "not a git checkout" in runview.headline(model="m", dataset="d", how="full", n_classes=2, n_train=1,
+                                                    image_size=8, lr=1e-3, changed=None)
+    long = runview.run_name("resnet18", "digits", {f"train.key_{i}": i for i in range(20)})
+    assert len(long) == 90 and long.endswith("…")
 
 
-def test_metric_names_put_the_curves_first():
-    """The MLflow UI sorts chart sections by name: the per-epoch curves must sort first."""
+def test_metric_names_pair_train_and_val_and_put_test_before_train():
+    """The MLflow UI draws a chart section per name prefix, sorted: loss/train beside loss/val,
+    accuracy/train beside accuracy/val, then the headline test figures, then training's."""
     row = {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.7, "lr": 0.1,
            "images_per_second": 99.0, "trainable_params": 10}
     curves = runview.epoch_metrics(row)
-    assert set(curves) == {"epoch/train/loss", "epoch/train/accuracy", "epoch/train/lr", "epoch/val/loss",
-                           "epoch/val/accuracy"}
-    others = (runview.test_metrics({"accuracy": 0.9, "n_test": 10})
-              | runview.export_metrics({"top1_agreement": 1.0, "n_checked": 10, "onnx_bytes": 5})
+    assert set(curves) == {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "schedule/lr"}
+    others = (runview.test_metrics({"accuracy": 0.9, "n_test": 10, "precision_weighted": 0.8})
               | runview.train_metrics({"best_val_accuracy": 0.7, "parameters": 3}, {"threads": 2, "train_seconds": 1.0}))
-    assert set(others) == {"test/accuracy", "export/top1_agreement", "train/best_val_accuracy", "train/seconds"}
+    assert set(others) == {"test/accuracy", "train/best_val_accuracy", "train/seconds"}
     sections = sorted({k.rsplit("/", 1)[0] for k in curves | others})
-    assert sections[:2] == ["epoch/train", "epoch/val"]
+    assert sections == ["accuracy", "loss", "schedule", "test", "train"]
 
 
 def test_store_of_a_moved_repository_is_one_line(project: Path, tmp_path: Path):
@@ -114,7 +123,7 @@ def test_store_of_a_moved_repository_is_one_line(project: Path, tmp_path: Path):
     mlflow.db) stops the check stage in one line, before any output is touched."""
     elsewhere = tmp_path / "old-clone" / "mlartifacts"
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    client.create_experiment("image-classification", artifact_location=elsewhere.as_uri())
+    client.create_experiment("digits", artifact_location=elsewhere.as_uri())
     proc = run(["python", "-m", "stages.check"], project, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr

@@ -1,4 +1,4 @@
-"""One fold of cross-validation: pool train+val, cut stratified folds, train on all but one
+"""The folds of cross-validation: pool train+val, cut stratified folds, train on all but one
 with the train stage's setup and loop, score the held-out one with the evaluate stage's metrics."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.crossval import SPLITS, fold_file
 from pipeline.errors import UserError
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 
 
 def assignments(y: np.ndarray, k: int, seed: int, classes: list[str]) -> np.ndarray:
@@ -37,22 +37,48 @@ def pooled(prepared: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray,
     return np.concatenate([np.asarray(x) for x, _ in parts]), np.concatenate([y for _, y in parts]), origin
 
 
-def run_fold(params, fold: int, device: str) -> dict:
-    """Train on every fold but `fold`, score `fold`; write and return its record."""
+def finished(fold: int, k: int, fingerprint: str, records: Path = paths.CROSSVAL_RECORDS) -> dict | None:
+    """The record of `fold` when an earlier, interrupted run of the same training finished it."""
+    path = fold_file(fold, records)
+    record = read_json(path) if path.exists() else {}
+    return record if record.get("folds") == k and record.get("fingerprint") == fingerprint else None
+
+
+def run_folds(params, device: str, records: Path = paths.CROSSVAL_RECORDS) -> list[dict]:
+    """Every fold of `crossval.folds` (none when 0), each skipped when a record of it with this
+    training's fingerprint exists; returns the k records."""
     k = params.crossval.folds
-    if fold >= k:
-        record = {"fold": fold, "folds": k, "used": False}
-        write_json(fold_file(fold), record)
-        return record
+    if not k:
+        return []
+    from pipeline.training.run import setup
+
+    s = setup(params, device)
+    x, y, origin = pooled()
+    folds = assignments(y, k, params.data.split_seed, s.classes)
+    out = []
+    for fold in range(k):
+        if (record := finished(fold, k, s.cfg.fingerprint, records)) is not None:
+            print(f"crossval: fold {fold + 1} of {k} finished earlier: kept", flush=True)
+        else:
+            record = run_fold(params, fold, device, (x, y, origin, folds))
+            record["fingerprint"] = s.cfg.fingerprint
+            records.mkdir(parents=True, exist_ok=True)
+            write_json(fold_file(fold, records), record)
+        out.append(record)
+    return out
+
+
+def run_fold(params, fold: int, device: str, data: tuple) -> dict:
+    """Train on every fold but `fold`, score `fold`; return its record."""
     from pipeline.checkpoint import predict_logits
     from pipeline.evaluation.metrics import evaluation_metrics
     from pipeline.probabilities import softmax
     from pipeline.training.run import fit_arrays, setup
 
-    s = setup(params, device)
+    x, y, origin, folds = data
+    k = params.crossval.folds
+    s = setup(params, device)  # a fresh model for every fold, seeded the same way
     s = dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, resume_path=None))
-    x, y, origin = pooled()
-    folds = assignments(y, k, params.seed, s.classes)
     train, held = folds != fold, folds == fold
     print(f"crossval: fold {fold + 1} of {k}: {params.model} trains on {train.sum()} images, "
           f"scores {held.sum()} held out (test split untouched)", flush=True)
@@ -60,13 +86,10 @@ def run_fold(params, fold: int, device: str) -> dict:
     s.model.load_state_dict(result.best_state)
     probs = softmax(predict_logits(s.model, x[held], s.prep))
     metrics, _, _ = evaluation_metrics(y[held], probs, s.classes)
-    record = {"fold": fold, "folds": k, "used": True, "classes": s.classes, "metrics": metrics,
-              "best_epoch": result.best_epoch, "n_train": int(train.sum()), "n_held_out": int(held.sum()),
-              "history": result.history.drop(columns=["images_per_second"]).to_dict(orient="records"),
-              "params": params.flat(),
-              "oof": {"split": [origin[i][0] for i in np.flatnonzero(held)],
-                      "index": [origin[i][1] for i in np.flatnonzero(held)],
-                      "label": y[held].tolist(), "probs": np.round(probs, 6).tolist()}}
-    write_json(fold_file(fold), record)
     print(f"crossval: fold {fold + 1} of {k}: " + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("accuracy", "log_loss")))
-    return record
+    return {"fold": fold, "folds": k, "classes": s.classes, "metrics": metrics,
+            "best_epoch": result.best_epoch, "n_train": int(train.sum()), "n_held_out": int(held.sum()),
+            "history": result.history.drop(columns=["images_per_second"]).to_dict(orient="records"),
+            "oof": {"split": [origin[i][0] for i in np.flatnonzero(held)],
+                    "index": [origin[i][1] for i in np.flatnonzero(held)],
+                    "label": y[held].tolist(), "probs": np.round(probs, 6).tolist()}}

@@ -43,6 +43,13 @@ def display_name(dataset: str, data_dir: str | Path) -> str:
     return Path(data_dir).resolve().name or str(data_dir)
 
 
+def provenance(dataset: str, data_dir: str) -> dict:
+    """The data set's name and where it came from (the data report's header): for a folder, its
+    path as params.yaml gives it (the report is a DVC output: no machine's absolute path)."""
+    return {"name": display_name(dataset, data_dir), "source": dataset,
+            "path": data_dir if DATASETS[dataset].kind == "folder" else None}
+
+
 def class_count(dataset: str, data_dir: Path) -> int:
     """How many classes `dataset` has, without reading an image (a folder: its class folders)."""
     if (known := DATASETS[dataset].classes) is not None:

@@ -13,9 +13,11 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
-def data_report(manifest: pd.DataFrame, classes: list[str], notes: dict | None = None) -> dict:
+def data_report(manifest: pd.DataFrame, classes: list[str], notes: dict | None = None,
+                dataset: dict | None = None) -> dict:
     """Counts per class and split, skipped files by reason, duplicates, conflicting labels and
-    the class imbalance ratio (largest / smallest class in the train split)."""
+    the class imbalance ratio (largest / smallest class in the train split); `dataset`: its
+    name and where it came from ({"name": ..., "source": ..., "path": ...})."""
     used = manifest[manifest["status"] == "used"]
     skipped = manifest[manifest["status"] == "skipped"]
     table = (used.groupby(["class", "split"]).size().unstack(fill_value=0)
@@ -24,6 +26,7 @@ def data_report(manifest: pd.DataFrame, classes: list[str], notes: dict | None =
     train_counts = table["train"]
     conflicts = skipped[skipped["reason"].str.startswith("conflicting labels")]
     return {
+        "dataset": dataset or {},
         "images_used": int(len(used)),
         "files_skipped": int(len(skipped)),
         "per_split": {s: int(table[s].sum()) for s in SPLITS},
@@ -46,7 +49,11 @@ def summary_line(report: dict) -> str:
 
 
 def to_markdown(report: dict, manifest: pd.DataFrame, max_files: int = 100) -> str:
-    lines = ["# Data report", "", f"{summary_line(report)}.", "", "## Images per class and split", "",
+    about = report.get("dataset") or {}
+    title = f"# Data report: {about['name']}" if about.get("name") else "# Data report"
+    where = [f"Data set `{about['source']}`" + (f", images from `{about['path']}`" if about.get("path") else "") + ".",
+             ""] if about.get("source") else []
+    lines = [title, "", *where, f"{summary_line(report)}.", "", "## Images per class and split", "",
              "| class | train | val | test | total |", "|---|---:|---:|---:|---:|"]
     for c, row in report["per_class"].items():
         lines.append(f"| {c} | {row['train']} | {row['val']} | {row['test']} | {row['total']} |")

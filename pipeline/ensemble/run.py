@@ -104,7 +104,7 @@ def log_run(members: list[Member], report: dict, files: list[Path]) -> None:
     weights as params, the metrics and card JSON files as artifacts."""
     from pipeline.params import load_params
 
-    experiment = load_params(check_models=False).mlflow.experiment
+    experiment = load_params(check_models=False).experiment_name()
     dataset = (members[0].ckpt.get("params") or {}).get("dataset", "data")
     tags = tracking.run_tags(dataset, "ensemble") | {"ensemble_members": ",".join(m.name for m in members)}
     with tracking.run_block(experiment, "ensemble", tags) as mlflow:

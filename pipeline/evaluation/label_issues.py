@@ -38,7 +38,7 @@ from pipeline.io import atomic_path
 COLUMNS = ["rank", "split", "index", "given", "suggested", "p_given", "p_suggested", "label_quality", "source",
            "checked"]
 FLOAT_FORMAT = "%.6f"
-RERUN = "re-run cross-validation: dvc repro crossval_summary"
+RERUN = "re-run cross-validation: dvc repro -f train"
 
 
 # ---------------------------------------------------------------- reading the out-of-fold file

@@ -18,9 +18,11 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import paths
+
 # The params shown in the report (dotted keys into the checkpoint's params); the rest are in
 # params.yaml / the MLflow run.
-KEY_PARAMS = ("dataset", "model", "pretrained", "weights", "finetune", "image_size", "epochs", "batch_size", "lr",
+KEY_PARAMS = ("dataset", "data_dir", "model", "pretrained", "weights", "finetune", "image_size", "epochs", "batch_size", "lr",
               "seed", "train.optimizer", "train.scheduler", "train.weight_decay", "train.label_smoothing",
               "train.mixup_alpha", "train.cutmix_alpha", "train.class_weights", "train.sampler")
 
@@ -37,9 +39,26 @@ METRIC_NAMES = {
     "f1_macro_tta": "F1, macro, with TTA", "log_loss_tta": "log loss with TTA", "ece_tta": "ECE with TTA",
     "tta_views": "TTA views averaged per image",
 }
+# the same, short, for the terminal's table of the evaluate stage
+SHORT_NAMES = {"balanced_accuracy": "balanced accuracy", "top5_accuracy": "top-5 accuracy",
+               "precision_macro": "precision, macro", "recall_macro": "recall, macro", "f1_macro": "F1, macro",
+               "precision_weighted": "precision, weighted", "recall_weighted": "recall, weighted",
+               "f1_weighted": "F1, weighted", "log_loss": "log loss", "ece": "ECE", "n_test": "test images",
+               "temperature": "temperature T", "log_loss_calibrated": "log loss after T", "ece_calibrated": "ECE after T",
+               "accuracy_tta": "accuracy, TTA", "balanced_accuracy_tta": "balanced acc., TTA", "f1_macro_tta": "F1, TTA",
+               "log_loss_tta": "log loss, TTA", "ece_tta": "ECE, TTA", "tta_views": "TTA views"}
 TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss": "best validation loss",
                "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",
                "parameters": "parameters", "lr": "learning rate"}
+
+
+# (title, file): the report's pictures, in order
+PICTURES = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
+            ("Most confidently misclassified", paths.MISCLASSIFIED_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
+            ("Reliability (calibration)", paths.RELIABILITY_PNG), ("Inner activations", paths.ACTIVATIONS_PNG),
+            ("Filters and what deeper channels respond to", paths.FILTERS_PNG),
+            ("Embedding of the test split", paths.EMBEDDING_PNG), ("Suspected label issues", paths.LABEL_ISSUES_PNG),
+            ("Augmented training samples", paths.AUGMENTED_SAMPLES_PNG)]
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,15 @@
 """What the evaluate stage does: the checkpoint on the test split, every metric, table and
-picture of it, the one-page report, all logged to the MLflow run that train started.
+picture of it (the report stage then writes the report and logs it all to MLflow).
 
 Metrics (metrics/eval.json): the plain ones of the model's softmax; `temperature` with
 `log_loss_calibrated` and `ece_calibrated` (the probabilities export and predict give); with
 `evaluate.tta`, the test-time-augmented ones as `<metric>_tta`."""
-import os
-import time
-
 import numpy as np
 import pandas as pd
 
-from pipeline import paths, runview, tracking
+from pipeline import paths
 from pipeline.calibration import scaled
-from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, run_fallback, temperature
+from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, temperature
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
 from pipeline.evaluation.gradcam import gradcam_figure
@@ -24,22 +21,15 @@ from pipeline.evaluation.metrics import (
     softmax,
     tta_metrics,
 )
-from pipeline.evaluation.report import report_blocks, to_html, to_markdown
-from pipeline.io import atomic_path, files_sha256, read_json, write_json
-from pipeline.prepared import load_split, split_files
+from pipeline.io import atomic_path, write_json
+from pipeline.prepared import load_split
 from pipeline.preprocess import tta_views
 
-# DVC outputs (dvc.yaml declares exactly these), and what is logged to MLflow: they and the report
+# DVC outputs (dvc.yaml declares exactly these)
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
            paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG, paths.LEARNING_CURVES_PNG, paths.RELIABILITY_PNG,
-           paths.ACTIVATIONS_PNG, paths.FILTERS_PNG, paths.EMBEDDING_PNG, paths.LABEL_ISSUES, paths.LABEL_ISSUES_PNG]
-LOGGED = OUTPUTS + [paths.EVAL_REPORT_MD, paths.EVAL_REPORT_HTML]
-PICTURES = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
-            ("Most confidently misclassified", paths.MISCLASSIFIED_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
-            ("Reliability (calibration)", paths.RELIABILITY_PNG), ("Inner activations", paths.ACTIVATIONS_PNG),
-            ("Filters and what deeper channels respond to", paths.FILTERS_PNG),
-            ("Embedding of the test split", paths.EMBEDDING_PNG), ("Suspected label issues", paths.LABEL_ISSUES_PNG),
-            ("Augmented training samples", paths.AUGMENTED_SAMPLES_PNG)]
+           paths.ACTIVATIONS_PNG, paths.FILTERS_PNG, paths.EMBEDDING_PNG, paths.LABEL_ISSUES, paths.LABEL_ISSUES_PNG,
+           paths.EVAL_NOTES]
 
 
 def tta_logits(model, x: np.ndarray, prep, mode: str, centre: np.ndarray | None = None) -> list[np.ndarray]:
@@ -69,25 +59,27 @@ def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[di
 
 
 def run(params) -> dict:
-    """Score models/model.pt on the test split; write and log every output; return the metrics."""
-    tracking.enabled()  # an unusable store stops the stage here, before any output is written
+    """Score models/model.pt on the test split; write every output; return the metrics."""
     model, ckpt = load_checkpoint(paths.CHECKPOINT)
     classes, prep = ckpt["classes"], preprocessing(ckpt)
     x, y = load_split("test", paths.PREPARED_DIR)
     metrics, per_class, cm, probs = score(model, ckpt, x, y, params.evaluate.tta)
     write_tables(metrics, per_class, cm, y, probs["plain"].argmax(1), classes)
-    notes = draw(model, x, y, probs, cm, classes, prep, metrics, params)
-    with tracking.resume_run(paths.MLFLOW_RUN, paths.CHECKPOINT, **run_fallback(ckpt)) as mlflow:
-        write_report(ckpt, metrics, per_class, notes)
-        tracking.log_metrics(mlflow, runview.test_metrics(metrics))
-        tracking.log_diagnostics(mlflow, "evaluate", {k: metrics[k] for k in runview.TEST_COUNTS if k in metrics})
-        tracking.log_inputs(mlflow, [(runview.dataset_input(
-            ckpt.get("params", {}).get("dataset", "data"), files_sha256(split_files("test")),
-            str(paths.PREPARED_DIR), "test", len(y), x.shape[-1]), "testing")])
-        tracking.log_artifacts(mlflow, LOGGED)
-    print("evaluate: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    write_json(paths.EVAL_NOTES, draw(model, x, y, probs, cm, classes, prep, metrics, params))
+    print(metrics_table(metrics))
     print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return metrics
+
+
+def metrics_table(metrics: dict, columns: int = 2) -> str:
+    """The test metrics as a small aligned table, `columns` name/value pairs a row."""
+    from pipeline.evaluation.report import SHORT_NAMES, number
+
+    cells = [(SHORT_NAMES.get(k, k), number(v)) for k, v in metrics.items()]
+    name_w, value_w = max(len(n) for n, _ in cells), max(len(v) for _, v in cells)
+    rows = [cells[i:i + columns] for i in range(0, len(cells), columns)]
+    lines = ["   ".join(f"{n:<{name_w}} {v:>{value_w}}" for n, v in row).rstrip() for row in rows]
+    return "evaluate: test split\n" + "\n".join("  " + line for line in lines)
 
 
 def write_tables(metrics: dict, per_class: pd.DataFrame, cm, y, pred, classes: list[str]) -> None:
@@ -116,20 +108,3 @@ def draw(model, x, y, probs: dict, cm, classes: list[str], prep, metrics: dict, 
     for note in filter(None, notes):
         print(f"evaluate: {note}")
     return [n for n in notes if n]
-
-
-def write_report(ckpt: dict, metrics: dict, per_class: pd.DataFrame, notes: list[str]) -> None:
-    """metrics/report.md and its self-contained twin report.html: they name the MLflow run, the
-    date and the commit, so they differ from run to run and are not DVC outputs (report.md is
-    in git beside its pictures; both are logged to the run)."""
-    run = read_json(paths.MLFLOW_RUN) if paths.MLFLOW_RUN.exists() else None
-    train_summary = read_json(paths.TRAIN_METRICS) if paths.TRAIN_METRICS.exists() else None
-    commit = tracking.git_commit()
-    context = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit[:10] if commit else "",
-               "DVC experiment": os.environ.get("DVC_EXP_NAME", "")}
-    blocks = report_blocks(ckpt=ckpt, run=run, train_summary=train_summary, metrics=metrics, per_class=per_class,
-                           pictures=PICTURES, notes=notes, context=context)
-    with atomic_path(paths.EVAL_REPORT_MD) as tmp:
-        tmp.write_text(to_markdown(blocks, paths.EVAL_REPORT_MD))
-    with atomic_path(paths.EVAL_REPORT_HTML) as tmp:
-        tmp.write_text(to_html(blocks))

@@ -425,8 +425,10 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int, announce: boo
     trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages, epoch,
                                                        cfg.transfer.head_epochs))
     if announce:
-        print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters train ({cfg.finetune})", flush=True)
+        frozen_backbone = getattr(model, "frozen_backbone", 0)  # a linear probe's head: the backbone ran once
+        what = "linear probe: the head, on cached features" if frozen_backbone else cfg.finetune
+        print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()) + frozen_backbone:,} "
+              f"parameters train ({what})", flush=True)
     return trainable
 
 

@@ -17,10 +17,10 @@ from pipeline.calibration import fit_temperature
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, files_sha256, write_json
+from pipeline.io import atomic_path, file_sha256, files_sha256, write_json
 from pipeline.models import entry
 from pipeline.models.weights import build_transfer_model
-from pipeline.params import Params
+from pipeline.params import Params, trains_on_augmented_images
 from pipeline.plots import pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
@@ -123,6 +123,8 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
                       n: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """The augmentation training applies, for a person to check: `n` training images, each as
     evaluation sees it (the centre crop) beside one augmented draw of it. Returns both (uint8)."""
+    if not trains_on_augmented_images(s.cfg.finetune, s.cfg.transfer.augmented_passes):
+        return _no_augmentation(path)
     x, y = load_split("train", prepared)
     n = min(n, len(y))
     aug = augment_batch(torch.from_numpy(np.array(x[:n])), s.cfg.augment, s.prep.mean,
@@ -136,6 +138,17 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
                  f"it (right)\n{on or 'no augmentation'}", fontsize=10)
     save(fig, path)
     return originals, augmented
+
+
+def _no_augmentation(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The picture's place (a DVC output) says why there is nothing to show."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6, 1.2))
+    fig.text(0.5, 0.5, "No augmentation: a linear probe trains its head on features of the unaugmented\n"
+             "training images, computed once (transfer.augmented_passes: 0)", ha="center", va="center", fontsize=10)
+    save(fig, path)
+    return np.zeros((0,), np.uint8), np.zeros((0,), np.uint8)
 
 
 def calibrate(s: Setup, result: TrainResult, prepared: Path = paths.PREPARED_DIR) -> float | None:
@@ -161,12 +174,13 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)
-    write_json(paths.TRAIN_TIMING, result.timing)
+    write_json(paths.TRAIN_TIMING, result.timing | {"checkpoint_sha256": file_sha256(paths.CHECKPOINT)})
     return summary
 
 
 def run(params: Params, device: str, rank: int) -> dict | None:
-    """The train stage on this process (rank 0 logs and writes; DDP workers only train)."""
+    """The train stage on this process (rank 0 logs and writes; DDP workers only train). With
+    `crossval.folds` k > 0 the k folds have run already (`stages.train`); rank 0 gathers them."""
     s = setup(params, device)
     if rank == 0:
         tracking.enabled()  # an unusable store stops the stage here, before any output is written
@@ -175,19 +189,14 @@ def run(params: Params, device: str, rank: int) -> dict | None:
         return None
     augmented_samples(s, paths.AUGMENTED_SAMPLES_PNG)
     n_params = sum(p.numel() for p in s.model.parameters())
-    dataset = params.model_dump()["dataset"]  # a record for the run's tags, not an input of training
-    n_train, n_val = len(load_split("train")[1]), len(load_split("val")[1])
-    note = runview.description(model=params.model, dataset=dataset, finetune=params.finetune,
-                               transferred=s.transferred, n_classes=len(s.classes), n_train=n_train,
-                               image_size=s.prep.image_size, lr=s.cfg.lr,
-                               changed=runview.changed_params(params.flat(), runview.committed_params()))
-    tags = tracking.run_tags(dataset, params.model, params.finetune, s.transferred) | {"data_hash": s.data_hash}
-    logged = params.flat() | {"lr": s.cfg.lr, "lr_auto": params.lr == "auto", "model_parameters": n_params}
+    n_train = len(load_split("train")[1])
+    who = runview.run_identity(params, lr=s.cfg.lr, n_params=n_params, n_classes=len(s.classes), n_train=n_train,
+                               image_size=s.prep.image_size, data_hash=s.data_hash)
     resumed = resume_epoch(s.cfg) if s.cfg.finetune != "linear_probe" else 0
-    before = tracking.recorded_run(paths.MLFLOW_RUN)
-    tags |= {"mlflow.note.content": note} | trial.parent_run_tags()
-    run_id = tracking.start_run(params.mlflow.experiment, logged, tags,
-                                paths.MLFLOW_RUN, resuming=resumed > 0)
+    before = tracking.recorded_run(paths.MLFLOW_RUN).get("run_id")
+    run_id = tracking.start_run(who.experiment, who.name, who.params,
+                                who.tags | {tracking.NOTE: who.note} | trial.parent_run_tags(), paths.MLFLOW_RUN,
+                                resuming=resumed > 0, experiment_tags=who.experiment_tags)
     # a continued run already holds the epochs logged before the kill
     logged_until = (tracking.last_step(run_id, runview.CURVES["val_accuracy"])
                     if run_id is not None and run_id == before else 0)
@@ -195,9 +204,9 @@ def run(params: Params, device: str, rank: int) -> dict | None:
           f"std {_short(s.prep.std)}: {s.prep.reason}", flush=True)
     print(f"train: {params.model} ({n_params / 1e6:.2f} M params) on {n_train} images, "
           f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
-          f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'} in {tracking.tracking_uri()}", flush=True)
+          f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'}", flush=True)
     prune = trial.pruning_hook(single_process=params.train.nproc == 1)
-    with tracking.resume_run(paths.MLFLOW_RUN) as mlflow:
+    with tracking.active_run(run_id) as mlflow:
         def on_epoch(epoch: int, row: dict) -> None:
             if epoch > logged_until:
                 tracking.log_metrics(mlflow, runview.epoch_metrics(row), step=epoch)
@@ -206,23 +215,43 @@ def run(params: Params, device: str, rank: int) -> dict | None:
 
         result = fit_model(s, on_epoch=on_epoch)
         summary = write_outputs(s, params, result)
+        folds = crossval_outputs(params, s.cfg.fingerprint, mlflow, who)
         tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
-        log_run(mlflow, s, summary, result, dataset, {"train": n_train, "val": n_val})
+        log_training(mlflow, summary, result.timing, folds)
+    speed = (f"features at {result.timing['feature_images_per_second']:.0f} images/s"
+             if "feature_images_per_second" in result.timing else
+             f"{result.timing['train_images_per_second']:.0f} images/s")
     print(f"train: best epoch {result.best_epoch}, val accuracy {summary['best_val_accuracy']:.4f}, "
-          f"{result.timing['train_images_per_second']:.0f} images/s → {paths.CHECKPOINT}")
+          f"{speed} → {paths.CHECKPOINT}")
     return summary
 
 
-def log_run(mlflow, s: Setup, summary: dict, result: TrainResult, dataset: str, sizes: dict[str, int]) -> None:
-    """Train's results, inputs, diagnostics and files in its MLflow run."""
-    tracking.log_metrics(mlflow, runview.train_metrics(summary, result.timing))
-    tracking.log_inputs(mlflow, [(runview.dataset_input(dataset, s.data_hash, str(paths.PREPARED_DIR), split, n,
-                                                        s.prep.stored_size), context)
-                                 for (split, n), context in zip(sizes.items(), ("training", "validation"))])
-    tracking.log_diagnostics(mlflow, "train", result.timing | {"trainable_params_per_epoch":
-                                                              result.history["trainable_params"].tolist()})
-    tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY,
-                                    paths.AUGMENTED_SAMPLES_PNG, paths.DATA_REPORT, paths.DATA_REPORT_MD])
+def crossval_outputs(params: Params, fp: str, mlflow, who: runview.RunIdentity) -> dict:
+    """metrics/crossval.json and metrics/oof_predictions.csv from the folds' records (run
+    before training by `stages.train`), a nested MLflow run per fold; the records then go."""
+    import shutil
+
+    from pipeline.crossval.fold import finished
+    from pipeline.crossval.summary import log_folds, summarize
+
+    k = params.crossval.folds
+    records = [finished(f, k, fp) for f in range(k)]
+    if any(r is None for r in records):  # only by a bug: stages.train runs every fold first
+        raise UserError(f"cross-validation: a fold record is missing in {paths.CROSSVAL_RECORDS}; re-run train")
+    summary = summarize(records)
+    log_folds(mlflow, who.experiment, who.name, who.tags, records)
+    shutil.rmtree(paths.CROSSVAL_RECORDS, ignore_errors=True)
+    return summary
+
+
+def log_training(mlflow, summary: dict, timing: dict, crossval: dict) -> None:
+    """Train's results in its MLflow run: the headline figures, the diagnostics, its files (the
+    report stage adds the rest, and all of it to a new run when DVC restored train's outputs)."""
+    from pipeline.crossval.summary import summary_metrics
+
+    tracking.log_metrics(mlflow, runview.train_metrics(summary, timing) | summary_metrics(crossval))
+    tracking.log_diagnostics(mlflow, "train", timing)
+    tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.CROSSVAL_METRICS])
 
 
 def _short(values) -> str:
