@@ -67,16 +67,6 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), ckpt
 
 
-def run_fallback(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What a new MLflow run for this checkpoint records, when train's run cannot be continued:
-    the experiment and the params that made the checkpoint."""
-    params = ckpt.get("params") or {}
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return {"experiment": params.get("mlflow", {}).get("experiment"), "params": flat}
-
-
 def preprocessing(ckpt: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
 

@@ -41,7 +41,8 @@ def run(params) -> dict:
     """Complete this execution's MLflow run, write the report naming it, print the end block."""
     tracking.enabled()  # an unusable store stops here (or, with mlflow.required: false, is skipped)
     done = Outputs()
-    run_id, new = execution_run(params, done)
+    done.identity = identity(params, done)
+    run_id, new = execution_run(done)
     with tracking.active_run(run_id) as mlflow:
         if new:
             record_training(mlflow, done)
@@ -75,16 +76,20 @@ class Outputs:
         timing = read_json(paths.TRAIN_TIMING) if paths.TRAIN_TIMING.exists() else {}
         # train_timing.json is not a DVC output: it is this model's only when train made this checkpoint
         self.timing = timing if timing.get("checkpoint_sha256") == self.checkpoint_sha256 else None
-        self.identity: runview.RunIdentity | None = None  # set by `execution_run`
+        self.identity: runview.RunIdentity | None = None  # what names and describes the run (`identity`)
 
 
-def execution_run(params, done: Outputs) -> tuple[str | None, bool]:
-    """(this execution's run id, whether it is new): train's run when train made this checkpoint
-    in this execution; else a new one. None when tracking is off."""
-    done.identity = runview.run_identity(
+def identity(params, done: Outputs) -> runview.RunIdentity:
+    """The run's name, tags, params and descriptions, as train gives them (`runview.run_identity`)."""
+    return runview.run_identity(
         params, lr=float(done.training["lr"]), n_params=int(done.training["parameters"]),
         n_classes=len(done.card["classes"]), n_train=int(done.meta["counts"]["train"]),
         image_size=int(done.card["image_size"]), data_hash=files_sha256(sorted(paths.PREPARED_DIR.iterdir())))
+
+
+def execution_run(done: Outputs) -> tuple[str | None, bool]:
+    """(this execution's run id, whether it is new): train's run when train made this checkpoint
+    in this execution; else a new one. None when tracking is off."""
     if not tracking.enabled():
         return None, False
     recorded = tracking.recorded_run(paths.MLFLOW_RUN)

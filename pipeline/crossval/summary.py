@@ -56,8 +56,11 @@ def summarize(records: list[dict]) -> dict:
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
-    """crossval.json as MLflow metrics: `crossval/<metric>_mean` and `_std`."""
-    return {f"crossval/{m}_{stat}": v[stat] for m, v in summary.items() if m != "folds" for stat in ("mean", "std")}
+    """crossval.json as MLflow metrics: `crossval/<metric>_mean` and `_std` (tidy, as the UI shows them)."""
+    from pipeline.runview import tidy
+
+    return {f"crossval/{m}_{stat}": tidy(v[stat]) for m, v in summary.items() if m != "folds"
+            for stat in ("mean", "std")}
 
 
 def log_folds(mlflow, experiment: str, run_name: str, tags: dict[str, str], records: list[dict]) -> None:
