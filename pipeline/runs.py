@@ -3,8 +3,9 @@
 Every DVC experiment of the repository (of every baseline commit), those baselines and the
 workspace, one row each, at most 100 columns: name, data set, model, strategy (scratch or the
 fine-tuning strategy), test accuracy (metrics/eval.json), best validation accuracy
-(metrics/train.json), training time and the params whose values differ among the rows. Rows are
-grouped by data set, best test accuracy first; the best row of each data set is marked `*`.
+(metrics/train.json), training time and the params it changed from its commit (as the MLflow
+run's name says them). Rows are grouped by data set, best test accuracy first; the best row of
+each data set is marked `*`.
 
 DVC is read with `Repo.experiments.show`, the call behind `dvc.api.exp_show`, for its structured
 result: the API's flat rows mix params, metrics and deps under names that gain a file prefix only
@@ -43,7 +44,7 @@ class Run:
     name: str                      # workspace, a baseline's branch or short rev, or the experiment's name
     kind: str                      # one of KINDS
     rev: str | None                # the git commit; None for the workspace
-    baseline: str | None           # an experiment's baseline commit
+    baseline: str | None           # the commit it started from: an experiment's baseline, HEAD for the workspace
     dataset: str                   # display_name(dataset, data_dir); "?" when params.yaml did not parse
     model: str
     strategy: str                  # scratch | full | linear_probe | partial | two_phase
@@ -53,7 +54,7 @@ class Run:
     train_seconds: float | None = None
     running: bool = False          # an experiment still running: no metrics shown, "running" for its time
     best: bool = False
-    changed: dict[str, Any] = field(default_factory=dict)  # the params that differ among the rows shown
+    changed: dict[str, Any] = field(default_factory=dict)  # the params it changed from its commit
 
 
 # --- from DVC -----------------------------------------------------------------------------
@@ -82,7 +83,12 @@ def collect(root: Path | None = None) -> tuple[Path, list[Run]]:
                                            hide_failed=True)
         except DvcException as exc:
             raise UserError(f"DVC could not list the experiments: {exc}") from None
-        return Path(repo.root_dir), [run for state in states for run in _rows(state)]
+        rows = [run for state in states for run in _rows(state)]
+        head = repo.scm.get_rev()
+        for run in rows:
+            if run.kind == "workspace":
+                run.baseline = head  # the workspace changed params.yaml from HEAD's
+        return Path(repo.root_dir), rows
 
 
 def _baselines(scm) -> list[str]:
@@ -242,16 +248,26 @@ def order(runs: list[Run], per_dataset: int | None = None) -> list[Run]:
 
 
 def mark_changed(runs: list[Run]) -> list[str]:
-    """Set each row's `changed`: its values of the params that differ among the rows (missing
-    counts as a value), other than those in their own columns. Returns their keys: top-level
-    keys first, then in params.yaml's order."""
+    """Set each row's `changed`: what it changed from its commit's params.yaml (an experiment:
+    its baseline's; the workspace: HEAD's; a commit: nothing), the answer to "what was different
+    about it", as the MLflow run's name gives it. Rows whose commit is not listed: the params
+    that differ among the rows. Params in their own columns are left out. Returns the keys shown,
+    top-level keys first, then in params.yaml's order."""
+    commits = {r.rev: r.params for r in runs if r.kind == "baseline"}
     keys = list(dict.fromkeys(k for r in runs for k in r.params if k not in SHOWN))
     with_params = [r for r in runs if r.params]
     differ = [k for k in keys if len({_show(r.params.get(k, ...)) for r in with_params}) > 1]
-    differ.sort(key=lambda k: "." in k)  # stable: keeps params.yaml's order within each part
     for run in runs:
-        run.changed = {k: run.params[k] for k in differ if k in run.params}
-    return differ
+        base = commits.get(run.baseline)
+        if run.kind == "baseline":
+            run.changed = {}
+        elif base is not None:
+            run.changed = {k: v for k, v in run.params.items()
+                           if k not in SHOWN and _show(base.get(k, ...)) != _show(v)}
+        else:
+            run.changed = {k: run.params[k] for k in differ if k in run.params}
+        run.changed = dict(sorted(run.changed.items(), key=lambda kv: ("." in kv[0], keys.index(kv[0]))))
+    return list(dict.fromkeys(k for r in runs for k in r.changed))
 
 
 def _show(value: Any) -> str:
@@ -301,7 +317,7 @@ def _fit_items(items: list[str], width: int) -> str:
     return " ".join([*shown, "…"]) if shown else fit(text, width)
 
 
-HEADERS = ("experiment", "data", "model", "strategy", "test acc", "val acc", "time", "params that differ")
+HEADERS = ("experiment", "data", "model", "strategy", "test acc", "val acc", "time", "changed from its commit")
 # the text columns' widest and narrowest; when the params need room, data and model give it first,
 # then the name (the one `dvc exp apply` takes), then strategy
 TEXT_WIDTHS = {"experiment": (24, 18), "data": (14, 8), "model": (18, 10), "strategy": (12, 8)}

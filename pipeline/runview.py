@@ -34,19 +34,20 @@ STRATEGIES = {"scratch": "from scratch", "full": "full fine-tuning", "linear_pro
 
 
 def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
-    """One epoch's row of the history as MLflow metrics (the rest of the row is diagnostics)."""
-    return {name: float(row[key]) for key, name in CURVES.items() if key in row}
+    """One epoch's row of the history as MLflow metrics (the rest of the row is diagnostics), to 4
+    significant digits (what a chart or the run page can show; a learning rate of 2.5e-06 stays)."""
+    return {name: float(f"{float(row[key]):.4g}") for key, name in CURVES.items() if key in row}
 
 
 def tidy(value: float) -> float:
     """A one-value figure as the UI should show it: 4 decimals (0.9477, not 0.94771241830065…;
-    a test split of 10,000 images resolves 0.0001), seconds to 0.1 s. The files keep every digit."""
+    a test split of 10,000 images resolves 0.0001), 0.1 from 100 up. The files keep every digit."""
     return round(float(value), 4 if abs(value) < 100 else 1)
 
 
 def train_metrics(summary: dict[str, Any], timing: dict[str, Any] | None) -> dict[str, float]:
     return ({name: tidy(summary[k]) for k, name in TRAIN_HEADLINE.items() if k in summary}
-            | {name: tidy(timing[k]) for k, name in TRAIN_SPEED.items() if timing and k in timing})
+            | {name: round(float(timing[k]), 1) for k, name in TRAIN_SPEED.items() if timing and k in timing})
 
 
 def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -136,8 +136,24 @@ def test_dvc_states_become_rows_with_params_metrics_and_a_running_experiment_uns
     assert {(r.dataset, r.model, r.strategy) for r in rows} == {("flowers", "resnet18", "linear_probe")}
     assert rows[2].baseline == "a" * 40 and rows[2].params["train.optimizer"] == "adamw"
     lines = shown(rows)
-    assert name_of(lines[-1]) == "busy" and " running " in lines[-1]  # unscored: last, and said why
+    assert name_of(lines[-1]) == "busy" and lines[-1].rstrip().endswith(" running")  # unscored: last, and said why
     assert lines[1].startswith("* higher-lr") and lines[1].rstrip().endswith("lr=0.01")
+
+
+def test_each_row_shows_what_it_changed_from_its_commit():
+    """An experiment against its baseline's params.yaml, the workspace against HEAD's, a commit
+    nothing: what was different about it, however many keys differ elsewhere in the table."""
+    base = {"lr": "auto", "epochs": 15, "augment.random_crop": True}
+    rows = [row("main", acc=0.99, kind="baseline", **base), row("no-crop", acc=1.0, **base | {"epochs": 10,
+            "augment.random_crop": False}), row("lower-lr", acc=0.98, **base | {"lr": 0.001}),
+            row("workspace", acc=0.97, kind="workspace", **base | {"lr": 0.01})]
+    rows[0].rev = "h" * 40
+    for r in rows[1:]:
+        r.baseline = "h" * 40
+    lines = {name_of(line): line.rstrip() for line in shown(rows)[1:]}
+    assert lines["no-crop"].endswith("  epochs=10 random_crop=false")
+    assert lines["lower-lr"].endswith("  lr=0.001") and "epochs" not in lines["lower-lr"]
+    assert lines["workspace"].endswith("  lr=0.01") and lines["main"].endswith("–")
 
 
 # --- training times from MLflow -----------------------------------------------------------------------

@@ -92,6 +92,8 @@ class Browser:
                 return data.get("result", {})
 
     async def shoot(self, url: str, out: Path) -> None:
+        await self.call("Page.navigate", url="about:blank")  # a new document: addresses that differ only
+        await asyncio.sleep(0.5)                             # after '#' would not load the page again
         await self.call("Page.navigate", url=url)
         await asyncio.sleep(SETTLE_S)
         shot = await self.call("Page.captureScreenshot", format="png")
@@ -111,9 +113,11 @@ async def photograph(browser_path: str, shots: list[tuple[str, Path]], assistant
         try:
             async with aiohttp.ClientSession() as session:
                 await browser.open(session)
-                if not assistant:  # before any of the UI's own scripts, on every page
+                if not assistant:  # a first visit opens the panel and records it; then it is closed
+                    await browser.call("Page.navigate", url=shots[0][0])
+                    await asyncio.sleep(SETTLE_S / 2)
                     script = "".join(f"localStorage.setItem({k!r}, {v!r});" for k, v in SEEN_ASSISTANT.items())
-                    await browser.call("Page.addScriptToEvaluateOnNewDocument", source=script)
+                    await browser.call("Runtime.evaluate", expression=script)
                 for address, out in shots:
                     await browser.shoot(address, out)
         finally:
