@@ -2,14 +2,16 @@
 stage touches its outputs.
 
 DVC removes a stage's outputs before it runs the stage's command, so a mistake found by the
-stage itself comes too late. This stage runs first on every `dvc repro`/`dvc exp run`
-(`always_changed`), reads nothing else and writes only when everything is valid (its outputs
-are `persist`: DVC never removes them), so a bad value stops the pipeline here with one line.
+stage itself comes too late. This stage runs first whenever params.yaml (the whole file: also a
+key no stage lists, such as a typo), the code or the weights file changed, reads nothing else,
+and writes only when everything is valid (its outputs are `persist`: DVC never removes them),
+so a bad value stops the pipeline here with one line. When nothing changed, it does not run.
 
 Reads params: all of params.yaml; the weights file (our checkpoint's recorded preprocessing);
 data_dir (dataset=folder: that it exists). Writes data/resolved/preprocessing.json (the
 preprocessing the weights bring, or the data set's own: prepare depends on it) and
-data/resolved/weights.json (the weights file's sha256: train re-runs when its bytes change).
+data/resolved/weights (a link to the weights file, or a line saying there is none: DVC hashes
+what it points to, so train re-runs when the file's bytes change).
 Run: `dvc repro check`."""
 from pipeline.check import check
 from pipeline.errors import run_cli

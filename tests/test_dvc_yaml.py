@@ -60,8 +60,11 @@ def outs(stage: str) -> set[str]:
 
 
 def test_no_stage_runs_on_every_repro():
-    """`dvc status` is clean when nothing changed (an always-changed stage never is)."""
+    """`dvc status` is clean when nothing changed (an always-changed stage never is); the check
+    stage depends on the whole params.yaml instead, so that a key no stage lists (a typo, `-S
+    +epoch=30`) is refused too (tests/test_faults.py runs it under DVC)."""
     assert not [name for name, spec in DVC.items() if spec.get("always_changed")]
+    assert "params.yaml" in DVC["check"]["deps"]
 
 
 def test_the_report_stage_depends_on_everything_it_publishes():
