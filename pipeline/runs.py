@@ -88,6 +88,7 @@ def collect(root: Path | None = None) -> tuple[Path, list[Run]]:
         for run in rows:
             if run.kind == "workspace":
                 run.baseline = head  # the workspace changed params.yaml from HEAD's
+                _params_of_its_outputs(run, Path(repo.root_dir))
         return Path(repo.root_dir), rows
 
 
@@ -97,6 +98,23 @@ def _baselines(scm) -> list[str]:
     from dvc.repo.experiments.utils import exp_refs_by_baseline
 
     return sorted(exp_refs_by_baseline(scm))
+
+
+def _params_of_its_outputs(run: Run, root: Path) -> None:
+    """The workspace's params as they were when its outputs were made: the check stage's record
+    in dvc.lock (it reads every section and runs first), not params.yaml, which may have changed
+    since (`git checkout params.yaml` after `dvc exp run`, as the README says to do)."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    made_with = (((lock.get("stages") or {}).get("check") or {}).get("params") or {}).get(paths.PARAMS.as_posix())
+    if made_with:
+        run.params = _flatten(made_with)
+        run.dataset, run.model, run.strategy = _dataset(run.params), str(run.params.get("model", "?")), \
+            _strategy(run.params)
 
 
 def _rows(state) -> list[Run]:
@@ -317,29 +335,33 @@ def _fit_items(items: list[str], width: int) -> str:
     return " ".join([*shown, "…"]) if shown else fit(text, width)
 
 
-HEADERS = ("experiment", "data", "model", "strategy", "test acc", "val acc", "time", "changed from its commit")
+HEADERS = ("experiment", "data", "model", "strategy", "test", "val", "time", "what it changed")
+STRATEGY_SHORT = {"linear_probe": "probe", "two_phase": "2-phase"}  # the column's room goes to what changed
 # the text columns' widest and narrowest; when the params need room, data and model give it first,
 # then the name (the one `dvc exp apply` takes), then strategy
 TEXT_WIDTHS = {"experiment": (24, 18), "data": (14, 8), "model": (18, 10), "strategy": (12, 8)}
 SHRINK_ORDER = ((1, 2), (0,), (3,))
-PARAMS_MIN = 20        # the params column's room, taken from the text columns when needed
+PARAMS_MIN, PARAMS_MAX = 20, 40  # the params column's room, taken from the text columns when its values need it
 GAP = "  "
 
 
 def table(runs: list[Run], width: int = WIDTH) -> list[str]:
     """The rows (in order, `changed` set) as lines of at most `width` characters."""
-    cells = [(r.name, r.dataset, r.model, r.strategy, _acc(r.test_accuracy), _acc(r.best_val_accuracy),
+    cells = [(r.name, r.dataset, r.model, STRATEGY_SHORT.get(r.strategy, r.strategy), _acc(r.test_accuracy),
+              _acc(r.best_val_accuracy),
               "running" if r.running else duration(r.train_seconds)) for r in runs]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(HEADERS[:7])]
     lows = [low for _, low in TEXT_WIDTHS.values()]
     widths[:4] = [min(w, high) for w, (high, _) in zip(widths, TEXT_WIDTHS.values())]
     used = lambda: 2 + sum(widths) + len(GAP) * len(widths)  # noqa: E731  ("* " mark, then a gap after each)
+    short = _short_keys([k for r in runs for k in r.changed])
+    natural = max([len(" ".join(f"{short[k]}={_show(v)}" for k, v in r.changed.items())) for r in runs] + [0])
+    need = max(PARAMS_MIN, min(natural, PARAMS_MAX))  # what changed is the point: room for it first
     for columns in SHRINK_ORDER:
-        while width - used() < PARAMS_MIN and (excess := {i: widths[i] - lows[i] for i in columns
-                                                          if widths[i] > lows[i]}):
+        while width - used() < need and (excess := {i: widths[i] - lows[i] for i in columns
+                                                    if widths[i] > lows[i]}):
             widths[max(excess, key=excess.get)] -= 1
     room = max(width - used(), 0)
-    short = _short_keys([k for r in runs for k in r.changed])
     lines = [_line(" ", HEADERS[:7], widths, fit(HEADERS[7], room))]
     for run, row in zip(runs, cells):
         params = _fit_items([f"{short[k]}={_show(v)}" for k, v in run.changed.items()], room)
@@ -371,7 +393,7 @@ def header(shown: list[Run], runs: list[Run]) -> str:
     what = f"{n} experiment{'s' * (n != 1)}, {b} baseline{'s' * (b != 1)}" + (
         ", workspace" if any(r.kind == "workspace" for r in runs) else "")
     count = f"{len(runs)} runs" if len(shown) == len(runs) else f"{len(shown)} of {len(runs)} runs"
-    return f"{count} ({what}) by data set, best test accuracy first, * best"
+    return f"{count} ({what}), best test accuracy first per data set, * best"
 
 
 FOOTER = "dvc exp apply NAME: make a run the workspace · dvc exp show: every column · mlflow ui: its curves"

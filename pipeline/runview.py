@@ -110,7 +110,8 @@ def run_name(model: str, dataset: str, changed: dict[str, Any] | None, limit: in
     `resnet18 · flowers · lr=0.001 epochs=30` (cut with … past `limit` characters)."""
     parts = [model, dataset]
     if changed := {k: v for k, v in (changed or {}).items() if k not in NAMED}:
-        parts.append(" ".join(f"{k}={short(v)}" for k, v in changed.items()))
+        # a path by its file name: weights=tf_efficientnet_lite0.pth, not the folders it sits in
+        parts.append(" ".join(f"{k}={short(v).rsplit('/', 1)[-1]}" for k, v in changed.items()))
     name = " · ".join(parts)
     return name if len(name) <= limit else name[:limit - 1] + "…"
 

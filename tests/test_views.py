@@ -100,6 +100,8 @@ def test_run_name_and_description_name_the_params_that_differ_from_the_commit(pr
     assert "metrics.`test/accuracy`" in view["selectedColumns"]
     assert "not a git checkout" in runview.headline(model="m", dataset="d", how="full", n_classes=2, n_train=1,
                                                     image_size=8, lr=1e-3, changed=None)
+    assert runview.run_name("m", "d", {"weights": "/srv/weights/lite0.pth", "finetune": "partial"}) == (
+        "m · d · weights=lite0.pth finetune=partial")
     long = runview.run_name("resnet18", "digits", {f"train.key_{i}": i for i in range(20)})
     assert len(long) == 90 and long.endswith("…")
 

@@ -108,7 +108,7 @@ class Browser:
 async def photograph(browser_path: str, shots: list[tuple[str, Path]], assistant: bool) -> None:
     import aiohttp
 
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # its helpers may still write
         browser = Browser(browser_path, Path(profile))
         try:
             async with aiohttp.ClientSession() as session:
