@@ -286,3 +286,22 @@ def test_runs_json_and_an_unreachable_store(experiments: Path):
     assert f"time –: cannot reach the MLflow tracking server {unreachable}" in out
     low_lr = next(line for line in out.splitlines() if name_of(line) == "low-lr")
     assert " – " in low_lr
+
+
+def test_the_workspace_row_is_described_by_the_params_that_made_its_outputs(tmp_path: Path):
+    """After `dvc exp run -S ...` and `git checkout params.yaml` (as the README says), the
+    workspace holds the experiment's outputs beside the committed params.yaml: its row takes the
+    params the check stage ran with (dvc.lock), not params.yaml's."""
+    import yaml
+
+    made_with = {"dataset": "folder", "data_dir": "data/flowers", "model": "resnet18", "pretrained": True,
+                 "weights": None, "finetune": "linear_probe", "lr": 0.01, "train": {"optimizer": "sgd"}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(
+        {"schema": "2.0", "stages": {"check": {"params": {"params.yaml": made_with}}}}))
+    workspace = row("workspace", acc=0.9, kind="workspace")  # params.yaml: digits, original, lr auto
+    runs._params_of_its_outputs(workspace, tmp_path)
+    assert (workspace.dataset, workspace.model, workspace.strategy) == ("flowers", "resnet18", "linear_probe")
+    assert workspace.params["lr"] == 0.01 and workspace.params["train.optimizer"] == "sgd"
+    untouched = row("workspace", acc=0.9, kind="workspace")
+    runs._params_of_its_outputs(untouched, tmp_path / "nowhere")  # no lock file: params.yaml's, as read
+    assert untouched.model == "original"
