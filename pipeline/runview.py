@@ -13,7 +13,6 @@ of one bar each tells a person nothing. Counts, threads and latency samples go t
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -132,21 +131,15 @@ def run_identity(params, *, lr: float, n_params: int, n_classes: int, n_train: i
                  data_hash: str) -> RunIdentity:
     """`params`: this execution's params (`Params` or a stage's view of them: read as a record)."""
     from pipeline.data.registry import display_name
-    from pipeline.tracking import git_commit
+    from pipeline.tracking import run_tags
 
     record = params.model_dump()
     dataset = display_name(record["dataset"], record["data_dir"])
     changed = changed_params(params.flat(), committed_params())
     how = strategy(record)
-    tags = {"dataset": dataset, "data_source": record["dataset"], "model": record["model"], "strategy": how,
-            "finetune": record["finetune"], "pretrained": short(record["pretrained"]), "data_hash": data_hash}
-    if record["dataset"] == "folder":
-        tags["data_dir"] = record["data_dir"]
-    if commit := git_commit():
-        tags["git_commit"] = commit
-    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_baseline_rev")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
+    tags = (run_tags(dataset, record["model"], record["finetune"], record["pretrained"])
+            | {"data_source": record["dataset"], "strategy": how, "data_hash": data_hash}
+            | ({"data_dir": record["data_dir"]} if record["dataset"] == "folder" else {}))
     note = headline(model=record["model"], dataset=dataset, how=how, n_classes=n_classes, n_train=n_train,
                     image_size=image_size, lr=lr, changed=changed)
     logged = params.flat() | {"lr": lr, "lr_auto": record["lr"] == "auto", "model_parameters": n_params}

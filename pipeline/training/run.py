@@ -217,7 +217,8 @@ def run(params: Params, device: str, rank: int) -> dict | None:
         summary = write_outputs(s, params, result)
         folds = crossval_outputs(params, s.cfg.fingerprint, mlflow, who)
         tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
-        log_training(mlflow, summary, result.timing, folds)
+        log_training(mlflow, summary, result.timing, folds,
+                     {"trainable_params_per_epoch": result.history["trainable_params"].tolist()})
     speed = (f"features at {result.timing['feature_images_per_second']:.0f} images/s"
              if "feature_images_per_second" in result.timing else
              f"{result.timing['train_images_per_second']:.0f} images/s")
@@ -244,13 +245,13 @@ def crossval_outputs(params: Params, fp: str, mlflow, who: runview.RunIdentity) 
     return summary
 
 
-def log_training(mlflow, summary: dict, timing: dict, crossval: dict) -> None:
+def log_training(mlflow, summary: dict, timing: dict, crossval: dict, diagnostics: dict) -> None:
     """Train's results in its MLflow run: the headline figures, the diagnostics, its files (the
     report stage adds the rest, and all of it to a new run when DVC restored train's outputs)."""
     from pipeline.crossval.summary import summary_metrics
 
     tracking.log_metrics(mlflow, runview.train_metrics(summary, timing) | summary_metrics(crossval))
-    tracking.log_diagnostics(mlflow, "train", timing)
+    tracking.log_diagnostics(mlflow, "train", timing | diagnostics)
     tracking.log_artifacts(mlflow, [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.CROSSVAL_METRICS])
 
 
