@@ -80,11 +80,13 @@ class Outputs:
 
 
 def identity(params, done: Outputs) -> runview.RunIdentity:
-    """The run's name, tags, params and descriptions, as train gives them (`runview.run_identity`)."""
+    """The run's name, tags, params and descriptions, as train gives them (`runview.run_identity`).
+    Its `data_hash` tag is filled in only for a new run (`execution_run`): train's run has it, and
+    hashing data/prepared reads every image once more."""
     return runview.run_identity(
         params, lr=float(done.training["lr"]), n_params=int(done.training["parameters"]),
         n_classes=len(done.card["classes"]), n_train=int(done.meta["counts"]["train"]),
-        image_size=int(done.card["image_size"]), data_hash=files_sha256(sorted(paths.PREPARED_DIR.iterdir())))
+        image_size=int(done.card["image_size"]), data_hash="")
 
 
 def execution_run(done: Outputs) -> tuple[str | None, bool]:
@@ -100,8 +102,9 @@ def execution_run(done: Outputs) -> tuple[str | None, bool]:
     who = done.identity
     print("report: train did not run for this model in this execution (DVC found it unchanged or restored it "
           "from its cache): recording the run from its outputs", flush=True)
-    run_id = tracking.start_run(who.experiment, who.name, who.params, who.tags | {tracking.NOTE: who.note},
-                                paths.MLFLOW_RUN, experiment_tags=who.experiment_tags)
+    tags = who.tags | {"data_hash": files_sha256(sorted(paths.PREPARED_DIR.iterdir())), tracking.NOTE: who.note}
+    run_id = tracking.start_run(who.experiment, who.name, who.params, tags, paths.MLFLOW_RUN,
+                                experiment_tags=who.experiment_tags)
     tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
     return run_id, True
 

@@ -155,6 +155,7 @@ def test_report_records_a_new_complete_run_when_train_did_not_run(pipeline_run, 
     first, second = (client.get_run(r["run_id"]) for r in (results["report"], again))
     assert second.info.status == "FINISHED" and second.info.run_name == first.info.run_name
     assert second.data.tags["dvc_exp_name"] == "report-only"
+    assert second.data.tags["data_hash"] == first.data.tags["data_hash"] != ""  # train's, re-computed
     assert {k: v for k, v in second.data.params.items()} == first.data.params
     for curve in CURVES:
         assert [m.value for m in client.get_metric_history(second.info.run_id, curve)] == [
