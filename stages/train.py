@@ -12,7 +12,13 @@ same params, data and code; deleted when training completes).
 Run: `dvc repro train`."""
 from pipeline.errors import run_cli
 from pipeline.params import load_params
-from pipeline.training.distributed import launch_torchrun, pick_device, process_group, under_torchrun
+from pipeline.training.distributed import (
+    die_with_torchrun,
+    launch_torchrun,
+    pick_device,
+    process_group,
+    under_torchrun,
+)
 from pipeline.training.run import run
 
 PARAMS = ("model", "epochs", "batch_size", "lr", "seed", "pretrained", "weights", "finetune", "augment", "train",
@@ -20,6 +26,8 @@ PARAMS = ("model", "epochs", "batch_size", "lr", "seed", "pretrained", "weights"
 
 
 def main() -> dict | None:
+    if under_torchrun():
+        die_with_torchrun()  # a DDP worker: nothing of it survives torchrun or this stage
     params = load_params(keys=PARAMS)
     if not under_torchrun():
         from pipeline.crossval.fold import run_folds
