@@ -3,6 +3,7 @@ applies to every image of a folder data set and `pipeline predict` to every file
 (one implementation, so a prediction sees exactly what training saw)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +60,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_image(path: Path, size_hint: int) -> Image.Image:
     """Open, fully decode (so truncation shows here) and convert one file to RGB.
-    Raises `BadImage(reason)` for anything that is not a usable image."""
+    Raises `BadImage(reason)` for anything that is not a usable image, and for an image of more
+    pixels than Pillow's `Image.MAX_IMAGE_PIXELS` (a decompression bomb): Pillow only warns up
+    to twice the limit; here the limit is the limit, for prepare and predict alike."""
     try:
-        with Image.open(path) as img:
-            if img.format == "JPEG" and size_hint:
-                img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
-            img.load()
-            if img.format != "JPEG" or "exif" in img.info:  # a JPEG's orientation lives in its EXIF block
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: where a caller made it an error
-        raise BadImage(f"decompression bomb (more pixels than the limit, {Image.MAX_IMAGE_PIXELS:,})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(path, size_hint)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"decompression bomb (more pixels than the limit, {Image.MAX_IMAGE_PIXELS:,}); "
+                       "resize it to fewer pixels") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (cannot identify)") from None
     except OSError as exc:
@@ -78,3 +78,13 @@ def decode_image(path: Path, size_hint: int) -> Image.Image:
         raise BadImage(f"unreadable: {exc.strerror or exc}") from None
     except (SyntaxError, ValueError) as exc:  # Pillow raises these for some broken headers
         raise BadImage(f"corrupt image: {exc}") from None
+
+
+def _decode(path: Path, size_hint: int) -> Image.Image:
+    with Image.open(path) as img:
+        if img.format == "JPEG" and size_hint:
+            img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
+        img.load()
+        if img.format != "JPEG" or "exif" in img.info:  # a JPEG's orientation lives in its EXIF block
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)

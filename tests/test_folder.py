@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data.folder import scan_folder
+from pipeline.data.folder import scan, scan_folder
 from pipeline.data.prepare import prepare
 from pipeline.errors import UserError
 from pipeline.images import BadImage, decode_image
@@ -142,7 +142,7 @@ def test_folder_errors(tmp_path: Path):
         scan_folder(tmp_path / "missing")
     (tmp_path / "one" / "only").mkdir(parents=True)
     Image.fromarray(photo(0, (9, 9))).save(tmp_path / "one" / "only" / "x.png")
-    with pytest.raises(UserError, match="at least 2 classes"):
+    with pytest.raises(UserError, match="needs at least 2 class folders"):
         scan_folder(tmp_path / "one")
     (tmp_path / "none").mkdir()
     with pytest.raises(UserError, match="no class folders"):
@@ -167,3 +167,130 @@ def test_parallel_decoding_matches_in_process_decoding(tmp_path: Path, monkeypat
         assert np.array_equal(np.load(tmp_path / "serial" / name), np.load(tmp_path / "parallel" / name)), name
     assert (tmp_path / "serial" / "manifest.csv").read_text() == (tmp_path / "parallel" / "manifest.csv").read_text()
     assert np.load(tmp_path / "parallel" / "train_x.npy").any()  # real pixels, not an untouched file
+
+
+# ---------------------------------------------------------------- what check refuses before any output is touched
+
+
+def class_folders(root: Path, layout: str, files: dict[str, list[str]]) -> Path:
+    """`files` ({class: file names}) as root/<class>/... or as root/train/<class>/... with
+    one image of each class also in root/val/<class>/ (an empty list: an empty class folder)."""
+    for split in ("train", "val") if layout == "pre-split" else ("",):
+        for cls, names in files.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, name in enumerate(names if split != "val" else names[:1]):
+                Image.fromarray(photo(i, (9, 9))).save(folder / name) if name.endswith(".png") else \
+                    (folder / name).write_text("notes")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+REFUSED = {
+    "empty": ({}, "has no class folders"),
+    "one class": ({"cat": ["0.png", "1.png"], "dog": []}, "has 1 class folder(s) with files (cat)"),
+    "a class with no image": ({"cat": ["0.png"], "dog": ["notes.txt", ".0.png"]},
+                              "class folder {dog} has no image (only: hidden file, not an image extension)"),
+}
+
+
+@pytest.mark.parametrize("layout", ["class folders", "pre-split"])
+@pytest.mark.parametrize("case", REFUSED)
+def test_scan_refuses_what_prepare_would_refuse(tmp_path: Path, layout: str, case: str):
+    files, words = REFUSED[case]
+    root = class_folders(tmp_path / "images", layout, files)
+    dog = "dog" if layout == "class folders" else "train/dog, val/dog"
+    with pytest.raises(UserError) as err:
+        scan(root)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"data_dir={str(root)!r}") and words.format(dog=dog) in message
+    assert "it needs at least 2 class folders, each with at least one image (.bmp, .gif, .jpeg, .jpg, .png" in message
+    with pytest.raises(UserError) as again:  # prepare refuses it the same way
+        scan_folder(root)
+    assert str(again.value) == message
+
+
+def test_check_refuses_a_bad_folder_before_dvc_touches_data_prepared(project: Path, tmp_path: Path):
+    """Under the real dvc: prepare's outputs are removed before its command runs, so the check
+    stage (run first when data_dir changes) is where a bad folder must stop."""
+    import hashlib
+
+    from tests.conftest import run, set_params
+
+    def digest() -> dict[str, str]:
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (project / "data/prepared").rglob("*")
+                if p.is_file()}
+
+    (project / "data/prepared").mkdir(parents=True)
+    (project / "data/prepared/train_x.npy").write_bytes(b"a previous run's arrays")  # dvc removes it before prepare
+    before = digest()
+    bad = class_folders(tmp_path / "images", "pre-split", {"cat": ["0.png"], "dog": ["notes.txt"]})
+    set_params(project, dataset="folder", data_dir=str(bad))
+    proc = run(["dvc", "repro", "prepare"], project, check=False)
+    assert digest() == before
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert "class folder train/dog, val/dog has no image" in errors[0]
+
+
+def test_scan_counts_images_by_listing_alone(tmp_path: Path):
+    root = class_folders(tmp_path / "images", "pre-split", {"cat": ["0.png", "1.png", "x.txt"], "dog": ["0.png"],
+                                                           "bird": []})
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    (root / "train" / "dog" / "fake.jpg").write_text("no image, but only decoding can tell")
+    assert scan(root) == {"cat": 3, "dog": 3}  # the empty class folder 'bird' is no class, as in prepare
+
+
+def test_scan_of_5000_files_is_fast(tmp_path: Path):
+    import time
+
+    png = jpeg_bytes(photo(0, (4, 4)))
+    for cls in ("a", "b", "c", "d", "e"):
+        (tmp_path / cls).mkdir()
+        for i in range(1000):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(png)
+    start = time.perf_counter()
+    assert scan(tmp_path) == dict.fromkeys("abcde", 1000)
+    assert time.perf_counter() - start < 1.0  # measured: ~30 ms; decoding them would take seconds
+
+
+@pytest.mark.parametrize("target", ["images", "images/cat", "."], ids=["data_dir", "class folder", "above"])
+def test_a_link_back_to_an_ancestor_is_named_as_a_loop(tmp_path: Path, monkeypatch, target: str):
+    monkeypatch.chdir(tmp_path)
+    class_folders(Path("images"), "class folders", {"cat": ["0.png"], "dog": ["0.png"]})
+    Path("images/cat/sub").mkdir()
+    Path("images/cat/sub/back").symlink_to(tmp_path / target)
+    expected = f"images/cat/sub/back is a link back to {target}: a loop; remove it"
+    for listing in (scan, scan_folder):
+        with pytest.raises(UserError) as err:
+            listing(Path("images"))
+        assert str(err.value) == expected
+
+
+def test_a_class_folder_that_is_a_link_to_data_dir_is_a_loop(tmp_path: Path):
+    class_folders(tmp_path / "images", "class folders", {"cat": ["0.png"], "dog": ["0.png"]})
+    (tmp_path / "images" / "all").symlink_to(tmp_path / "images")
+    with pytest.raises(UserError, match=f"^{tmp_path}/images/all is a link back to {tmp_path}/images: a loop"):
+        scan(tmp_path / "images")
+
+
+def test_an_image_above_the_pixel_limit_is_refused_by_prepare_and_predict_alike(tmp_path: Path):
+    """10,000×10,000 = 100 M pixels: above Pillow's limit (89,478,485) but under twice it, where
+    Pillow itself only warns. Prepare skips and reports it as it does a corrupt image; predict
+    refuses it with the same reason."""
+    from pipeline.export.predict import preprocess
+    from pipeline.preprocess import Preprocessing
+
+    for k, cls in enumerate(("cat", "dog")):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(photo(10 * k + i, (9, 9))).save(tmp_path / "imgs" / cls / f"{i}.png")
+    big = tmp_path / "imgs" / "cat" / "big.png"
+    Image.new("1", (10_000, 10_000)).save(big)  # one colour: a 12 KB file
+    prepare(scan_folder(tmp_path / "imgs"), 8, 0.2, 0.2, 0, tmp_path / "prepared")
+    manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv", keep_default_na=False).set_index("path")
+    reason = "decompression bomb (more pixels than the limit, 89,478,485); resize it to fewer pixels"
+    assert (manifest.loc["cat/big.png", "status"], manifest.loc["cat/big.png", "reason"]) == ("skipped", reason)
+    with pytest.raises(BadImage) as err:
+        preprocess(big, Preprocessing(8, 8))
+    assert str(err.value) == reason

@@ -138,8 +138,8 @@ def test_unreadable_files_are_one_line_each_and_the_rest_is_predicted(exported_p
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {missing}: unreadable: No such file or directory",
                       f"error: {bad[1]}: not an image (cannot identify)",
-                      f"error: {bad[2]}: decompression bomb (more pixels than the limit, 1,000)",
-                      f"error: {bad[3]}: decompression bomb (more pixels than the limit, 1,000)"]
+                      f"error: {bad[2]}: decompression bomb (more pixels than the limit, 1,000); resize it to fewer pixels",
+                      f"error: {bad[3]}: decompression bomb (more pixels than the limit, 1,000); resize it to fewer pixels"]
     evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
     rows = table_rows(proc.stdout)
     assert [r[0] for r in rows] == [str(test_pngs[i]) for i in range(3)]

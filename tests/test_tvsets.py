@@ -8,6 +8,8 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
+import os
 import pickle
 import socket
 import struct
@@ -120,11 +122,19 @@ def md5(path: Path) -> str:
 
 
 def spec_for(name: str, folder: Path, base_url: str) -> dict[str, tvsets.TvSpec]:
-    """SPECS with `name`'s files pointed at `base_url` and their md5s those of `folder`'s files."""
+    """SPECS with `name`'s files pointed at `base_url` and their md5s those of `folder`'s files
+    (the pickles read from a tiny archive: the md5s of its members)."""
     real = tvsets.SPECS[name]
     files = tuple(dataclasses.replace(f, md5=md5(folder / f.filename) if (folder / f.filename).exists() else f.md5,
                                       urls=(base_url + f.filename,)) for f in real.files)
-    return {name: dataclasses.replace(real, files=files)}
+    return {name: dataclasses.replace(real, files=files, checked=member_md5s(folder / real.files[0].filename, real))}
+
+
+def member_md5s(archive: Path, spec: tvsets.TvSpec) -> tuple[tuple[str, str], ...]:
+    if not spec.checked or not archive.exists():
+        return spec.checked
+    with tarfile.open(archive) as tar:
+        return tuple((rel, hashlib.md5(tar.extractfile(rel).read()).hexdigest()) for rel, _ in spec.checked)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -187,12 +197,13 @@ def test_cifar10_download_extract_load_prepare(tmp_path: Path, served):
     www, server = served
     written = cifar10_tar(www / CIFAR10, np.random.default_rng(0))
     raw = tmp_path / "raw"
-    folder = tvsets.download("cifar10", raw, specs=spec_for("cifar10", www, server.url))
+    specs = spec_for("cifar10", www, server.url)
+    folder = tvsets.download("cifar10", raw, specs=specs)
     assert folder == raw / "cifar10" and (folder / "cifar-10-batches-py" / "test_batch").is_file()
     assert md5(raw / CIFAR10) == md5(www / CIFAR10)
     assert sorted(p.name for p in raw.iterdir()) == [CIFAR10, "cifar10"]  # no temporary files
 
-    source = tvsets.load_source("cifar10", raw)
+    source = tvsets.load_source("cifar10", raw, specs=specs)
     assert source.classes == [c.decode() for c in CIFAR10_NAMES]
     all_x = np.concatenate([written["train_x"], written["test_x"]])
     assert list(source.labels) == list(written["train_y"]) + list(written["test_y"])
@@ -214,8 +225,9 @@ def test_cifar10_download_extract_load_prepare(tmp_path: Path, served):
 def test_cifar100_fine_labels_and_names(tmp_path: Path, served):
     www, server = served
     written = cifar100_tar(www / "cifar-100-python.tar.gz", np.random.default_rng(1))
-    tvsets.download("cifar100", tmp_path / "raw", specs=spec_for("cifar100", www, server.url))
-    source = tvsets.load_source("cifar100", tmp_path / "raw")
+    specs = spec_for("cifar100", www, server.url)
+    tvsets.download("cifar100", tmp_path / "raw", specs=specs)
+    source = tvsets.load_source("cifar100", tmp_path / "raw", specs=specs)
     assert source.classes == ["apple", "aquarium_fish", "baby"]
     assert list(source.labels) == written["train"][1] + written["test"][1]
     assert list(source.splits) == ["train"] * 12 + ["test"] * 6
@@ -260,8 +272,9 @@ def test_offline_with_placed_archive(tmp_path: Path, offline_url: str):
     raw = tmp_path / "raw"
     raw.mkdir()
     written = cifar10_tar(raw / CIFAR10, np.random.default_rng(3))
-    tvsets.download("cifar10", raw, specs=spec_for("cifar10", raw, offline_url))
-    source = tvsets.load_source("cifar10", raw)
+    specs = spec_for("cifar10", raw, offline_url)
+    tvsets.download("cifar10", raw, specs=specs)
+    source = tvsets.load_source("cifar10", raw, specs=specs)
     np.testing.assert_array_equal(source.decode(119, 32), written["test_x"][19])
 
 
@@ -363,10 +376,10 @@ def test_interrupted_extraction_is_not_complete(tmp_path: Path, served):
     folder = tvsets.download("cifar10", raw, specs=specs)
     (folder / tvsets.MARKER).unlink()  # as if the extraction had stopped before its last write
     with pytest.raises(UserError, match="download stage"):
-        tvsets.load_source("cifar10", raw)
+        tvsets.load_source("cifar10", raw, specs=specs)
     server.stop()  # the archive is there: it is verified and extracted again, no network needed
     assert tvsets.download("cifar10", raw, specs=specs) == folder and (folder / tvsets.MARKER).is_file()
-    assert len(tvsets.load_source("cifar10", raw).items) == 120
+    assert len(tvsets.load_source("cifar10", raw, specs=specs).items) == 120
 
 
 def test_load_source_before_download(tmp_path: Path):
@@ -382,3 +395,66 @@ def test_truncated_extracted_file_is_a_user_error(tmp_path: Path, served):
     labels.write_bytes(labels.read_bytes()[:-1])
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte is truncated"):
         tvsets.load_source("mnist", tmp_path / "raw")
+
+
+# ---------------------------------------------------------------- planted pickles
+
+
+class Payload:
+    """Pickles as a call of os.system: what a planted batch file would run when unpickled."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def planted_folder(raw: Path, ran: Path) -> Path:
+    """raw/cifar10/ as someone could leave it: a marker written by hand, and batch files whose
+    unpickling would create `ran`. Returns the batches' folder."""
+    batches = raw / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (raw / "cifar10" / tvsets.MARKER).write_text(json.dumps({CIFAR10: tvsets.SPECS["cifar10"].files[0].md5}))
+    batch = {b"batch_label": b"x", b"labels": [0], b"data": Payload(f"touch {ran}"), b"filenames": [b"a.png"]}
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        (batches / name).write_bytes(py2_pickle(batch))
+    (batches / "batches.meta").write_bytes(py2_pickle({b"label_names": CIFAR10_NAMES}))
+    return batches
+
+
+def test_a_planted_batch_beside_a_handwritten_marker_is_refused_unread(tmp_path: Path):
+    ran = tmp_path / "payload-ran"
+    batches = planted_folder(tmp_path / "raw", ran)
+    with pytest.raises(UserError) as err:
+        tvsets.load_source("cifar10", tmp_path / "raw")
+    assert not ran.exists()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{batches / 'data_batch_1'} is not the file the archive holds")
+    assert "expected c99cafc152244af753f735de768cd75f" in message  # torchvision's md5 of the real file
+    assert f"delete {tmp_path / 'raw' / 'cifar10'}/ and re-run the download stage" in message
+
+
+def test_the_unpickler_builds_arrays_and_refuses_any_other_call(tmp_path: Path):
+    """Past the md5 check (a spec listing no md5s), a pickle still cannot run anything."""
+    ran = tmp_path / "payload-ran"
+    batches = planted_folder(tmp_path / "raw", ran)
+    unchecked = {"cifar10": dataclasses.replace(tvsets.SPECS["cifar10"], checked=())}
+    with pytest.raises(UserError) as err:
+        tvsets.load_source("cifar10", tmp_path / "raw", specs=unchecked)
+    assert not ran.exists()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{batches / 'data_batch_1'} asks to call posix.system")
+    assert "refused, nothing run" in message and f"delete {tmp_path / 'raw'}/" in message
+
+
+def test_batches_pickled_by_python3_and_numpy2_are_read_too(tmp_path: Path):
+    """Protocol 2 from Python 3 writes bytes as _codecs.encode calls and numpy 2 names numpy._core."""
+    data = np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": data, b"labels": [3, 1], b"filenames": [b"a.png", b"b.png"],
+                                   b"batch_label": b"training batch 1 of 5"}, protocol=2))
+    assert b"_codecs" in path.read_bytes() and b"numpy._core" in path.read_bytes()
+    batch = tvsets._unpickle(path)
+    np.testing.assert_array_equal(batch["data"], data)
+    assert batch["labels"] == [3, 1] and batch["filenames"] == [b"a.png", b"b.png"]

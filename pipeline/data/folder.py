@@ -7,7 +7,8 @@ Every file under a class folder is considered and ends up in the manifest: used,
 with its reason (hidden file, not an image extension, empty file, duplicate, conflicting
 labels here; truncated / corrupt / unreadable when prepare decodes it). Files are read once
 here to hash them (sha256 of the bytes: duplicates and conflicting labels) and decoded once
-by prepare; the OS page cache makes the second read cheap.
+by prepare; the OS page cache makes the second read cheap. `scan` lists the same files without
+reading them: the check stage refuses a folder prepare would refuse before any output is touched.
 """
 from __future__ import annotations
 
@@ -42,11 +43,35 @@ def class_names(root: Path) -> list[str]:
     return sorted({cls for _, cls, _ in _class_dirs(root)})
 
 
+def loop_target(path: str) -> str:
+    """The folder a symbolic link at `path` points back to when that folder contains the link
+    (following it would walk the same tree forever): shown as the ancestor as written in
+    `path` where one is it, else its real path. '' when `path` is no such link."""
+    if not os.path.islink(path):
+        return ""
+    target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path) or ".")
+    if os.path.commonpath([target, here]) != target:
+        return ""
+    parent = os.path.dirname(path)
+    while os.path.realpath(parent or ".") != target:
+        if (up := os.path.dirname(parent)) == parent:  # "" or "/": the target lies above what `path` names
+            return target
+        parent = up
+    return parent or "."
+
+
+def _refuse_loop(path: str) -> None:
+    if target := loop_target(path):
+        raise UserError(f"{path} is a link back to {target}: a loop; remove it")
+
+
 def walk_files(folder: str) -> list[str]:
     """Every file under `folder`, as paths relative to it, in a stable order (by path parts);
-    a folder reached twice through symbolic links (a loop) is walked once, and a link to
-    nothing is listed (reported as skipped). os.scandir, not pathlib: for 60,000 files
-    pathlib's object overhead was most of the scan."""
+    a link back to a folder that contains it (a loop) is a UserError naming it; a folder
+    reached twice through other symbolic links is walked once; a link to nothing is listed
+    (reported as skipped). os.scandir, not pathlib: for 60,000 files pathlib's object
+    overhead was most of the scan."""
+    _refuse_loop(folder)
     out: list[str] = []
     stack, seen = [""], {os.path.realpath(folder)}
     while stack:
@@ -55,6 +80,8 @@ def walk_files(folder: str) -> list[str]:
             for e in entries:
                 rel = os.path.join(rel_dir, e.name) if rel_dir else e.name
                 if e.is_dir(follow_symlinks=True):
+                    if e.is_symlink():
+                        _refuse_loop(e.path)
                     if (real := os.path.realpath(e.path)) not in seen:
                         seen.add(real)
                         stack.append(rel)
@@ -66,9 +93,10 @@ def walk_files(folder: str) -> list[str]:
 def name_problem(rel: str) -> str:
     """Why a file found under a folder (path relative to it) is no image by its name alone:
     'hidden file' (it or a folder above it starts with '.'), 'not an image extension', or ''."""
-    if any(part.startswith(".") for part in rel.split(os.sep)):
+    if rel.startswith(".") or os.sep + "." in rel:
         return "hidden file"
-    return "not an image extension" if os.path.splitext(rel)[1].lower() not in EXTENSIONS else ""
+    _, dot, extension = rel.rpartition(".")
+    return "" if dot and "." + extension.lower() in EXTENSIONS else "not an image extension"
 
 
 def _read_hash(path: str) -> str:
@@ -78,30 +106,85 @@ def _read_hash(path: str) -> str:
     return hashlib.sha256(data).hexdigest() if data else ""
 
 
-def scan_folder(root: Path) -> Source:
-    """Find every candidate image under `root`, hash it, and set aside what cannot be used
-    before decoding: hidden files, other extensions, empty files, duplicates, conflicts."""
+ClassFolder = tuple[str, str, str, list[tuple[str, str]]]
+# (split, class, the folder relative to root, [(a file under it relative to root, why it is no image or '')])
+
+
+def file_problem(path: str, name: str) -> str:
+    """Why a listed file (at `path`; `name`: its path under its class folder) is no candidate
+    image before it is read: its name (`name_problem`), a link to nothing, no bytes; '' if it is one."""
+    if reason := name_problem(name):
+        return reason
+    try:
+        return "" if os.path.getsize(path) else "empty file"
+    except FileNotFoundError:
+        return "dangling symbolic link"  # listed by walk_files, yet nothing there
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def list_class_folders(root: Path) -> list[ClassFolder]:
+    """Every class folder under `root` (either layout) and every file under it with its problem:
+    the one listing the check stage's `scan` and prepare's `scan_folder` share. Lists and stats
+    files; reads none."""
     if not root.is_dir():
         raise UserError(f"data_dir={str(root)!r} is not a folder; expected root/<class>/*.jpg "
                         "or root/train|val|test/<class>/*.jpg")
-    class_dirs = _class_dirs(root)
+    listed = []
+    try:
+        for split, cls, folder in _class_dirs(root):
+            rel, path = str(folder.relative_to(root)) + os.sep, str(folder) + os.sep  # joined by +: 60,000 files
+            files = [(rel + name, file_problem(path + name, name)) for name in walk_files(str(folder))]
+            listed.append((split, cls, rel[:-1], files))
+    except OSError as exc:
+        raise UserError(f"cannot list {exc.filename or root}: {exc.strerror or exc}; make data_dir={str(root)!r} "
+                        "readable") from None
+    return listed
+
+
+def _classes(root: Path, listed: list[ClassFolder]) -> list[str]:
+    """The class folders with files (an empty one is noted in the report, not a class); refused:
+    none, fewer than 2, or one whose files hold no candidate image."""
+    where = f"data_dir={str(root)!r}"
+    need = f"it needs at least 2 class folders, each with at least one image ({', '.join(sorted(EXTENSIONS))})"
+    if not listed:
+        raise UserError(f"{where} has no class folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg); "
+                        f"{need}")
+    classes = sorted({cls for _, cls, _, files in listed if files})
+    if len(classes) < 2:
+        raise UserError(f"{where} has {len(classes)} class folder(s) with files ({', '.join(classes) or 'none'}); "
+                        f"{need}")
+    with_image = {cls for _, cls, _, files in listed if any(not problem for _, problem in files)}
+    if bare := [(rel, files) for _, cls, rel, files in listed if files and cls not in with_image]:
+        why = sorted({problem for _, files in bare for _, problem in files})
+        raise UserError(f"{where}: class folder {', '.join(rel for rel, _ in bare)} has no image (only: "
+                        f"{', '.join(why)}); {need}")
+    return classes
+
+
+def scan(root: Path) -> dict[str, int]:
+    """Candidate images per class, from the listing alone (names and sizes; nothing read or
+    decoded), refusing what prepare would refuse for the same reasons: for the check stage,
+    which runs before DVC removes prepare's outputs. 5,000 files: ~30 ms."""
+    listed = list_class_folders(root)
+    counts = dict.fromkeys(_classes(root, listed), 0)
+    for _, cls, _, files in listed:
+        if cls in counts:
+            counts[cls] += sum(not problem for _, problem in files)
+    return counts
+
+
+def scan_folder(root: Path) -> Source:
+    """Find every candidate image under `root`, hash it, and set aside what cannot be used
+    before decoding: hidden files, other extensions, empty files, duplicates, conflicts."""
+    listed = list_class_folders(root)
+    classes = _classes(root, listed)
     stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     skipped: list[dict] = []
     candidates: list[tuple[str, str, str, str]] = []  # split, class, path relative to root, hash
-    files_per_class: dict[str, int] = defaultdict(int)
-    empty_dirs = []
-    for split, cls, folder in class_dirs:
-        files = walk_files(str(folder))
-        folder_rel = str(folder.relative_to(root))
-        if not files:
-            empty_dirs.append(folder_rel)
-            continue
-        files_per_class[cls] += len(files)
-        for name in files:
-            rel = os.path.join(folder_rel, name)
-            reason = name_problem(name)
-            if not reason and not os.path.exists(os.path.join(root, rel)):
-                reason = "dangling symbolic link"
+    empty_dirs = [rel for _, _, rel, files in listed if not files]
+    for split, cls, _, files in listed:
+        for rel, reason in files:
             if not reason:
                 try:
                     if digest := _read_hash(os.path.join(root, rel)):
@@ -111,13 +194,6 @@ def scan_folder(root: Path) -> Source:
                 except OSError as exc:
                     reason = f"unreadable: {exc.strerror}"
             skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": ""})
-    classes = sorted(files_per_class)
-    if not class_dirs:
-        raise UserError(f"data_dir={str(root)!r} has no class folders; expected root/<class>/*.jpg "
-                        "or root/train|val|test/<class>/*.jpg")
-    if len(classes) < 2:
-        raise UserError(f"data_dir={str(root)!r} has {len(classes)} class folder(s) with files "
-                        f"({', '.join(classes) or 'none'}); at least 2 classes are needed")
 
     # Duplicates (same bytes, same class): keep the first; conflicts (same bytes, other classes): skip all.
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -138,7 +214,7 @@ def scan_folder(root: Path) -> Source:
         skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": digest})
     kept = [c for i, c in enumerate(candidates) if i not in drop]
     index = {c: k for k, c in enumerate(classes)}
-    layout = "pre-split" if any(s for s, _, _ in class_dirs) else "class folders"
+    layout = "pre-split" if any(split for split, _, _, _ in listed) else "class folders"
     return Source(
         classes=classes,
         items=[root / rel for _, _, rel, _ in kept],

@@ -4,6 +4,9 @@ into data/raw/, safe extraction, and a reader of the real files (CIFAR pickles, 
 Where the files come from (URLs, mirrors, file names, md5s) is read from torchvision's own
 dataset classes, so it stays what torchvision uses. Reading does not go through torchvision's
 `Dataset` classes: we read the extracted files in their published format with numpy/pickle.
+The CIFAR pickles are read only once their md5s are the ones torchvision lists (a file placed
+beside a hand-written marker is refused unread), and then by an unpickler that builds only what
+those files hold (dicts, lists, strings, ints, numpy arrays) and refuses any other call.
 
 Nothing half-done ever counts as done: a download goes to a temporary name and is renamed
 once its md5 matches; an extraction goes to a temporary folder that is renamed, complete with
@@ -29,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
+from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
 
 from pipeline.data.source import Source
@@ -51,6 +55,7 @@ class RemoteFile:
 class TvSpec:
     files: tuple[RemoteFile, ...]
     read: Callable[[str, Path], Source]  # (data set name, its extracted folder) → Source
+    checked: tuple[tuple[str, str], ...] = ()  # (path in the extracted folder, md5): verified before each read
 
 
 # ---------------------------------------------------------------- readers
@@ -61,17 +66,64 @@ def _text(value: Any) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as Python 3 protocol-2 pickles use it for bytes, and nothing else."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something no CIFAR file holds."""
+
+
+_ARRAY = np.ndarray((0,), np.uint8).__reduce__()[0]  # numpy's array rebuilder (numpy.core or numpy._core)
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _ARRAY,  # the real files: numpy 1.x, Python 2 cPickle
+    ("numpy._core.multiarray", "_reconstruct"): _ARRAY,  # the same files written again by numpy 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,  # bytes in a Python 3 protocol-2 pickle
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, ints and numpy arrays; any other global (a planted file's
+    os.system, eval, ...) is refused before it can be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return _PICKLE_GLOBALS[(module, name)]
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     """A CIFAR file (a Python 2 cPickle of a dict) with its keys as str."""
+    redo = f"delete {path.parent.parent}/ and re-run the download stage"
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise UserError(f"{path} is missing; delete {path.parent.parent}/ and re-run the download stage") from None
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable CIFAR pickle ({exc}); delete {path.parent.parent}/ "
-                        "and re-run the download stage") from None
+        raise UserError(f"{path} is missing; {redo}") from None
+    except _Refused as exc:
+        raise UserError(f"{path} asks to call {exc} when read, which no CIFAR file does: refused, nothing run; "
+                        f"{redo}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise UserError(f"{path} is not a readable CIFAR pickle ({type(exc).__name__}: {exc}); {redo}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR file; {redo}")
     return {_text(k): v for k, v in obj.items()}
+
+
+def _verify(folder: Path, checked: tuple[tuple[str, str], ...]) -> None:
+    """The files that are about to be unpickled are the ones torchvision lists (by md5)."""
+    for rel, md5 in checked:
+        path = folder / rel
+        if not path.is_file():
+            raise UserError(f"{path} is missing; delete {folder}/ and re-run the download stage")
+        if not check_integrity(path, md5):
+            raise UserError(f"{path} is not the file the archive holds (md5 {md5sum(path)}, expected {md5}); "
+                            f"refused unread: delete {folder}/ and re-run the download stage")
 
 
 def _read_cifar(name: str, folder: Path, base: str, train: list, test: list, meta: dict) -> Source:
@@ -138,8 +190,10 @@ def _files(mirrors: list[str], resources: list[tuple[str, str]]) -> tuple[Remote
 
 
 def _cifar_spec(cls: type[CIFAR10]) -> TvSpec:
+    pickles = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
     return TvSpec((RemoteFile(cls.filename, cls.tgz_md5, (cls.url,)),),
-                  partial(_read_cifar, base=cls.base_folder, train=cls.train_list, test=cls.test_list, meta=cls.meta))
+                  partial(_read_cifar, base=cls.base_folder, train=cls.train_list, test=cls.test_list, meta=cls.meta),
+                  tuple((f"{cls.base_folder}/{name}", md5) for name, md5 in pickles))
 
 
 SPECS: dict[str, TvSpec] = {
@@ -255,6 +309,7 @@ def load_source(name: str, raw_dir: Path, specs: dict[str, TvSpec] = SPECS) -> S
     folder = raw_dir / name
     if not (folder / MARKER).is_file():
         raise UserError(f"{folder}/ is missing or incomplete; run the download stage first (dvc repro download)")
+    _verify(folder, spec.checked)
     return spec.read(name, folder)
 
 
