@@ -44,11 +44,16 @@ def plots(study) -> None:
 
     from pipeline.plots import note_figure, plt, save
 
+    complete = any(t.state.name == "COMPLETE" for t in study.trials)
     for path, draw in ((paths.TUNE_HISTORY_PNG, ovm.plot_optimization_history),
                        (paths.TUNE_IMPORTANCE_PNG, ovm.plot_param_importances)):
+        if not complete:
+            note_figure(f"{path.stem}: no trial has finished yet", path)
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)  # "the interface can change": we pin optuna
+                warnings.simplefilter("ignore", UserWarning)  # "importances will be equal" with a few trials
                 ax = draw(study)
             save(ax.figure, path)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few finished trials, one value
