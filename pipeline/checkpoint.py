@@ -9,7 +9,6 @@ values, so it loads with `torch.load(weights_only=True)` (no arbitrary pickles).
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_path
+from pipeline.io import save_torch
 from pipeline.models import build_model
 from pipeline.preprocess import Preprocessing
 
@@ -43,12 +42,7 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         "data_hash": data_hash,
         "temperature": temperature,
     }
-    # torch.save names the zip's root folder after the file it writes, here a random temporary
-    # name: saving to a buffer (root "archive") makes the same checkpoint the same bytes
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_torch(ckpt, path)  # the same checkpoint, the same bytes
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:

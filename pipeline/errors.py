@@ -1,6 +1,7 @@
 """User-facing errors: one line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -28,10 +29,12 @@ def run_cli(main: Callable[[], object]) -> None:
     interruption (Ctrl-C, SIGTERM) exit 130; anything unexpected one line naming the error
     and exit 1 (PIPELINE_TRACEBACK=1 shows the traceback)."""
     signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: an OSError naming the file, not a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_redacted(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -41,10 +44,41 @@ def run_cli(main: Callable[[], object]) -> None:
             sys.exit(EXIT_BUG)
         if os.environ.get(TRACEBACK_ENV):
             raise
+        if full := _disk_full(exc):
+            print(f"error: {full}; free some space and run again", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         where = f" in stage {os.environ['DVC_STAGE']}" if os.environ.get("DVC_STAGE") else ""
-        print(f"error{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        first = _redacted(str(exc).splitlines()[0]) if str(exc) else ""
+        print(f"error{where}: {type(exc).__name__}: {first} "
               f"(unexpected: re-run with {TRACEBACK_ENV}=1 to see where, and report it)", file=sys.stderr)
         sys.exit(EXIT_BUG)
+    finally:  # exiting now: a SIGTERM ends the process, not an exit handler with a KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _disk_full(exc: Exception) -> str | None:
+    """What a full disk (or a file-size limit) looks like when it is not our own write that met it
+    (`pipeline.io.atomic_path` says those): an OSError, or SQLite's (an MLflow or Optuna store)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {exc.filename or 'a file'}: {exc.strerror}"
+    text = str(exc)
+    if "database or disk is full" in text or "disk I/O error" in text:
+        return f"cannot write a database ({type(exc).__name__}: {text.splitlines()[0][:120]}): is the disk full?"
+    return None
+
+
+# where the URLs of the stores (with their credentials, if any) come from: what is printed never shows them
+SECRET_URLS = ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")
+
+
+def _redacted(text: str) -> str:
+    from pipeline.secrets import redact_text
+
+    for env in SECRET_URLS:
+        text = redact_text(text, os.environ.get(env))
+    if password := os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        text = text.replace(password, "***")
+    return text
 
 
 def _stdout_gone() -> bool:

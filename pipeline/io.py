@@ -4,6 +4,7 @@ of a killed stage (`kill -9` skips every cleanup) are removed by the next write 
 output, and outputs get the mode the umask gives (mkstemp's 0600 otherwise)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,11 +41,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        with _no_space_is_one_line(path):
+            yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+        errno.EFBIG: "the file is too large (over the file-size limit: ulimit -f)"}
+
+
+@contextmanager
+def _no_space_is_one_line(path: Path) -> Iterator[None]:
+    """A full disk while writing `path`: a `UserError` naming the file (the output is left as it was)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        from pipeline.errors import UserError
+
+        raise UserError(f"cannot write {path}: {FULL[exc.errno]}; free some space (df -h {path.parent}) "
+                        "and run again") from None
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save through memory: the same object gives the same bytes (torch names the zip's
+    root folder after the file it writes, here a random temporary name; a buffer's is
+    "archive"), and a full disk is an OSError of the write (`atomic_path` says it in one
+    line), not torch's "enforce fail at inline_container.cc"."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 @contextmanager

@@ -46,6 +46,7 @@ def run(params) -> dict:
     with tracking.active_run(run_id) as mlflow:
         if new:
             record_training(mlflow, done)
+            tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)  # only now is it this model's whole run
         log_results(mlflow, params, done)
         write_report(params, done, run_id)
         tracking.log_artifacts(mlflow, [paths.EVAL_REPORT_MD, paths.EVAL_REPORT_HTML])
@@ -105,7 +106,6 @@ def execution_run(done: Outputs) -> tuple[str | None, bool]:
     tags = who.tags | {"data_hash": files_sha256(sorted(paths.PREPARED_DIR.iterdir())), tracking.NOTE: who.note}
     run_id = tracking.start_run(who.experiment, who.name, who.params, tags, paths.MLFLOW_RUN,
                                 experiment_tags=who.experiment_tags)
-    tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
     return run_id, True
 
 

@@ -21,21 +21,58 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline import paths
 from pipeline.io import file_sha256, read_json, write_json
+from pipeline.processes import process_gone, this_process
+from pipeline.secrets import redact
 
 log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / paths.MLFLOW_DB}"
+    """The store's URI. A server's credentials given in the URI (http://user:password@host) are
+    moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow reads them, so
+    that the URI every record and message holds has none; a database URI keeps its own (its
+    driver needs them there) and is recorded and printed through `secrets.redact`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / paths.MLFLOW_DB}"
+    if uri.startswith(("http://", "https://")) and "@" in urlsplit(uri).netloc:
+        parts = urlsplit(uri)
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the processes this one starts inherit it so
+    return uri
+
+
+# a URL scheme's database driver (the module SQLAlchemy imports) → the package that provides it
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "pymysql",
+                   "MySQLdb": "mysqlclient", "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_Oracle": "oracledb"}
+
+
+def driver_problem(uri: str) -> str | None:
+    """Why the database URL `uri` (postgresql://, mysql+pymysql://, ...) cannot be opened here: an
+    unknown dialect, a bad URL, or a driver that is not installed (with the package to install);
+    None when SQLAlchemy can make an engine for it (no connection is made)."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        sqlalchemy.create_engine(uri)
+    except ModuleNotFoundError as exc:
+        package = DRIVER_PACKAGES.get(str(exc.name).split(".")[0], exc.name)
+        return f"{redact(uri)} needs the database driver {exc.name!r}, which is not installed: pip install {package}"
+    except (ArgumentError, ValueError) as exc:
+        return f"{redact(uri)} is not a database URL SQLAlchemy can open ({str(exc).splitlines()[0]})"
+    return None
 
 
 PROBE_TIMEOUT_S = 5
 # MLflow's client retries an unreachable server for minutes by default; these bound a call
 _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # the end block gives the run's page
 _enabled: bool | None = None  # decided once per process by `enabled()`
 
 
@@ -43,18 +80,34 @@ def store_problem(uri: str | None = None) -> str | None:
     """What is wrong with the tracking store, in a few words; None when it is usable."""
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
-                return None if response.status == 200 else f"{uri}/health answered HTTP {response.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            return f"cannot reach the MLflow tracking server {uri} ({getattr(exc, 'reason', exc)})"
+        return _server_problem(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         return _sqlite_problem(db) or (None if os.environ.get("MLFLOW_TRACKING_URI") else _moved_store_problem(db))
-    return None  # other stores (a database URL, Databricks): MLflow's own errors, bounded by _HTTP_LIMITS
+    if "://" in uri and not uri.startswith(("file:", "databricks")):
+        return driver_problem(uri)  # a database: its driver is checked; the connection is MLflow's business
+    return None  # other stores (Databricks): MLflow's own errors, bounded by _HTTP_LIMITS
+
+
+def _server_problem(uri: str) -> str | None:
+    """A tracking server's /health, asked once with the credentials MLflow would send."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+            return None if response.status == 200 else f"{uri}/health answered HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        hint = ": check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD" if exc.code in (401, 403) else ""
+        return f"the MLflow tracking server {uri} answered HTTP {exc.code} {exc.reason}{hint}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"cannot reach the MLflow tracking server {uri} ({getattr(exc, 'reason', exc)})"
 
 
 def _sqlite_problem(db: Path) -> str | None:
@@ -158,7 +211,17 @@ def _create_sqlite_store_once(uri: str) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + "-init.lock"), "w") as lock:  # git-ignored: mlflow.db-*
         fcntl.flock(lock, fcntl.LOCK_EX)
-        MlflowClient(uri).search_experiments(max_results=1)  # creates the schema (once: the others wait)
+        if db.exists() and db.stat().st_size > 0:  # another process made it while this one waited
+            return
+        # made under another name and renamed when whole: a migration that fails half-way (a full
+        # disk) leaves no half-made store that every later run would stumble on
+        new = db.with_name(db.name + "-new")
+        new.unlink(missing_ok=True)
+        try:
+            MlflowClient(f"sqlite:///{new}").search_experiments(max_results=1)  # creates the schema
+            os.replace(new, db)
+        finally:
+            new.unlink(missing_ok=True)
 
 
 def git_commit() -> str | None:
@@ -224,10 +287,35 @@ def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = N
     for key, value in wanted.items():  # made elsewhere, or by an older version
         if found.tags.get(key) != value:
             _retry(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, key, value)
+    end_orphans(mlflow, found.experiment_id)
     return found.experiment_id
 
 
 NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown) in the UI
+
+
+PROCESS_TAG = "pipeline.process"  # "host pid start-time" of the process that has the run open
+
+
+def end_orphans(mlflow: Any, experiment_id: str, keep: str | None = None) -> list[str]:
+    """End as KILLED the runs of the experiment left RUNNING by a process that is gone (killed
+    by kill -9, a power cut: nothing of it could end them), except `keep`; returns their ids."""
+    client = mlflow.MlflowClient()
+    running = _retry(client.search_runs, [experiment_id], filter_string="attributes.status = 'RUNNING'",
+                     max_results=1000)
+    ended = []
+    for run in running:
+        owner = run.data.tags.get(PROCESS_TAG)
+        if run.info.run_id != keep and owner and process_gone(owner):
+            end_killed(client, run)
+            ended.append(run.info.run_id)
+    return ended
+
+
+def end_killed(client: Any, run: Any) -> None:
+    _retry(client.set_terminated, run.info.run_id, "KILLED")
+    print(f"mlflow: run {run.info.run_name!r} ({run.info.run_id[:12]}) was left RUNNING by a process that was "
+          "killed: ended as KILLED", flush=True)
 
 
 def recorded_run(run_file: Path) -> dict:
@@ -235,16 +323,17 @@ def recorded_run(run_file: Path) -> dict:
     return read_json(run_file) if run_file.exists() else {}
 
 
-def _interrupted_run(mlflow: Any, run_file: Path) -> str | None:
-    """The run of `run_file` if a killed training left it RUNNING in this store."""
+def _interrupted_run(mlflow: Any, run_file: Path) -> Any:
+    """The run of `run_file` if a killed stage left it RUNNING in this store."""
     from mlflow.exceptions import MlflowException
 
     if (run_id := recorded_run(run_file).get("run_id")) is None:
         return None
     try:
-        return run_id if mlflow.get_run(run_id).info.status == "RUNNING" else None
+        run = mlflow.get_run(run_id)
     except MlflowException:
         return None
+    return run if run.info.status == "RUNNING" else None
 
 
 def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
@@ -258,17 +347,17 @@ def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str
     mlflow = _mlflow()
     if interrupted := _interrupted_run(mlflow, run_file):
         if resuming:
-            print(f"train: continuing the MLflow run {interrupted} of the interrupted training", flush=True)
-            return interrupted
-        _retry(mlflow.MlflowClient().set_terminated, interrupted, "KILLED")
+            print(f"train: continuing the MLflow run {interrupted.info.run_id} of the interrupted training", flush=True)
+            return interrupted.info.run_id
+        end_killed(mlflow.MlflowClient(), interrupted)
     experiment_id = use_experiment(mlflow, experiment, experiment_tags)
-    run = _retry(mlflow.start_run, run_name=name, tags=tags)
+    run = _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()})
     try:
         _retry(mlflow.log_params, params)
     finally:
         mlflow.end_run()
     write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "experiment_id": experiment_id,
-                          "tracking_uri": tracking_uri()})
+                          "tracking_uri": redact(tracking_uri())})
     return run.info.run_id
 
 
@@ -307,6 +396,7 @@ def active_run(run_id: str | None) -> Iterator[Any]:
         return
     mlflow = _mlflow()
     with mlflow.start_run(run_id=run_id):
+        _retry(mlflow.set_tag, PROCESS_TAG, this_process())  # a kill -9 now leaves it to `end_orphans`
         yield mlflow
 
 
@@ -320,7 +410,7 @@ def run_block(experiment: str, name: str, tags: dict[str, str], nested: bool = F
     mlflow = _mlflow()
     if not nested:
         use_experiment(mlflow, experiment)
-    with _retry(mlflow.start_run, run_name=name, tags=tags, nested=nested):
+    with _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()}, nested=nested):
         yield mlflow
 
 
@@ -337,7 +427,8 @@ def parent_run(experiment: str, name: str, tags: dict[str, str], key: str) -> It
     found = _retry(mlflow.search_runs, experiment_names=[experiment], filter_string=f"tags.{key} = '{tags[key]}'",
                    output_format="list", max_results=1)
     run_id = found[0].info.run_id if found else None
-    with _retry(mlflow.start_run, run_id=run_id, run_name=None if run_id else name, tags=tags):
+    with _retry(mlflow.start_run, run_id=run_id, run_name=None if run_id else name,
+                tags=tags | {PROCESS_TAG: this_process()}):
         yield mlflow
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,26 @@ def mlflow_server(tmp_path: Path):
         log.close()
 
 
+PLANTED = "pw-" + uuid.uuid4().hex  # made here: not in any file of the project (its tests are copied too)
+
+
+def holders_of(secret: str, *folders: Path) -> list[str]:
+    """Every file under `folders` (git's objects, DVC's cache and lock, the stores, the
+    checkpoints) whose bytes hold `secret`."""
+    return [str(f) for folder in folders for f in folder.rglob("*")
+            if f.is_file() and not f.is_symlink() and secret.encode() in f.read_bytes()]
+
+
 def test_pipeline_logs_to_a_tracking_server(project: Path, mlflow_server):
+    """...with credentials in the tracking URI (a server without authentication ignores
+    them): they work, and reach no file of the project or the server and no line printed."""
     url, artifact_root = mlflow_server
-    run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url)
+    proc = run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url.replace("//", f"//alice:{PLANTED}@"))
     assert not (project / "mlflow.db").exists()  # nothing went to the default local store
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "after the run"], project)
+    assert PLANTED not in proc.stdout + proc.stderr
+    assert holders_of(PLANTED, project, artifact_root.parent) == []
 
     client = MlflowClient(url)
     exp = client.get_experiment_by_name("digits")
