@@ -13,9 +13,16 @@ from pipeline.params import Params
 
 
 def check_files(params: Params) -> None:
-    if params.dataset == "folder" and not Path(params.data_dir).is_dir():
-        raise UserError(f"data_dir={params.data_dir!r} is not a folder; point data_dir at your folder of class "
-                        "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
+    """The files the params point at. dataset=folder: the folder is listed (not read) and refused
+    for what prepare would refuse only after DVC removed its outputs: no class folders, fewer
+    than 2 with files, a class folder with no image, a link loop (`pipeline.data.folder.scan`)."""
+    if params.dataset == "folder":
+        if not Path(params.data_dir).is_dir():
+            raise UserError(f"data_dir={params.data_dir!r} is not a folder; point data_dir at your folder of class "
+                            "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
+        from pipeline.data.folder import scan
+
+        scan(Path(params.data_dir))
     if params.weights and Path(params.weights).resolve() in {p.resolve() for p in (paths.CHECKPOINT, paths.ONNX_MODEL)}:
         raise UserError(f"weights={params.weights!r} is this pipeline's own output, which the train stage replaces; "
                         f"copy it first (e.g. cp {params.weights} weights/previous.pt) and point weights at the copy")
@@ -31,6 +38,22 @@ def check_training(params: Params) -> None:
     if isinstance(weights, list) and len(weights) != (k := class_count(params.dataset, Path(params.data_dir))):
         raise UserError(f"train.class_weights has {len(weights)} values but dataset={params.dataset} has {k} classes; "
                         "give one weight per class, or none / balanced")
+
+
+def check_model(params: Params, image_size: int) -> None:
+    """The model builds with these options and takes `image_size` px (on the meta device: no
+    memory, ~0.2 s), and `pretrained: true` has its weights here (`fetch_pretrained`)."""
+    from pipeline.data.registry import class_count
+    from pipeline.models.registry import arch_kwargs, build_problem
+    from pipeline.models.weights import fetch_pretrained
+
+    kwargs = arch_kwargs(params.model, class_count(params.dataset, Path(params.data_dir)), image_size,
+                         params.train.dropout, params.train.drop_path)
+    if problem := build_problem(params.model, image_size, kwargs):
+        raise UserError(f"model={params.model!r} {problem}; change model, image_size or the train.dropout / "
+                        "train.drop_path options")
+    if params.pretrained and not params.weights:
+        print(f"check: ImageNet weights of {params.model}: {fetch_pretrained(params.model)}", flush=True)
 
 
 def link_weights(weights: str | None, link: Path = paths.RESOLVED_WEIGHTS) -> None:
@@ -56,6 +79,7 @@ def check(params: Params) -> dict:
     tracking.enabled()  # an unusable MLflow store stops here (unless mlflow.required: false)
     prep = resolve_preprocessing(params.model, params.pretrained, params.weights, params.image_size,
                                  params.data.resize)  # reads (and so checks) the weights file
+    check_model(params, prep.image_size)
     weights = {"path": params.weights, "sha256": file_sha256(Path(params.weights)) if params.weights else None}
     write_json(paths.RESOLVED_PREPROCESSING, prep.to_dict())
     link_weights(params.weights)

@@ -30,9 +30,9 @@ def committed_result(dataset: str) -> tuple[float | None, str]:
         if out.returncode != 0:
             return None, "nothing committed"
         committed[name] = out.stdout
-    import yaml
+    from pipeline.params import read_yaml
 
-    params = yaml.safe_load(committed["params"]) or {}
+    params = read_yaml(committed["params"]) or {}
     from pipeline.data.registry import DATASETS, display_name
 
     before = params.get("dataset", "digits")

@@ -10,15 +10,25 @@ where `model` is read.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline import paths
 from pipeline.errors import UserError
+from pipeline.secrets import password_problem, redact
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 
@@ -28,7 +38,7 @@ def _check_models(info: ValidationInfo) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)  # .inf, .nan: no
 
 
 class DataParams(_Section):
@@ -121,6 +131,19 @@ class MlflowParams(_Section):
     register_model: str | None = Field(None, min_length=1)
     model_alias: str = "candidate"
 
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None:  # MLflow's own rule, so a bad name fails here, not after training
+            from mlflow.exceptions import MlflowException
+            from mlflow.utils.validation import _validate_model_name
+
+            try:
+                _validate_model_name(value)
+            except MlflowException as exc:
+                raise ValueError(f"{exc.message.split('. ', 1)[-1].rstrip('.')} (e.g. digits-classifier)") from None
+        return value
+
     @field_validator("model_alias")
     @classmethod
     def _alias(cls, value: str) -> str:
@@ -166,6 +189,22 @@ class TuneParams(_Section):
     sampler: Literal["tpe", "random"] = "tpe"
     prune: bool = True
 
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, value: str) -> str:
+        # it goes into MLflow search filters (tags.tune_study = '...') and DVC experiment names
+        if not re.fullmatch(r"[A-Za-z0-9_.\- ]+", value) or not value.strip():
+            raise ValueError("a study name takes letters (A-Z, a-z), digits, '-', '_', '.' and spaces, "
+                             "e.g. tune.study: cifar10-resnet18")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        if problem := password_problem("tune.storage", value, "OPTUNA_STORAGE"):
+            raise ValueError(problem)
+        return value
+
     @field_validator("space")
     @classmethod
     def _space(cls, space: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +230,7 @@ class Params(_Section):
     data_dir: str = Field(str(paths.RAW_DIR), min_length=1)
     model: str = "original"
     epochs: int = Field(15, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    batch_size: int = Field(64, le=65_536)
     lr: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
     image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -234,6 +273,13 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
+    def _transfer_needs_weights(self) -> "Params":
+        if self.finetune != "full" and not (self.pretrained or self.weights):
+            raise ValueError(f"finetune={self.finetune} trains part of a network on top of learned features, but "
+                             "there are none: set pretrained: true or weights: PATH, or finetune: full (from scratch)")
+        return self
+
+    @model_validator(mode="after")
     def _folder_needs_a_data_dir(self) -> "Params":
         if self.dataset == "folder" and self.data_dir == str(paths.RAW_DIR):
             raise ValueError("dataset=folder needs data_dir set to your folder of class folders "
@@ -251,6 +297,13 @@ class Params(_Section):
             raise ValueError(problem)
         return value
 
+    @field_validator("batch_size")
+    @classmethod
+    def _two_or_more(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("use at least 2: BatchNorm layers cannot train on a batch of one image (e.g. 32)")
+        return value
+
     @field_validator("image_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
@@ -263,7 +316,7 @@ class Params(_Section):
     def _lr(cls, value: Any) -> Any:
         if value == "auto" or (type(value) in (int, float) and 0 < value <= 10):
             return value
-        if type(value) in (int, float):
+        if type(value) in (int, float) and math.isfinite(value):
             raise ValueError("Input should be greater than 0" if value <= 0 else "Input should be at most 10")
         raise ValueError("use auto or a number, e.g. 0.001")
 
@@ -304,7 +357,8 @@ def _describe(err: dict[str, Any]) -> str:
         where = f" in '{'.'.join(map(str, parent))}'" if parent else ""
         return f"unknown key '{loc}'{where}; allowed keys: {allowed}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}={err['input']!r}: {msg}" if loc else msg
+    value = redact(err["input"]) if isinstance(err["input"], str) else err["input"]
+    return f"{loc}={value!r}: {msg}" if loc else msg
 
 
 def parse_params(raw: Any, source: str = str(paths.PARAMS), check_models: bool = True) -> Params:
@@ -348,6 +402,21 @@ class StageParams:
         return self._params.experiment_name()
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does (and as DVC writes them): `1e-05`,
+    which YAML 1.1 without a dot reads as a string, is a float."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Params text (params.yaml, a commit's, dvc.lock's) as Python values."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506  (a subclass of SafeLoader)
+
+
 def update_params_file(path: Path, updates: dict[str, Any]) -> None:
     """Set dotted keys (`train.optimizer`) in a params file, keeping its comments and layout
     (ruamel.yaml's round trip, as DVC's own `-S` does)."""
@@ -375,7 +444,7 @@ def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None,
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}; run from the repository root") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     reads_model = check_models and (keys is None or "model" in keys)

@@ -106,8 +106,10 @@ def _params_of_its_outputs(run: Run, root: Path) -> None:
     since (`git checkout params.yaml` after `dvc exp run`, as the README says to do)."""
     import yaml
 
+    from pipeline.params import read_yaml
+
     try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        lock = read_yaml((root / "dvc.lock").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return
     made_with = (((lock.get("stages") or {}).get("check") or {}).get("params") or {}).get(paths.PARAMS.as_posix())

@@ -17,8 +17,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 # history column -> MLflow metric (step = epoch)
 CURVES = {"train_loss": "loss/train", "val_loss": "loss/val", "train_accuracy": "accuracy/train",
           "val_accuracy": "accuracy/val", "lr": "schedule/lr"}
@@ -75,13 +73,13 @@ def strategy(params: dict[str, Any]) -> str:
 def committed_params(path: str = "params.yaml") -> dict[str, Any] | None:
     """params.yaml as committed at HEAD, flattened like `Params.flat()`; None outside git or
     when the committed file does not parse any more."""
-    from pipeline.params import parse_params
+    from pipeline.params import parse_params, read_yaml
 
     try:
         out = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True, timeout=10)
         if out.returncode != 0:
             return None
-        return parse_params(yaml.safe_load(out.stdout) or {}, f"HEAD:{path}", check_models=False).flat()
+        return parse_params(read_yaml(out.stdout) or {}, f"HEAD:{path}", check_models=False).flat()
     except Exception:  # an old params.yaml that today's schema rejects: no comparison, not an error
         return None
 

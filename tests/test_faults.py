@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run, set_params, train_until_checkpointed
+from tests.conftest import clean_env, run, set_params, train_until_checkpointed
 
 
 def stage(project: Path, name: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -50,6 +50,12 @@ BAD = [
     (["-S", "train.device=cuda"], "no CUDA GPU"),
     (["-S", "data.val_fraction=0"], "data.val_fraction=0"),
     (["-S", "image_size=3"], "image_size=3"),
+    (["-S", "batch_size=1"], "batch_size=1"),
+    (["-S", "train.warmup_epochs=.inf"], "train.warmup_epochs="),
+    (["-S", "mlflow.register_model=bad/name:x"], "mlflow.register_model='bad/name:x'"),
+    (["-S", "finetune=linear_probe"], "pretrained: true or weights: PATH"),
+    (["-S", "model=levit_128", "-S", "image_size=30"], "cannot take 30 px"),
+    (["-S", "tune.storage=postgresql://u:Pl4nted@db/optuna"], "OPTUNA_STORAGE"),
 ]
 
 
@@ -62,6 +68,7 @@ def test_bad_params_stop_dvc_before_any_output_is_touched(project: Path):
         proc = run(["dvc", "exp", "run", *args], project, check=False)
         line = one_line_error(proc, words)
         assert outputs_digest(project) == before, (args, line)
+        assert "Pl4nted" not in line + (project / "dvc.lock").read_text()
         run(["git", "checkout", "params.yaml"], project)  # what the README says to do after a failed run
 
 
@@ -141,6 +148,20 @@ def test_sigterm_ends_the_run_instead_of_leaving_it_running(prepared: Path):
 # ---------------------------------------------------------------- damaged local files
 
 
+def test_a_full_disk_is_one_line_naming_the_file(prepared: Path):
+    """Simulated by a file-size limit (ulimit -f): the write fails as on a full disk."""
+    import resource
+
+    stage(prepared, "check")
+    run(["python", "-c", "from pipeline import tracking; tracking._mlflow()"], prepared)  # the store exists
+    limit = 1500 * 1024  # above the pictures and the store, below the resume checkpoint
+    proc = subprocess.run(["python", "-m", "stages.train"], cwd=prepared, env=clean_env(), capture_output=True,
+                          text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    line = one_line_error(proc, "cannot write checkpoints/last.pt", "too large")
+    assert proc.returncode == 2, line
+    assert not (prepared / "models/model.pt").exists() and not list((prepared / "checkpoints").glob("*"))
+
+
 def test_damaged_resume_checkpoint_is_set_aside(prepared: Path):
     (prepared / "checkpoints").mkdir()
     (prepared / "checkpoints/last.pt").write_bytes(os.urandom(2000))
@@ -172,6 +193,7 @@ def test_symlink_loop_and_dangling_link_in_a_data_folder(tmp_path: Path):
     from PIL import Image
 
     from pipeline.data.folder import scan_folder
+    from pipeline.errors import UserError
 
     for k, cls in enumerate(("a", "b")):
         (tmp_path / "data" / cls).mkdir(parents=True)
@@ -179,7 +201,10 @@ def test_symlink_loop_and_dangling_link_in_a_data_folder(tmp_path: Path):
             Image.fromarray(np.full((8, 8, 3), 40 * i + 10 * k, np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
     (tmp_path / "data/a/loop").symlink_to(tmp_path / "data/a")   # a folder that contains itself
     (tmp_path / "data/b/gone.png").symlink_to(tmp_path / "nowhere.png")
-    source = scan_folder(tmp_path / "data")  # returns: no endless walk
+    with pytest.raises(UserError, match="data/a/loop is a link back to .*data/a: a loop; remove it"):
+        scan_folder(tmp_path / "data")  # named, not walked without end
+    (tmp_path / "data/a/loop").unlink()
+    source = scan_folder(tmp_path / "data")
     assert len(source.items) == 6
     assert {s["reason"] for s in source.skipped} == {"dangling symbolic link"}
 

@@ -99,3 +99,13 @@ def test_stage_stops_with_one_line_and_touches_nothing(project: Path, stage: str
     assert "Traceback" not in proc.stdout + proc.stderr
     assert sentinel.read_bytes() == b"an earlier checkpoint"
     assert not (project / "data").exists() and not (project / "mlflow.db").exists()
+
+
+def test_numbers_are_read_as_dvc_writes_them_and_must_be_finite(tmp_path):
+    """`-S lr=1e-5` makes DVC write `lr: 1e-05`, a float in YAML 1.2 (a string in PyYAML's 1.1)."""
+    (tmp_path / "params.yaml").write_text("lr: 1e-05\ntrain:\n  weight_decay: 5E-4\n")
+    params = load_params(tmp_path / "params.yaml", check_models=False)
+    assert params.lr == 1e-05 and params.train.weight_decay == 5e-4
+    (tmp_path / "params.yaml").write_text("train:\n  warmup_epochs: .inf\n")
+    with pytest.raises(UserError, match="train.warmup_epochs=inf: Input should be a finite number"):
+        load_params(tmp_path / "params.yaml", check_models=False)

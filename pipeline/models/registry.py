@@ -256,6 +256,46 @@ def count_parameters(name: str, num_classes: int = 1000) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def size_kwargs(name: str, image_size: int) -> dict[str, int]:
+    """What a model needs to be built for `image_size`: `img_size` for a timm model whose input
+    size is fixed when it is built (ViT, Swin, ...: their position embeddings), else nothing."""
+    if name in REGISTRY:
+        return {}
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+
+
+def arch_kwargs(name: str, num_classes: int, image_size: int, dropout: float | None = None,
+                drop_path: float = 0.0) -> dict[str, Any]:
+    """What `name` is built with (and what a checkpoint records to build it again)."""
+    kwargs = {"num_classes": num_classes, "in_chans": 3} | size_kwargs(name, image_size)
+    if dropout is not None:
+        kwargs["drop_rate"] = dropout
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    return kwargs
+
+
+def build_problem(name: str, image_size: int, kwargs: dict[str, Any]) -> str | None:
+    """Why `name` cannot be built with `kwargs` (`arch_kwargs`) or cannot take `image_size` px,
+    found by building it on the meta device and running a batch through it (~0.2 s, no memory);
+    None when it can."""
+    build = REGISTRY[name].build if name in REGISTRY else partial(_timm_build, name)
+    try:
+        with shapes_only():
+            model = build(**kwargs)
+            model.eval()(torch.empty(2, 3, image_size, image_size))
+    except TypeError as exc:  # an option the model does not take (drop_path_rate, ...)
+        return f"does not take these options ({str(exc).splitlines()[0]})"
+    except NotImplementedError:  # an operation without a meta implementation: found at training, if at all
+        return None
+    except Exception as exc:  # noqa: BLE001  (whatever the model's own code raises for this input)
+        return f"cannot take {image_size} px images ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    return None
+
+
 def build_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
     """A freshly initialised model (weights from the current torch RNG state)."""
     return entry(name).build(num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -8,13 +8,21 @@ their preprocessing (`resolve_preprocessing`). Which parameters then train is
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.models.registry import build_model, entry, head_parameter_names, min_image_size, reset_head
+from pipeline.models.registry import (
+    build_model,
+    entry,
+    head_parameter_names,
+    min_image_size,
+    reset_head,
+)
 from pipeline.preprocess import Preprocessing, stored_size_for
 
 # ---------------------------------------------------------------- weights files
@@ -105,11 +113,26 @@ def load_matching(model: nn.Module, state: dict, source: str) -> list[str]:
     Returns the names loaded; fails when nothing of the backbone matched."""
     own = model.state_dict()
     head = head_parameter_names(model)
+    state = _resized_position_embedding(model, state)
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and k not in head}
     if not loadable:
         raise UserError(f"{source}: none of its tensors fit this model (another architecture?)")
     model.load_state_dict(loadable, strict=False)
     return sorted(loadable)
+
+
+def _resized_position_embedding(model: nn.Module, state: dict) -> dict:
+    """A ViT-style model built for another image size (timm's `img_size`) has a position
+    embedding of another grid: the weights' one is resampled to it (timm's own function, as
+    timm does when it builds a pretrained ViT at another size), not dropped."""
+    own, theirs = getattr(model, "pos_embed", None), state.get("pos_embed")
+    if not isinstance(own, torch.Tensor) or theirs is None or own.shape == theirs.shape or own.ndim != 3:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    grid = tuple(model.patch_embed.grid_size)
+    return state | {"pos_embed": resample_abs_pos_embed(theirs, new_size=list(grid), num_prefix_tokens=prefix)}
 
 
 def _hub_state(name: str) -> dict:
@@ -126,6 +149,60 @@ def _hub_state(name: str) -> dict:
         raise UserError(
             f"cannot get pretrained weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
             f"offline, download them elsewhere and set weights: PATH to the file") from None
+
+
+def _hub_source(name: str) -> tuple[list[Path], str]:
+    """(where `pretrained: true`'s weights of `name` are once downloaded, the host they come from)."""
+    import torch.hub
+
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if name == "alexnet":
+        from torchvision.models import AlexNet_Weights
+
+        url = AlexNet_Weights.IMAGENET1K_V1.url
+        return [checkpoints / Path(url).name], urlparse(url).hostname or url
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg.hf_hub_id:  # timm prefers the Hugging Face hub: model.safetensors, else pytorch_model.bin
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        found = [try_to_load_from_cache(repo, f, revision=revision or None) for f in files]
+        return [Path(f) for f in found if isinstance(f, str)], urlparse(constants.ENDPOINT).hostname or ""
+    return [checkpoints / Path(cfg.url).name], urlparse(cfg.url).hostname or cfg.url
+
+
+def fetch_pretrained(name: str) -> str:
+    """Make sure `pretrained: true` finds `name`'s weights: in the local hub cache, or downloaded
+    into it now (at check time, before prepare touches anything). The hub libraries retry an
+    unreachable host for ~50 s, so the host is tried once first (5 s) and an unreachable one is
+    one line. Returns what was done, for the check's message."""
+    cached, host = _hub_source(name)
+    if any(p.is_file() for p in cached):
+        return "in the local cache"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    problem = "HF_HUB_OFFLINE is set" if offline else _unreachable(host)
+    if problem:
+        raise UserError(f"pretrained=true: the ImageNet weights of {name} are not in the local cache and cannot be "
+                        f"downloaded ({problem}); connect to the internet once, or download them elsewhere and set "
+                        "weights: PATH to the file (pretrained: false)")
+    _hub_state(name)  # downloads into the cache, where train finds them
+    return f"downloaded from {host}"
+
+
+def _unreachable(host: str, port: int = 443) -> str | None:
+    """Why `host` cannot be reached (a direct connection, 5 s); None when it can, or when a proxy
+    is set (the download then goes through it and says for itself)."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        return f"{host} unreachable: {exc.strerror or exc}"
+    return None
 
 
 def build_transfer_model(name: str, num_classes: int, pretrained: bool, weights: str | None,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.io import atomic_path
+from pipeline.io import save_torch
 from pipeline.params import AugmentParams, Params, TrainParams, TransferParams
 from pipeline.preprocess import Preprocessing
 from pipeline.training.batches import ImageBatches, resident_on
@@ -282,11 +282,10 @@ class _Best:
 def save_resume(cfg: TrainConfig, epoch: int, model: nn.Module, optim: _Optimization, history: list[dict],
                 best: _Best, gen: torch.Generator, aug_gen: torch.Generator, ema=None) -> None:
     """Everything needed to continue after `epoch` as if never interrupted."""
-    with atomic_path(cfg.resume_path) as tmp:
-        torch.save({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(), **optim.state_dict(),
-                    "history": history, "best_state": best.state, "best_epoch": best.epoch,
-                    "best_val_logits": best.val_logits, "ema": ema.state_dict() if ema is not None else None,
-                    "rng": _rng_state(gen, aug_gen)}, tmp)
+    save_torch({"fingerprint": cfg.fingerprint, "epoch": epoch, "model": model.state_dict(), **optim.state_dict(),
+                "history": history, "best_state": best.state, "best_epoch": best.epoch,
+                "best_val_logits": best.val_logits, "ema": ema.state_dict() if ema is not None else None,
+                "rng": _rng_state(gen, aug_gen)}, cfg.resume_path)
 
 
 def resume_epoch(cfg: TrainConfig) -> int:
@@ -344,6 +343,11 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     aug_gen = augmentation_generator(device, cfg.seed + 1 + rank)  # each rank its own
     y_np = np.asarray(y_train)
     steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
+    if steps_per_epoch == 0:
+        from pipeline.errors import UserError
+
+        raise UserError(f"the training split has {len(y_np)} image(s) for {world} process(es): too few to make a "
+                        "batch of 2; add images, or lower data.val_fraction / data.test_fraction or train.nproc")
     forward = _placed(model, cfg, device, world)
     y_t = torch.from_numpy(y_np).to(device)
     optim = _optimization(model, cfg, device, steps_per_epoch)

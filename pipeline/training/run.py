@@ -19,6 +19,7 @@ from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, file_sha256, files_sha256, write_json
 from pipeline.models import entry
+from pipeline.models.registry import arch_kwargs
 from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params, trains_on_augmented_images
 from pipeline.plots import pair_figure, save
@@ -45,13 +46,8 @@ def fingerprint(params: Params, data_hash: str) -> str:
     return hashlib.sha256(json.dumps([relevant, data_hash, code], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def arch_kwargs_for(params: Params, num_classes: int) -> dict:
-    kwargs = {"num_classes": num_classes, "in_chans": 3}
-    if params.train.dropout is not None:
-        kwargs["drop_rate"] = params.train.dropout
-    if params.train.drop_path:
-        kwargs["drop_path_rate"] = params.train.drop_path
-    return kwargs
+def arch_kwargs_for(params: Params, num_classes: int, image_size: int) -> dict:
+    return arch_kwargs(params.model, num_classes, image_size, params.train.dropout, params.train.drop_path)
 
 
 @dataclass
@@ -67,8 +63,8 @@ class Setup:
     data_hash: str
 
 
-def build_model_for(params: Params, classes: list[str]) -> tuple[nn.Module, dict, bool]:
-    arch_kwargs = arch_kwargs_for(params, len(classes))
+def build_model_for(params: Params, classes: list[str], image_size: int) -> tuple[nn.Module, dict, bool]:
+    arch_kwargs = arch_kwargs_for(params, len(classes), image_size)
     seed_everything(params.seed)  # the initial weights depend on the seed too
     try:
         model, transferred = build_transfer_model(params.model, len(classes), params.pretrained, params.weights,
@@ -82,7 +78,7 @@ def build_model_for(params: Params, classes: list[str]) -> tuple[nn.Module, dict
 def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> Setup:
     meta = load_meta(prepared)
     prep, classes = Preprocessing.from_dict(meta["preprocessing"]), meta["classes"]
-    model, arch_kwargs, transferred = build_model_for(params, classes)
+    model, arch_kwargs, transferred = build_model_for(params, classes, prep.image_size)
     t = params.train
     if params.lr == "auto":
         lr, why = auto_lr(t.optimizer, entry(params.model).has_batchnorm, transferred, params.finetune)
