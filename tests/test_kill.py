@@ -161,3 +161,35 @@ def test_the_killed_worker_is_named_not_the_one_its_death_broke(capsys):
     assert capsys.readouterr().err.startswith("error: DDP worker rank 1 was killed by SIGKILL;")
     assert _failed({0: SimpleNamespace(exitcode=2, timestamp=same_second)}) == 2  # the worker has said why
     assert capsys.readouterr().err == ""
+
+
+def test_a_killed_prepare_leaves_no_decode_worker(tmp_path: Path):
+    """prepare decodes a large folder in forked workers (multiprocessing's Pool); after kill -9
+    of the stage they find their task pipe closed and exit: none is left."""
+    from PIL import Image
+
+    from pipeline.data.prepare import _PARALLEL_FROM
+
+    project = make_project(tmp_path / "project")
+    for k, name in enumerate(("a", "b")):
+        (project / "images" / name).mkdir(parents=True)
+        for i in range(_PARALLEL_FROM // 2 + 100):
+            Image.new("RGB", (64, 64), (40 * k, i % 256, i // 256)).save(project / "images" / name / f"{i}.png")
+    set_params(project, dataset="folder", data_dir="images", image_size=64)
+    run(["python", "-m", "stages.check"], project)
+    proc = subprocess.Popen(["python", "-m", "stages.prepare"], cwd=project, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, "no decode workers started"
+        proc.kill()
+        proc.wait()
+        assert_all_gone({"stage": proc.pid, "agent": None, "workers": workers})
+    finally:
+        for pid in workers:
+            if alive(pid) and b"stages.prepare" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
