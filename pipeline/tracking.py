@@ -6,7 +6,7 @@ that queued/temp experiments (which run in a temporary copy) log into the main s
 `MLFLOW_TRACKING_URI` overrides it. Logging is a side record: a stage's own outputs never
 depend on it.
 
-The store is probed once per process, briefly (`store_problem`: a server's /health with a
+The store is probed once per process, briefly (`store_problem`: a server asked for one experiment, with a
 5 s timeout; a SQLite file's integrity and write access), before anything is logged; MLflow's
 own HTTP retries are capped so that a server lost mid-run fails a call in ~30 s, not minutes.
 An unusable store stops the stage in one line, or, with `mlflow.required: false`, the run goes
@@ -90,19 +90,20 @@ def store_problem(uri: str | None = None) -> str | None:
 
 
 def _server_problem(uri: str) -> str | None:
-    """A tracking server's /health, asked once with the credentials MLflow would send."""
+    """A tracking server asked once for one experiment, with the credentials MLflow would send:
+    it is there, it is MLflow, and it lets this user in (its /health would not say)."""
     import base64
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user or password:
         token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            return None if response.status == 200 else f"{uri}/health answered HTTP {response.status}"
+            return None if response.status == 200 else f"the MLflow tracking server {uri} answered HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         hint = ": check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD" if exc.code in (401, 403) else ""
         return f"the MLflow tracking server {uri} answered HTTP {exc.code} {exc.reason}{hint}"

@@ -23,16 +23,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PLANTED = "pw-" + uuid.uuid4().hex  # made here: not in any file of the project (its tests are copied too)
+
+
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real tracking server with its own SQLite store and proxied artifact root."""
+def mlflow_server(tmp_path: Path, monkeypatch):
+    """A real tracking server with its own SQLite store and proxied artifact root, behind MLflow's
+    basic authentication: user admin, password PLANTED (this process reads it with them)."""
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
-        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        [f"{VENV_BIN}/mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+        cwd=tmp_path, env=clean_env(MLFLOW_AUTH_ADMIN_PASSWORD=PLANTED, MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex), stdout=log, stderr=subprocess.STDOUT)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PLANTED)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -56,9 +62,6 @@ def mlflow_server(tmp_path: Path):
         log.close()
 
 
-PLANTED = "pw-" + uuid.uuid4().hex  # made here: not in any file of the project (its tests are copied too)
-
-
 def holders_of(secret: str, *folders: Path) -> list[str]:
     """Every file under `folders` (git's objects, DVC's cache and lock, the stores, the
     checkpoints) whose bytes hold `secret`."""
@@ -67,10 +70,12 @@ def holders_of(secret: str, *folders: Path) -> list[str]:
 
 
 def test_pipeline_logs_to_a_tracking_server(project: Path, mlflow_server):
-    """...with credentials in the tracking URI (a server without authentication ignores
-    them): they work, and reach no file of the project or the server and no line printed."""
+    """...which wants a user and password, given in the tracking URI: they work, and reach no
+    file of the project or the server and no line printed. Without them: one line, HTTP 401."""
     url, artifact_root = mlflow_server
-    proc = run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url.replace("//", f"//alice:{PLANTED}@"))
+    refused = run(["python", "-m", "stages.check"], project, check=False, MLFLOW_TRACKING_URI=url)
+    assert refused.returncode == 2 and "HTTP 401" in refused.stderr and "MLFLOW_TRACKING_PASSWORD" in refused.stderr
+    proc = run(["dvc", "repro"], project, MLFLOW_TRACKING_URI=url.replace("//", f"//admin:{PLANTED}@"))
     assert not (project / "mlflow.db").exists()  # nothing went to the default local store
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "after the run"], project)
