@@ -20,7 +20,7 @@ def runs_by_exp(project: Path, experiment: str = "digits") -> dict:
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-STAGES = ["check", "download", "prepare", "train", "evaluate", "export", "report"]
+STAGES = ["download", "check", "prepare", "train", "evaluate", "export", "report"]
 
 
 def ends_with_the_block(out: str, run_id: str) -> None:

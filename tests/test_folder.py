@@ -212,7 +212,8 @@ def test_scan_refuses_what_prepare_would_refuse(tmp_path: Path, layout: str, cas
 
 def test_check_refuses_a_bad_folder_before_dvc_touches_data_prepared(project: Path, tmp_path: Path):
     """Under the real dvc: prepare's outputs are removed before its command runs, so the check
-    stage (run first when data_dir changes) is where a bad folder must stop."""
+    stage (run before prepare when data_dir or what it holds changes) is where a bad folder must
+    stop: a new folder, and the same folder once a class lost its images."""
     import hashlib
 
     from tests.conftest import run, set_params
@@ -231,6 +232,19 @@ def test_check_refuses_a_bad_folder_before_dvc_touches_data_prepared(project: Pa
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert "class folder train/dog, val/dog has no image" in errors[0]
+
+    for k, cls in enumerate(("cat", "dog")):  # mended: prepare makes its arrays
+        for split, n in (("train", 12), ("val", 4)):
+            for i in range(n):
+                Image.fromarray(photo(100 * k + 20 * (split == "val") + i, (9, 9))).save(bad / split / cls / f"{i}.png")
+    run(["dvc", "repro", "prepare"], project)
+    before = digest()
+    for f in [*(bad / "train" / "dog").iterdir(), *(bad / "val" / "dog").iterdir()]:  # same data_dir, no dog now
+        f.unlink()
+    (bad / "train" / "dog" / "notes.txt").write_text("moved elsewhere")
+    proc = run(["dvc", "repro", "prepare"], project, check=False)
+    assert digest() == before and proc.returncode != 0, proc.stdout[-2000:]
+    assert "class folder train/dog has no image" in proc.stderr
 
 
 def test_scan_counts_images_by_listing_alone(tmp_path: Path):
