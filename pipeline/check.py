@@ -28,27 +28,26 @@ def check_files(params: Params) -> None:
                         f"copy it first (e.g. cp {params.weights} weights/previous.pt) and point weights at the copy")
 
 
-def check_training(params: Params) -> None:
-    """What the train stage would find wrong only after prepare: the device, class weights."""
-    from pipeline.data.registry import class_count
+def check_training(params: Params, k: int) -> None:
+    """What the train stage would find wrong only after prepare: the device, class weights (the
+    data set has `k` classes)."""
     from pipeline.training.distributed import pick_device
 
     pick_device(params.train.device)
     weights = params.train.class_weights
-    if isinstance(weights, list) and len(weights) != (k := class_count(params.dataset, Path(params.data_dir))):
+    if isinstance(weights, list) and len(weights) != k:
         raise UserError(f"train.class_weights has {len(weights)} values but dataset={params.dataset} has {k} classes; "
                         "give one weight per class, or none / balanced")
 
 
-def check_model(params: Params, image_size: int) -> None:
-    """The model builds with these options and takes `image_size` px (on the meta device: no
-    memory, ~0.2 s), and `pretrained: true` has its weights here (`fetch_pretrained`)."""
-    from pipeline.data.registry import class_count
+def check_model(params: Params, image_size: int, k: int) -> None:
+    """The model builds with these options and a `k`-class head and takes `image_size` px (on
+    the meta device: no memory, ~0.2 s), and `pretrained: true` has its weights here
+    (`fetch_pretrained`)."""
     from pipeline.models.registry import arch_kwargs, build_problem
     from pipeline.models.weights import fetch_pretrained
 
-    kwargs = arch_kwargs(params.model, class_count(params.dataset, Path(params.data_dir)), image_size,
-                         params.train.dropout, params.train.drop_path)
+    kwargs = arch_kwargs(params.model, k, image_size, params.train.dropout, params.train.drop_path)
     if problem := build_problem(params.model, image_size, kwargs):
         raise UserError(f"model={params.model!r} {problem}; change model, image_size or the train.dropout / "
                         "train.drop_path options")
@@ -74,12 +73,15 @@ def link_weights(weights: str | None, link: Path = paths.RESOLVED_WEIGHTS) -> No
 def check(params: Params) -> dict:
     """Validate what the params point at; write the resolved preprocessing and the link to the
     weights (only after every check passed). Returns what was written."""
+    from pipeline.data.registry import class_count
+
     check_files(params)
-    check_training(params)
+    k = class_count(params.dataset, Path(params.data_dir))
+    check_training(params, k)
     tracking.enabled()  # an unusable MLflow store stops here (unless mlflow.required: false)
     prep = resolve_preprocessing(params.model, params.pretrained, params.weights, params.image_size,
                                  params.data.resize)  # reads (and so checks) the weights file
-    check_model(params, prep.image_size)
+    check_model(params, prep.image_size, k)
     weights = {"path": params.weights, "sha256": file_sha256(Path(params.weights)) if params.weights else None}
     write_json(paths.RESOLVED_PREPROCESSING, prep.to_dict())
     link_weights(params.weights)

@@ -1,7 +1,6 @@
 """User-facing errors: one line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
@@ -59,8 +58,10 @@ def run_cli(main: Callable[[], object]) -> None:
 def _disk_full(exc: Exception) -> str | None:
     """What a full disk (or a file-size limit) looks like when it is not our own write that met it
     (`pipeline.io.atomic_path` says those): an OSError, or SQLite's (an MLflow or Optuna store)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"cannot write {exc.filename or 'a file'}: {exc.strerror}"
+    from pipeline.io import FULL
+
+    if isinstance(exc, OSError) and exc.errno in FULL:
+        return f"cannot write {exc.filename or 'a file'}: {FULL[exc.errno]}"
     text = str(exc)
     if "database or disk is full" in text or "disk I/O error" in text:
         return f"cannot write a database ({type(exc).__name__}: {text.splitlines()[0][:120]}): is the disk full?"

@@ -47,8 +47,9 @@ def tracking_uri() -> str:
 
 
 # a URL scheme's database driver (the module SQLAlchemy imports) → the package that provides it
-DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "pymysql",
-                   "MySQLdb": "mysqlclient", "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_Oracle": "oracledb"}
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]' (or psycopg2-binary, with a postgresql+psycopg2:// URL)",
+                   "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL", "MySQLdb": "mysqlclient", "pg8000": "pg8000",
+                   "asyncpg": "asyncpg", "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_Oracle": "oracledb"}
 
 
 def driver_problem(uri: str) -> str | None:
@@ -298,19 +299,15 @@ NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown
 PROCESS_TAG = "pipeline.process"  # "host pid start-time" of the process that has the run open
 
 
-def end_orphans(mlflow: Any, experiment_id: str, keep: str | None = None) -> list[str]:
+def end_orphans(mlflow: Any, experiment_id: str) -> None:
     """End as KILLED the runs of the experiment left RUNNING by a process that is gone (killed
-    by kill -9, a power cut: nothing of it could end them), except `keep`; returns their ids."""
+    by kill -9, a power cut: nothing of it could end them)."""
     client = mlflow.MlflowClient()
     running = _retry(client.search_runs, [experiment_id], filter_string="attributes.status = 'RUNNING'",
                      max_results=1000)
-    ended = []
     for run in running:
-        owner = run.data.tags.get(PROCESS_TAG)
-        if run.info.run_id != keep and owner and process_gone(owner):
+        if (owner := run.data.tags.get(PROCESS_TAG)) and process_gone(owner):
             end_killed(client, run)
-            ended.append(run.info.run_id)
-    return ended
 
 
 def end_killed(client: Any, run: Any) -> None:

@@ -68,13 +68,6 @@ def storage_url(params: Params) -> str:
     return f"sqlite:///{paths.repo_root() / 'optuna.db'}"
 
 
-DRIVERS = {  # module a storage URL's driver imports -> what to pip install
-    "psycopg": "'psycopg[binary]' (or psycopg2-binary, with a postgresql+psycopg2:// URL)",
-    "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "pg8000": "pg8000",
-    "asyncpg": "asyncpg", "oracledb": "oracledb", "pyodbc": "pyodbc",
-}
-
-
 def open_storage(url: str):
     """The Optuna storage at `url`; a driver that is not installed, a URL that is not a database's
     or a database that cannot be opened: one line, before any trial."""
@@ -82,19 +75,14 @@ def open_storage(url: str):
     import sqlalchemy.exc
 
     source = trial.STORAGE_ENV if os.environ.get(trial.STORAGE_ENV) else "tune.storage"
-    where = f"Optuna storage {redact(url)} ({source})"
+    where = f"Optuna storage ({source})"
+    if problem := tracking.driver_problem(url):  # the same check as a database tracking URI's
+        raise UserError(f"{where}: {problem}; use e.g. sqlite:///optuna.db or postgresql://user@host/db")
     try:
         return optuna.storages.RDBStorage(url)
-    except ImportError as exc:
-        module = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
-        raise UserError(f"{where}: the database driver {module} is not installed; "
-                        f"pip install {DRIVERS.get(module, module)}") from None
-    except sqlalchemy.exc.ArgumentError as exc:
-        raise UserError(f"{where}: not a database URL SQLAlchemy knows ({redact_text(str(exc), url)}); use e.g. "
-                        "sqlite:///optuna.db or postgresql://user@host/db") from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
         line = redact_text(str(exc).splitlines()[0], url)
-        raise UserError(f"{where} cannot be opened ({line}); check the URL and that the database "
+        raise UserError(f"{where} {redact(url)} cannot be opened ({line}); check the URL and that the database "
                         "server is up") from None
 
 

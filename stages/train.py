@@ -12,13 +12,7 @@ same params, data and code; deleted when training completes).
 Run: `dvc repro train`."""
 from pipeline.errors import run_cli
 from pipeline.params import load_params
-from pipeline.training.distributed import (
-    die_with_torchrun,
-    launch_torchrun,
-    pick_device,
-    process_group,
-    under_torchrun,
-)
+from pipeline.training.distributed import die_with_torchrun, launch_torchrun, pick_device, process_group, under_torchrun
 from pipeline.training.run import run
 
 PARAMS = ("model", "epochs", "batch_size", "lr", "seed", "pretrained", "weights", "finetune", "augment", "train",

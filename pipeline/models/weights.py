@@ -16,13 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.models.registry import (
-    build_model,
-    entry,
-    head_parameter_names,
-    min_image_size,
-    reset_head,
-)
+from pipeline.models.registry import build_model, entry, head_parameter_names, min_image_size, reset_head
 from pipeline.preprocess import Preprocessing, stored_size_for
 
 # ---------------------------------------------------------------- weights files
