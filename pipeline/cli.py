@@ -1,5 +1,5 @@
 """`pipeline summary [-m NAME]`, `pipeline models [PATTERN]`, `pipeline predict [-m MODEL] IMAGE|FOLDER...`,
-`pipeline lr-find`, `pipeline tune --trials N` and `pipeline ensemble MEMBER...`.
+`pipeline lr-find`, `pipeline tune --trials N`, `pipeline ensemble MEMBER...` and `pipeline params [--write]`.
 
 Without -m, `summary` shows params.yaml's model at the project's input size and class count,
 and `predict` runs models/model.onnx (what `dvc repro` exports)."""
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.errors import UserError, run_cli
+from pipeline.params import EvaluateParams, TuneParams, choices
 
 
 SUMMARY_IMAGE_SIZE = 32  # `pipeline summary`'s input size when neither --image-size nor data/resolved gives one
@@ -148,6 +149,18 @@ def _runs(args: argparse.Namespace) -> None:
     show(args.n, args.json)
 
 
+def _params(args: argparse.Namespace) -> None:
+    from pipeline.io import atomic_path
+    from pipeline.params_doc import render_params_yaml
+
+    if not args.write:
+        print(render_params_yaml(), end="")
+        return
+    with atomic_path(paths.PARAMS) as tmp:
+        tmp.write_text(render_params_yaml())
+    print(f"params: wrote {paths.PARAMS}")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -208,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
                    help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')
     p.add_argument("--max-pixels", type=_positive, default=None,
                    help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
-    p.add_argument("--tta", choices=["none", "hflip", "hflip_crops"], default="none",
+    p.add_argument("--tta", choices=choices(EvaluateParams, "tta"), default="none",
                    help="test-time augmentation: average the probabilities of the image and its mirror (hflip, 2x "
                         "the time) or of 5 crops and their mirrors (hflip_crops, 10x); default none")
     p.set_defaults(fn=_predict)
@@ -227,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
                                    "test split. Re-running with the same study resumes it (--trials is the total).")
     t.add_argument("--trials", type=_positive, required=True, help="finished trials the study should have")
     t.add_argument("--jobs", type=_positive, default=1, help="trials run at once, by DVC queue workers (default 1)")
-    t.add_argument("--sampler", choices=["tpe", "random"], default=None, help="default: tune.sampler of params.yaml")
+    t.add_argument("--sampler", choices=choices(TuneParams, "sampler"), default=None,
+                   help="default: tune.sampler of params.yaml")
     t.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a params.yaml value for every trial, e.g. -S epochs=5 (repeatable)")
     t.add_argument("--apply", action="store_true", help="write the best trial's values into params.yaml")
@@ -253,6 +267,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-n", type=_positive, default=None, metavar="N", help="the N best rows of each data set")
     r.add_argument("--json", action="store_true", help="the rows as a JSON list, for scripts")
     r.set_defaults(fn=_runs)
+    pa = sub.add_parser("params", help="params.yaml as pipeline/params.py defines it: each key, default and comment",
+                        description="Render params.yaml from the params model of pipeline/params.py, where each "
+                                    "key's default, bounds and comment are written: print it, or write it with "
+                                    "--write (values changed in params.yaml since are replaced by the defaults).")
+    pa.add_argument("--write", action="store_true", help=f"replace {paths.PARAMS} instead of printing")
+    pa.set_defaults(fn=_params)
     return ap
 
 

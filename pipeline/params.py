@@ -1,43 +1,78 @@
-"""params.yaml → typed, validated objects, at the edge.
+"""params.yaml → typed, validated objects, at the edge; and the one definition of every key.
 
-Every stage calls `load_params(keys=PARAMS)` first, with KEYS the params it reads (the same list as
-its `params:` in dvc.yaml: tests/test_dvc_yaml.py checks it). The whole file is validated
-(unknown key, wrong type, value out of range: `UserError`, one line naming the key, the bad
-value and what is allowed), and the stage gets a view that holds only its KEYS: reading any
-other key is an error, so a stage cannot depend on a param DVC does not know it depends on.
-Model names are checked against the registry (which imports torch and timm, seconds) only
-where `model` is read.
+The `Params` model below holds each key's default, its bounds and choices, and what it means
+(its `description`): params.yaml is rendered from it (`python -m pipeline params --write`,
+pipeline/params_doc.py), so a default or a comment is written once, here.
+
+Every stage calls `load_params(stage="<name>")` first. The whole file is validated (unknown
+key, wrong type, value out of range: `UserError`, one line naming the key, the bad value and
+what is allowed), and the stage gets a view that holds only the keys of its `params:` in
+dvc.yaml (`stage_keys`): reading any other key is an error, so a stage cannot depend on a
+param DVC does not know it depends on. Model names are checked against the registry (which
+imports torch and timm, seconds) only where `model` is read.
 """
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline import paths
+from pipeline.data.registry import DATASETS, display_name
 from pipeline.errors import UserError
+from pipeline.preprocess import MIN_IMAGE_SIZE, RESIZE_POLICIES, TTA_MODES  # Literal[TTA_MODES]: any of them
 from pipeline.secrets import password_problem, redact
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+MAX_IMAGE_SIZE = 1024  # pixels
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_FOLDS = 100
 
 
 def _check_models(info: ValidationInfo) -> bool:
     return not (info.context or {}).get("skip_models", False)
 
 
+def choices(model: type[BaseModel], field: str) -> tuple[Any, ...]:
+    """The values a Literal field allows (`choices(TuneParams, "sampler")`), for a command-line
+    option that offers the same choices as the param."""
+    return get_args(model.model_fields[field].annotation)
+
+
+def _auto_or(field: str, usage: str):
+    """A validator for an `auto | number` field: pydantic reports one error per branch of the
+    union, the first ("Input should be 'auto'") hiding the number's. A number gets the number's
+    own error (its bounds are the Field's), anything else `use auto or <usage>`."""
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if type(value) in (int, float):  # not bool
+                raise ValueError(exc.errors()[-1]["msg"]) from None
+            raise ValueError(f"use auto or {usage}") from None
+    return field_validator(field, mode="wrap")(classmethod(lambda cls, v, handler: check(v, handler)))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)  # .inf, .nan: no
 
 
+# Defaults are written as params.yaml shows them (0, not 0.0): the file is rendered from them.
+
 class DataParams(_Section):
-    split_seed: int = Field(0, ge=0, le=2**32 - 1)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
-    resize: Literal["center_crop", "stretch"] = "center_crop"
+    """prepare stage"""
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the train/val/test split and cross-validation's "
+                            "folds")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction held out for choosing the best epoch (carved "
+                                "out of train when a data set has no val split of its own)")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction held out for the final evaluation, "
+                                 "stratified (used only when a data set has no test split of its own: cifar/mnist "
+                                 "sets and root/test/ keep theirs)")
+    resize: Literal[RESIZE_POLICIES] = Field("center_crop", description="center_crop: shorter side to image_size, "
+                                             "centre crop | stretch: ignore aspect ratio")
 
 
 def _range(low: float, high: float, what: str):
@@ -52,50 +87,92 @@ def _range(low: float, high: float, what: str):
 
 
 class AugmentParams(_Section):
-    resized_crop: Literal["auto"] | bool = "auto"
-    resized_crop_scale: list[float] = [0.25, 1.0]
-    resized_crop_ratio: list[float] = [0.75, 4 / 3]
-    random_crop: bool = True
-    crop_padding: int = Field(2, ge=0, le=64)
-    hflip: bool = False
-    rotate_degrees: float = Field(0.0, ge=0, le=180)
-    scale: float = Field(0.0, ge=0, lt=1)
-    color_jitter: float = Field(0.0, ge=0, lt=1)
-    random_erasing: float = Field(0.0, ge=0, le=1)
+    """training-time augmentation, drawn independently for every image in a batch"""
+    resized_crop: Literal["auto"] | bool = Field("auto", description="random-resized crop (timm/torchvision's "
+                                                 "RandomResizedCrop) of the stored image to image_size, instead of "
+                                                 "random_crop; auto: on when weights are loaded (prepare then keeps "
+                                                 "images at image_size / crop_pct, e.g. 256 for 224, and evaluation "
+                                                 "takes the centre crop), off from scratch")
+    resized_crop_scale: list[float] = Field([0.25, 1.0], description="the crop's area as a fraction of the image "
+                                            "(timm's default 0.08 is for ImageNet from scratch; small photo sets keep "
+                                            "more of each image)")
+    resized_crop_ratio: list[float] = Field([0.75, 1.3333], description="the crop's aspect ratio range (width / "
+                                            "height)")
+    random_crop: bool = Field(True, description="pad each side by crop_padding pixels (black), crop back at a "
+                              "random offset")
+    crop_padding: int = Field(2, ge=0, le=64, description="pixels; 4 is usual for 32-px photos, 2 suits digits "
+                              "(8 px upsampled ×4)")
+    hflip: bool = Field(False, description="random left-right mirror; off for digits (a mirrored 2 is not a 2), on "
+                        "for photos (cifar10, your own folders)")
+    rotate_degrees: float = Field(0, ge=0, le=180, description="random rotation in [-d, +d] degrees; 0 = off")
+    scale: float = Field(0, ge=0, lt=1, description="random zoom in [1-s, 1+s]; 0 = off (e.g. 0.1)")
+    color_jitter: float = Field(0, ge=0, lt=1, description="brightness/contrast/saturation factors in [1-j, 1+j]; "
+                                "0 = off (e.g. 0.2)")
+    random_erasing: float = Field(0, ge=0, le=1, description="probability of blanking one random box (2-33 % of the "
+                                  "image); 0 = off (e.g. 0.25)")
 
     _scale = _range(0.01, 1.0, "resized_crop_scale")
     _ratio = _range(0.1, 10.0, "resized_crop_ratio")
 
 
 class TrainParams(_Section):
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, le=1)
-    scheduler: Literal["cosine", "step", "onecycle", "none"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    step_epochs: int = Field(30, ge=1)
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    dropout: float | None = Field(None, ge=0, lt=1)
-    drop_path: float = Field(0.0, ge=0, lt=1)
-    mixup_alpha: float = Field(0.0, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
-    grad_clip: float = Field(0.0, ge=0)
-    patience: int = Field(0, ge=0)
-    min_delta: float = Field(0.0, ge=0)
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    class_weights: Literal["none", "balanced"] | list[float] = "none"
-    sampler: Literal["shuffle", "balanced"] = "shuffle"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    data_placement: Literal["auto", "device", "host"] = "auto"
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    calibrate: bool = True
-    nproc: int = Field(1, ge=1, le=64)
-    num_threads: int = Field(0, ge=0, le=256)
+    """train stage"""
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adamw", description="adamw | adam | sgd | rmsprop")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
+    nesterov: bool = Field(True, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(0.0005, ge=0, le=1, description="L2 on conv/linear weights (not on norms and biases)")
+    scheduler: Literal["cosine", "step", "onecycle", "none"] = Field("cosine", description="cosine: decay to 0 | "
+                                                                     "step: ×step_gamma every step_epochs | onecycle "
+                                                                     "| none: constant")
+    warmup_epochs: float = Field(0, ge=0, description="linear warmup from lr/100 over this many epochs (fractions "
+                                 "allowed); 0 = off")
+    step_epochs: int = Field(30, ge=1, description="scheduler=step only")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="scheduler=step only")
+    label_smoothing: float = Field(0, ge=0, lt=1, description="e.g. 0.1")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout before the head; null = the model's default "
+                                  "(original 0.2, alexnet 0.5, timm 0)")
+    drop_path: float = Field(0, ge=0, lt=1, description="stochastic depth rate, for timm models that have it (resnet, "
+                             "efficientnet, convnext)")
+    mixup_alpha: float = Field(0, ge=0, description="MixUp Beta(α, α); 0 = off (e.g. 0.2)")
+    cutmix_alpha: float = Field(0, ge=0, description="CutMix Beta(α, α); 0 = off (e.g. 1.0); both on: each batch "
+                                "picks one")
+    grad_clip: float = Field(0, ge=0, description="max gradient norm; 0 = off")
+    patience: int = Field(0, ge=0, description="early stopping: stop after this many epochs without improvement; "
+                          "0 = off")
+    min_delta: float = Field(0, ge=0, description="the smallest change of `monitor` that counts as an improvement")
+    monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss: picks "
+                                                         "the best epoch (the one evaluated and exported)")
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="loss weight per class: none "
+                                                                     "| balanced (n / (classes × count)) | [w0, w1, "
+                                                                     "...]")
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="shuffle: every image once per epoch | "
+                                                    "balanced: classes drawn equally often")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible, else cpu | "
+                                                   "cpu | cuda")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="GPU only: auto (bf16 where "
+                                                               "supported, else fp16) | bf16 | fp16 | fp32; CPU: fp32")
+    compile: bool = Field(False, description="torch.compile the model's forward (and its backward): faster steps, a "
+                          "slow first epoch (train prints what compiling cost)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="with compile: default | reduce-overhead (CUDA graphs: each step's kernels replayed "
+        "as one graph; for fixed shapes) | max-autotune (also searches kernels: the longest first epoch) | "
+        "max-autotune-no-cudagraphs")
+    data_placement: Literal["auto", "device", "host"] = Field("auto", description="where the training images live: "
+                                                              "device (a uint8 tensor on the GPU, batches indexed "
+                                                              "there: no host copies) | host (the memory map; a "
+                                                              "background thread gathers the next batches, a GPU "
+                                                              "copies them from pinned memory on a side stream); "
+                                                              "auto: device on a GPU when they take ≤ 1/4 of its free "
+                                                              "memory, host on a CPU")
+    ema_decay: float = Field(0, ge=0, lt=1, description="exponential moving average of the weights, updated every "
+                             "step (e.g. 0.999; warmed up as TensorFlow's EMA: min(decay, (1+n)/(10+n)) after n "
+                             "steps); the average is what is validated, kept, evaluated and exported; 0 = off")
+    calibrate: bool = Field(True, description="temperature scaling: after training, one T fitted on the validation "
+                            "split so that softmax(logits / T) is calibrated; evaluate reports ECE before and after, "
+                            "export and predict give the calibrated probabilities (accuracy is unchanged)")
+    nproc: int = Field(1, ge=1, le=64, description="processes (DDP under torchrun: gloo on CPU, nccl on GPUs); 1 = "
+                       "plain training")
+    num_threads: int = Field(0, ge=0, le=256, description="CPU threads per process; 0 = cores ÷ nproc")
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -109,19 +186,41 @@ class TrainParams(_Section):
 
 
 class TransferParams(_Section):
-    unfreeze_stages: int = Field(1, ge=0)
-    head_epochs: int = Field(1, ge=1)
-    backbone_lr_mult: float = Field(0.1, gt=0, le=10)
-    freeze_batchnorm: bool = True
-    augmented_passes: int = Field(0, ge=0, le=100)
-    probe_l2: Literal["auto"] | Annotated[float, Field(ge=0, le=100)] = "auto"
+    """how loaded weights are fine-tuned (see finetune); no effect from scratch"""
+    unfreeze_stages: int = Field(1, ge=0, description="partial: how many of the backbone's last stages train")
+    head_epochs: int = Field(1, ge=1, description="two_phase: epochs of head-only training before unfreezing")
+    backbone_lr_mult: float = Field(0.1, gt=0, le=10, description="the backbone's lr = lr × this: pretrained "
+                                    "features need small steps, the new head large ones (1.0 = one lr for all)")
+    freeze_batchnorm: bool = Field(True, description="keep the pretrained BatchNorm statistics while fine-tuning "
+                                   "(its scale and shift still train): re-estimating them from small batches of a "
+                                   "small data set undoes pretraining")
+    augmented_passes: int = Field(0, ge=0, le=100, description="linear_probe: 0 = features of each training image "
+                                  "computed once, unaugmented; N = N passes over the training split, each with its "
+                                  "own augmentation (N× the feature time)")
+    probe_l2: Literal["auto"] | Annotated[float, Field(ge=0, le=100)] = Field("auto", description="linear_probe: L2 "
+                                                                              "strength λ of the head (a logistic "
+                                                                              "regression on standardised features); "
+                                                                              "auto: picked by validation log loss "
+                                                                              "from 1e-4 … 1 (a head per value, "
+                                                                              "seconds)")
+
+    _probe_l2 = _auto_or("probe_l2", "a number, e.g. 0.01")
 
 
 class MlflowParams(_Section):
-    experiment: str = Field("auto", min_length=1)  # auto: named after the data set (`experiment_name`)
-    required: bool = True
-    register_model: str | None = Field(None, min_length=1)
-    model_alias: str = "candidate"
+    """MLflow: where the runs are recorded, and the model registry"""
+    experiment: str = Field("auto", min_length=1, description="MLflow experiment the runs are recorded under; auto: "
+                            "named after the data set (digits, cifar10, or your folder's name), so runs sorted by "
+                            "accuracy compare like with like")
+    required: bool = Field(True, description="true: an unreachable or unusable tracking store stops the pipeline "
+                           "(one line, before training); false: the run goes on untracked, with a warning, its "
+                           "outputs as usual")
+    register_model: str | None = Field(None, min_length=1, description="report stage: also register the run's ONNX "
+                                       "model in the MLflow Model Registry under this name (e.g. digits-classifier), "
+                                       "one new version per run; null = log the model to the run only, register "
+                                       "nothing")
+    model_alias: str = Field("candidate", description="with register_model: alias moved to the new version (load it "
+                             "as models:/<name>@candidate); promote a version by hand, e.g. to champion")
 
     @field_validator("register_model")
     @classmethod
@@ -147,22 +246,34 @@ class MlflowParams(_Section):
 
 
 class EvaluateParams(_Section):
-    tta: Literal["none", "hflip", "hflip_crops"] = "none"
-    activations: bool = True
-    filters: bool = True
-    embedding: bool = True
-    label_issues: bool = True
+    """evaluate stage: what it computes and draws besides the test metrics"""
+    tta: Literal[TTA_MODES] = Field("none", description="test-time augmentation, reported beside the plain figures "
+                                    "(accuracy_tta, ...): none | hflip (the image and its mirror: 2× the time) | "
+                                    "hflip_crops (5 crops and their mirrors: 10×); probabilities averaged. For photos; "
+                                    "a mirrored digit is another digit")
+    activations: bool = Field(True, description="metrics/activations.png: feature maps of early, middle and late "
+                              "layers, a test image per class")
+    filters: bool = Field(True, description="metrics/filters.png: first-layer filters, and inputs that maximise "
+                          "deeper channels")
+    embedding: bool = Field(True, description="metrics/embedding.png: the test split's penultimate features in 2-D "
+                            "(PCA, then t-SNE)")
+    label_issues: bool = Field(True, description="metrics/label_issues.csv (+ .png): images whose label the model "
+                               "doubts (cleanlab), on out-of-fold probabilities when crossval ran, else on the "
+                               "validation split")
 
 
 class PlotsParams(_Section):
-    smoothing: float = Field(0.0, ge=0, lt=1)
-
-
-MAX_FOLDS = 100
+    """evaluate stage: how the learning curves are drawn"""
+    smoothing: float = Field(0, ge=0, lt=1, description="learning curves: exponential moving average of noisy curves "
+                             "(0.6 = TensorBoard's default), the raw curves kept faint behind; 0 = off")
 
 
 class CrossvalParams(_Section):
-    folds: int = 0
+    """train stage: k-fold cross-validation, before the model itself"""
+    folds: int = Field(0, description="k-fold cross-validation of the configured model on train+val (the test split "
+                       f"is never used): 0 = off; 2..{MAX_FOLDS} = k more trainings, run by the train stage before "
+                       "the model itself (an interrupted run keeps its finished folds); results in "
+                       "metrics/crossval.json")
 
     @field_validator("folds")
     @classmethod
@@ -173,13 +284,23 @@ class CrossvalParams(_Section):
 
 
 class TuneParams(_Section):
-    """`python -m pipeline tune`: the search space and how to search it (pipeline/tune.py)."""
-    space: dict[str, Any] = {}   # "lr": {low, high, log}, "train.optimizer": [sgd, adamw], ...
-    objective: Literal["auto", "best_val_accuracy", "best_val_loss", "crossval_accuracy"] = "auto"
-    study: str = Field("image-classification", min_length=1)
-    storage: str = Field("auto", min_length=1)
-    sampler: Literal["tpe", "random"] = "tpe"
-    prune: bool = True
+    """python -m pipeline tune --trials N: each trial a DVC experiment and an MLflow run"""
+    space: dict[str, Any] = Field({"lr": {"low": 0.0003, "high": 0.03, "log": True},
+                                   "train.weight_decay": {"low": 0.00001, "high": 0.01, "log": True},
+                                   "batch_size": [32, 64, 128]},
+                                  description="params.yaml keys to search: {low, high, log} ranges or lists of "
+                                  "choices")
+    objective: Literal["auto", "best_val_accuracy", "best_val_loss", "crossval_accuracy"] = Field(
+        "auto", description="auto: crossval's mean accuracy when crossval.folds > 0, else best_val_accuracy; or "
+        "best_val_loss / crossval_accuracy. Never a test-split number")
+    study: str = Field("image-classification", min_length=1, description="Optuna study name: a re-run with the same "
+                       "name resumes it")
+    storage: str = Field("auto", min_length=1, description="auto: sqlite:///<repo root>/optuna.db; a database URL "
+                         "(postgresql://...) lets workers on several machines share one study. No password here: the "
+                         "environment variable OPTUNA_STORAGE (which overrides this key) carries it")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="tpe (Optuna's default) or random")
+    prune: bool = Field(True, description="stop trials whose per-epoch validation accuracy is below the median of "
+                        "earlier trials at the same epoch (median pruning; not with crossval)")
 
     @field_validator("study")
     @classmethod
@@ -218,17 +339,44 @@ class TuneParams(_Section):
 
 
 class Params(_Section):
-    dataset: str = "digits"
-    data_dir: str = Field(str(paths.RAW_DIR), min_length=1)
-    model: str = "original"
-    epochs: int = Field(15, ge=1, le=10_000)
-    batch_size: int = Field(64, le=65_536)
-    lr: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = "auto"
-    image_size: Literal["auto"] | Annotated[int, Field(ge=8, le=1024)] = "auto"
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    pretrained: bool = False
-    weights: str | None = None
-    finetune: Literal["full", "linear_probe", "partial", "two_phase"] = "full"
+    """Every knob of the pipeline. Change a value here, or per experiment:
+      dvc exp run -S lr=0.001 -S epochs=30 -S train.optimizer=sgd
+    Unknown keys, wrong types and out-of-range values stop the pipeline in its first stage (check),
+    with a one-line error, before any output is touched."""
+    dataset: str = Field("digits", description=" | ".join(f"{name}: {d.description}" for name, d in DATASETS.items())
+                         + f"; downloads are kept in {paths.RAW_DIR}/ (offline: place the archive there)")
+    data_dir: str = Field(str(paths.RAW_DIR), min_length=1, description="dataset=folder: your folder of class "
+                          "folders, root/<class>/*.jpg or root/{train,val,test}/<class>/*.jpg (e.g. data/images, "
+                          f"ideally `dvc add`-ed); the downloaded sets live in {paths.RAW_DIR}")
+    model: str = Field("original", description="original: our small CNN, fast on a CPU; or any name `python -m "
+                       "pipeline models` lists: ours (e.g. alexnet, resnet9) and timm's (e.g. resnet18, "
+                       "tf_efficientnet_lite0)")
+    epochs: int = Field(15, ge=1, le=10_000, description="passes over the training split; the best epoch on "
+                        "validation is kept")
+    batch_size: int = Field(64, le=65_536, description="images per optimisation step")
+    lr: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = Field(
+        "auto", description="peak learning rate; auto: a rate by optimizer, by whether the model has BatchNorm "
+        "(alexnet has none: a lower lr) and by what trains (from scratch, fine-tuning loaded weights, a linear "
+        "probe); train prints the one it picked, `pipeline lr-find` draws the range test")
+    image_size: Literal["auto"] | Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] = Field(
+        "auto", description="the model's input, image_size × image_size pixels; auto: the weights' input size (224 "
+        "for ImageNet weights), else 32 (or the model's minimum: alexnet 64); smaller is faster on a CPU, e.g. -S "
+        "image_size=128")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the initial weights, shuffling and augmentation (not "
+                      "the split: data.split_seed), so models that differ only in seed share a split and can be "
+                      "ensembled")
+    pretrained: bool = Field(False, description="start from ImageNet weights (timm hub / torchvision); needs the "
+                             "network once")
+    weights: str | None = Field(None, description="or a local file instead (no network): a timm/torchvision state "
+                                "dict (.pth/.safetensors) or one of our checkpoints (a copy of a models/model.pt); an "
+                                "absolute path or one inside the repo. Either way the head is re-made for your "
+                                "classes (starting at zero) and the preprocessing follows the weights: the model's "
+                                "pretrained config (mean, std, input size, crop_pct) or the checkpoint's record; from "
+                                "scratch, the data's own mean/std")
+    finetune: Literal["full", "linear_probe", "partial", "two_phase"] = Field(
+        "full", description="full: everything trains | linear_probe: only the head, trained in seconds on features "
+        "the frozen backbone computes once | partial: last transfer.unfreeze_stages stages + head | two_phase: "
+        "transfer.head_epochs of head only, then everything")
     data: DataParams = DataParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
@@ -238,6 +386,9 @@ class Params(_Section):
     plots: PlotsParams = PlotsParams()
     crossval: CrossvalParams = CrossvalParams()
     tune: TuneParams = TuneParams()
+
+    _lr = _auto_or("lr", "a number, e.g. 0.001")
+    _image_size = _auto_or("image_size", "a whole number of pixels, e.g. 224")
 
     @field_validator("dataset")
     @classmethod
@@ -296,29 +447,11 @@ class Params(_Section):
             raise ValueError("use at least 2: BatchNorm layers cannot train on a batch of one image (e.g. 32)")
         return value
 
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        if value == "auto" or (type(value) is int and 8 <= value <= 1024):
-            return value
-        raise ValueError("use auto or a whole number of pixels from 8 to 1024")
-
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _lr(cls, value: Any) -> Any:
-        if value == "auto" or (type(value) in (int, float) and 0 < value <= 10):
-            return value
-        if type(value) in (int, float) and math.isfinite(value):
-            raise ValueError("Input should be greater than 0" if value <= 0 else "Input should be at most 10")
-        raise ValueError("use auto or a number, e.g. 0.001")
-
     def experiment_name(self) -> str:
         """The MLflow experiment the runs go to: `mlflow.experiment`, or with `auto` the data
         set's name (a folder's own name), so that sorting runs by accuracy compares like with like."""
         if self.mlflow.experiment != "auto":
             return self.mlflow.experiment
-        from pipeline.data.registry import display_name
-
         return display_name(self.dataset, self.data_dir)
 
     def flat(self) -> dict[str, Any]:
@@ -330,11 +463,6 @@ class Params(_Section):
             else:
                 out[key] = value
         return out
-
-
-def trains_on_augmented_images(finetune: str, augmented_passes: int) -> bool:
-    """False for a linear probe on features computed once from the unaugmented images."""
-    return finetune != "linear_probe" or augmented_passes > 0
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -379,7 +507,7 @@ class StageParams:
         if any(k.startswith(key + ".") for k in self._keys):
             return StageParams(getattr(self._params, name), self._keys, key + ".")
         raise AttributeError(f"this stage reads params key {key!r} without declaring it: add it to the stage's "
-                             "PARAMS and to its params in dvc.yaml")
+                             "params in dvc.yaml")
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         """Every param, as a record (the checkpoint's, the MLflow run's), not as an input."""
@@ -428,9 +556,24 @@ def update_params_file(path: Path, updates: dict[str, Any]) -> None:
         yaml_rt.dump(params, f)
 
 
-def load_params(path: Path = paths.PARAMS, keys: tuple[str, ...] | None = None,
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"  # beside the code that runs, wherever the stage's cwd is
+
+
+def stage_keys(stage: str, dvc_yaml: Path = DVC_YAML) -> tuple[str, ...]:
+    """The params.yaml keys the DVC stage `stage` reads: its `params:` in dvc.yaml, the one
+    place they are written (the stage's view, the resume fingerprint and the tests take them from here)."""
+    try:
+        spec = read_yaml(dvc_yaml.read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError) as exc:
+        raise UserError(f"{dvc_yaml}: cannot read the params of stage {stage!r} ({exc})") from None
+    return tuple(k for k in spec.get("params") or () if isinstance(k, str))
+
+
+def load_params(path: Path = paths.PARAMS, stage: str | None = None,
                 check_models: bool = True) -> Params | StageParams:
-    """Read and validate params.yaml; with `keys`, a view of just those keys."""
+    """Read and validate params.yaml; with `stage`, a view of just the keys the DVC stage reads
+    (its `params:` in dvc.yaml)."""
+    keys = None if stage is None else stage_keys(stage)
     try:
         text = path.read_text()
     except OSError as exc:

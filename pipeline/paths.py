@@ -2,7 +2,8 @@
 
 Paths are relative to the working directory, which DVC sets to the repository root (also in
 the temporary copies that `dvc exp run --queue/--temp` use). dvc.yaml names the same files:
-`tests/test_paths.py` checks that the two agree.
+tests/test_dvc_yaml.py, tests/test_evaluate.py and tests/test_crossval.py check that the stages'
+outputs agree with it.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: prepare, downl
 
 Images = TypeVar("Images", "np.ndarray", "torch.Tensor")  # every method takes either and returns the same kind
 
+MIN_IMAGE_SIZE = 8  # pixels: the smallest model input (image_size) the pipeline makes
 RESIZE_POLICIES = ("center_crop", "stretch")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -46,7 +47,7 @@ class Preprocessing:
     reason: str = ""                     # one line: why this preprocessing (printed by train)
 
     def __post_init__(self) -> None:
-        assert 8 <= self.image_size <= self.stored_size, (self.image_size, self.stored_size)
+        assert MIN_IMAGE_SIZE <= self.image_size <= self.stored_size, (self.image_size, self.stored_size)
         assert self.resize in RESIZE_POLICIES and self.interpolation in INTERPOLATIONS
 
     # ------------------------------------------------------------ serialisation (the only one)

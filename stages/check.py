@@ -19,12 +19,9 @@ from pipeline.check import check
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
-PARAMS = ("dataset", "data_dir", "model", "epochs", "batch_size", "lr", "image_size", "seed", "pretrained", "weights",
-          "finetune", "data", "augment", "train", "transfer", "mlflow", "evaluate", "plots", "crossval", "tune")
-
 
 def main() -> dict:
-    return check(load_params(keys=PARAMS))
+    return check(load_params(stage="check"))
 
 
 if __name__ == "__main__":

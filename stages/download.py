@@ -1,6 +1,6 @@
 """Stage `download`: materialise the raw data set under data/raw/.
 
-Reads params: dataset. Writes: data/raw/. Run: `dvc repro download`."""
+Reads params: its `params:` in dvc.yaml. Writes: data/raw/. Run: `dvc repro download`."""
 from pathlib import Path
 
 from pipeline import paths
@@ -8,11 +8,9 @@ from pipeline.data.registry import download
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
-PARAMS = ("dataset", "data_dir")
-
 
 def main() -> None:
-    params = load_params(keys=PARAMS)
+    params = load_params(stage="download")
     path = download(params.dataset, paths.RAW_DIR, Path(params.data_dir))
     print(f"download: {params.dataset} → {path}")
 

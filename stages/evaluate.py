@@ -1,6 +1,6 @@
 """Stage `evaluate`: the checkpoint on the test split.
 
-Reads params: PARAMS below (what to compute and draw besides the metrics; the checkpoint
+Reads params: its `params:` in dvc.yaml (what to compute and draw besides the metrics; the checkpoint
 carries the preprocessing and the temperature). Reads: models/model.pt, data/prepared/,
 metrics/train.json and metrics/train_history.csv (the learning curves),
 metrics/oof_predictions.csv (label issues, when cross-validation ran). Writes, in metrics/:
@@ -14,11 +14,9 @@ from pipeline.errors import run_cli
 from pipeline.evaluation.run import OUTPUTS, run  # noqa: F401  (OUTPUTS: what dvc.yaml declares)
 from pipeline.params import load_params
 
-PARAMS = ("evaluate", "plots")
-
 
 def main() -> dict:
-    return run(load_params(keys=PARAMS))
+    return run(load_params(stage="evaluate"))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ Run: `dvc repro export`."""
 from pipeline.errors import run_cli
 from pipeline.export.run import run
 
-PARAMS = ()
-
 
 def main() -> dict:
     return run()

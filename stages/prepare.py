@@ -1,7 +1,7 @@
 """Stage `prepare`: decode every image once, resize it to the preprocessing's stored size,
 split (seeded, stratified), train-split statistics, manifest, data report.
 
-Reads params: dataset, data_dir, data (the split is seeded by data.split_seed, not by `seed`:
+Reads params: its `params:` in dvc.yaml (the split is seeded by data.split_seed, not by `seed`:
 models trained with other seeds share one split, so they can be compared and ensembled). Reads: data/resolved/preprocessing.json (the check
 stage's: the sizes and resize the weights ask for), data/raw/ (or data_dir for dataset=folder).
 Writes: data/prepared/ ({split}_x.npy, {split}_y.npy, meta.json with the completed
@@ -20,11 +20,9 @@ from pipeline.io import atomic_path, read_json, write_json
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
 
-PARAMS = ("dataset", "data_dir", "data")
-
 
 def main() -> dict:
-    params = load_params(keys=PARAMS)
+    params = load_params(stage="prepare")
     if not paths.RESOLVED_PREPROCESSING.exists():
         raise UserError(f"{paths.RESOLVED_PREPROCESSING} is missing; run the check stage first (dvc repro check)")
     plan = Preprocessing.from_dict(read_json(paths.RESOLVED_PREPROCESSING))

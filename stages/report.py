@@ -5,7 +5,7 @@ train) with everything train, evaluate and export wrote, registers the ONNX mode
 mlflow.register_model is set, writes metrics/report.md and report.html (which name that run;
 not DVC outputs: they change every run), and prints the end-of-run block.
 
-Reads params: PARAMS below. Reads: models/ and metrics/ (what train, evaluate and export
+Reads params: its `params:` in dvc.yaml. Reads: models/ and metrics/ (what train, evaluate and export
 wrote), data/prepared/ (split digests, an input example). Writes: models/report.json (what
 was published: DVC-cached, not in git, so a fresh clone's first run publishes), and, not DVC
 outputs, metrics/report.md, metrics/report.html, models/mlflow_run.json.
@@ -13,13 +13,11 @@ Run: `dvc repro report` (everything before it first)."""
 from pipeline.errors import run_cli
 from pipeline.params import load_params
 
-PARAMS = ("mlflow",)
-
 
 def main() -> dict:
     from pipeline.publish import run
 
-    return run(load_params(keys=PARAMS, check_models=False))
+    return run(load_params(stage="report", check_models=False))
 
 
 if __name__ == "__main__":

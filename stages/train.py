@@ -1,7 +1,7 @@
 """Stage `train`: train the model on the prepared splits; keep the best epoch on validation.
 With `crossval.folds` k > 0, k-fold cross-validation of the same recipe runs first.
 
-Reads params: PARAMS below. Reads: data/prepared/ (images and their preprocessing), the
+Reads params: its `params:` in dvc.yaml. Reads: data/prepared/ (images and their preprocessing), the
 weights file (through data/resolved/weights, the check stage's link to it). Writes:
 models/model.pt (self-describing checkpoint), metrics/train.json, metrics/train_history.csv,
 metrics/augmented_samples.png, metrics/crossval.json and metrics/oof_predictions.csv (empty with
@@ -14,20 +14,18 @@ from pipeline.errors import run_cli
 from pipeline.params import load_params
 from pipeline.training.distributed import die_with_torchrun, launch_torchrun, pick_device, process_group, under_torchrun
 from pipeline.training.run import run
-
-PARAMS = ("model", "epochs", "batch_size", "lr", "seed", "pretrained", "weights", "finetune", "augment", "train",
-          "transfer", "crossval", "data.split_seed", "mlflow.experiment")
+from pipeline.training.strategy import Strategy
 
 
 def main() -> dict | None:
     if under_torchrun():
         die_with_torchrun()  # a DDP worker: nothing of it survives torchrun or this stage
-    params = load_params(keys=PARAMS)
+    params = load_params(stage="train")
     if not under_torchrun():
         from pipeline.crossval.fold import run_folds
 
         run_folds(params, pick_device(params.train.device))  # nothing with crossval.folds: 0
-    if params.train.nproc > 1 and not under_torchrun() and params.finetune != "linear_probe":
+    if params.train.nproc > 1 and not under_torchrun() and Strategy.resolve(params).parallel:
         launch_torchrun(params.train.nproc)  # a linear probe trains on cached features in seconds: one process
     with process_group(pick_device(params.train.device)) as (device, rank):
         return run(params, device, rank)

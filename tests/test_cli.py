@@ -1,6 +1,7 @@
 """`python -m pipeline summary|models`: real subprocesses, as a user types them. `summary` runs
 in a temporary folder: its defaults come from the working directory's params.yaml and data/."""
 import json
+import typing
 
 from tests.conftest import ROOT, run, set_params
 
@@ -110,3 +111,24 @@ def test_a_closed_pipe_ends_the_listing_quietly():
     assert proc.stdout.readline().startswith("name")
     proc.stdout.close()  # as `| head -1` does
     assert proc.wait(timeout=120) == 1 and proc.stderr.read() == ""
+
+
+def test_params_prints_and_writes_the_rendered_params_yaml(tmp_path):
+    committed = (ROOT / "params.yaml").read_text()
+    assert run(["python", "-m", "pipeline", "params"], tmp_path).stdout == committed
+    (tmp_path / "params.yaml").write_text("lr: 0.5\n")
+    assert run(["python", "-m", "pipeline", "params", "--write"], tmp_path).stdout == "params: wrote params.yaml\n"
+    assert (tmp_path / "params.yaml").read_text() == committed
+
+
+def test_options_that_set_a_param_offer_the_params_choices():
+    import argparse
+
+    from pipeline.cli import parser
+    from pipeline.params import EvaluateParams, TuneParams
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, option, model, field in [("predict", "--tta", EvaluateParams, "tta"),
+                                          ("tune", "--sampler", TuneParams, "sampler")]:
+        [action] = [a for a in commands[command]._actions if option in a.option_strings]
+        assert tuple(action.choices) == typing.get_args(model.model_fields[field].annotation) != ()

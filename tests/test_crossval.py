@@ -43,6 +43,7 @@ def crossval_run(tmp_path_factory):
         mp.undo()
 
 
+@pytest.mark.slow
 def test_k_folds_run_before_the_model_and_their_records_go(crossval_run):
     work, _, _ = crossval_run
     summary = read_json(work / paths.CROSSVAL_METRICS)
@@ -66,6 +67,7 @@ def test_crossval_is_part_of_train_and_a_dvc_metric():
     assert not [name for name in dvc["stages"] if "crossval" in name]  # off by default: no fold stage to list or run
 
 
+@pytest.mark.slow
 def test_folds_partition_train_and_val_and_never_touch_test(crossval_run):
     work, _, _ = crossval_run
     oof = pd.read_csv(work / paths.OOF_PREDICTIONS)
@@ -96,12 +98,13 @@ def test_each_fold_is_a_run_nested_under_the_training_run(crossval_run):
         assert "held_out/accuracy" in child.data.metrics and "accuracy/val" in child.data.metrics
 
 
+@pytest.mark.slow
 def test_an_interrupted_cross_validation_keeps_its_finished_folds(crossval_run, monkeypatch, capsys):
     """Fold records carry the training's fingerprint: the same training skips them, another
     (here: another lr) does not."""
     work, _, _ = crossval_run
     monkeypatch.chdir(work)
-    params = load_params(keys=train.PARAMS)
+    params = load_params(stage="train")
     records = run_folds(params, "cpu")  # what a stage killed after its folds left behind
     assert [r["fold"] for r in records] == list(range(K)) and fold_file(K - 1).exists()
     capsys.readouterr()
@@ -109,7 +112,7 @@ def test_an_interrupted_cross_validation_keeps_its_finished_folds(crossval_run, 
     assert capsys.readouterr().out.count("finished earlier: kept") == K
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
     set_params(work, lr=0.01)
-    other = load_params(keys=train.PARAMS)
+    other = load_params(stage="train")
     from pipeline.training.run import setup
 
     assert finished(0, K, setup(other, "cpu").cfg.fingerprint) is None

@@ -1,7 +1,9 @@
 """dvc.yaml knows everything each stage uses, checked against the code, not by eye: every
 source file the stage executes (its imports, followed transitively) is covered by one of its
-deps, and its params are exactly the keys the stage declares and is allowed to read."""
-import importlib
+deps, and its `params:` are the only keys the stage can read: each stage script loads its
+params as `load_params(stage="<its name>")`, a view of exactly those keys that refuses any
+other (so the stages run in-process by tests/test_stages.py read nothing undeclared)."""
+import ast
 from pathlib import Path
 
 import pytest
@@ -29,27 +31,59 @@ def test_deps_cover_every_file_the_stage_executes(stage):
     assert not missing, f"dvc.yaml: stage {stage} executes these files but does not depend on them: {missing}"
 
 
+def load_params_calls(stage: str) -> list[ast.Call]:
+    tree = ast.parse((ROOT / "stages" / f"{stage}.py").read_text())
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_params"]
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_params_are_the_keys_the_stage_reads(stage):
-    declared = importlib.import_module(f"stages.{stage}").PARAMS
-    listed = DVC[stage].get("params", [])
-    assert sorted(listed) == sorted(declared), f"dvc.yaml params of {stage} differ from stages/{stage}.py PARAMS"
+def test_each_stage_reads_its_params_through_the_view_of_its_own_dvc_yaml_entry(stage):
+    """A stage with params loads them as `load_params(stage="<its name>")` and nothing else; a
+    stage without params does not load them at all."""
+    calls = load_params_calls(stage)
+    if not DVC[stage].get("params"):
+        assert not calls, f"stages/{stage}.py loads params, but dvc.yaml lists none for it"
+        return
+    assert calls, f"stages/{stage}.py does not load its params with load_params(stage={stage!r})"
+    for call in calls:
+        kwargs = {k.arg: k.value for k in call.keywords}
+        assert not call.args and isinstance(kwargs.get("stage"), ast.Constant) and kwargs["stage"].value == stage, \
+            f"stages/{stage}.py: {ast.unparse(call)} must read the view of its own params: load_params(stage={stage!r})"
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if DVC[s].get("params")])
+def test_the_view_holds_exactly_the_declared_keys(stage):
+    from pipeline.params import Params, load_params, stage_keys
+
+    view = load_params(ROOT / "params.yaml", stage=stage)
+    declared = set(DVC[stage]["params"])
+    assert set(stage_keys(stage)) == declared
+    for key in Params.model_fields:
+        if key in declared or any(k.startswith(key + ".") for k in declared):
+            getattr(view, key)
+        else:
+            with pytest.raises(AttributeError, match=f"'{key}' without declaring it: add it to the stage's params in "
+                                                     "dvc.yaml"):
+                getattr(view, key)
 
 
 def test_the_check_stage_reads_every_section():
     """check validates all of params.yaml, so every top-level key is among its params."""
-    from stages.check import PARAMS
+    from pipeline.params import Params, stage_keys
 
-    assert {k.split(".")[0] for k in PARAMS} == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert {k.split(".")[0] for k in stage_keys("check")} == set(Params.model_fields)
 
 
 def test_a_stage_cannot_read_a_param_it_did_not_declare():
     from pipeline.params import load_params
 
-    params = load_params(ROOT / "params.yaml", keys=("dataset", "mlflow.experiment"))
-    assert params.dataset == "digits" and params.mlflow.experiment == "auto"
-    with pytest.raises(AttributeError, match="'lr' without declaring it"):
-        params.lr
+    params = load_params(ROOT / "params.yaml", stage="train")  # declares data.split_seed and mlflow.experiment
+    assert params.data.split_seed == 0 and params.mlflow.experiment == "auto"
+    with pytest.raises(AttributeError, match="'dataset' without declaring it"):
+        params.dataset
+    with pytest.raises(AttributeError, match="'data.val_fraction' without declaring it"):
+        params.data.val_fraction
     with pytest.raises(AttributeError, match="'mlflow.register_model' without declaring it"):
         params.mlflow.register_model
 

@@ -1,11 +1,16 @@
-"""params.yaml validation: every mistake is one line naming the key, the value and what is allowed."""
+"""params.yaml validation: every mistake is one line naming the key, the value and what is allowed;
+and params.yaml is what the params model renders."""
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from pipeline.data.registry import DATASETS
 from pipeline.errors import UserError
-from pipeline.params import load_params, parse_params
+from pipeline.params import Params, load_params, parse_params, read_yaml
+from pipeline.params_doc import render_params_yaml
 from tests.conftest import ROOT, run
 
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -39,14 +44,53 @@ def test_repo_params_are_valid_and_complete():
             assert values.keys() == params.model_dump()[section].keys(), section
 
 
+def test_params_yaml_is_rendered_from_the_model():
+    """Defaults and comments are written once, in pipeline/params.py; params.yaml is their rendering."""
+    committed = (ROOT / "params.yaml").read_text()
+    assert committed == render_params_yaml(), ("params.yaml is not what pipeline/params.py renders: change defaults "
+                                               "and comments in pipeline/params.py, then run "
+                                               "`python -m pipeline params --write`")
+    assert parse_params(read_yaml(committed)) == Params()
+
+
+def test_every_key_and_every_choice_is_documented():
+    """Each key has a comment, and a Literal's every choice is named in it (a new choice cannot go undocumented)."""
+    sections = [Params] + [f.annotation for f in Params.model_fields.values() if isinstance(f.default, BaseModel)]
+    for model in sections:
+        for name, field in model.model_fields.items():
+            if isinstance(field.default, BaseModel):
+                assert type(field.default).__doc__, f"section {name} has no docstring (its comment in params.yaml)"
+                continue
+            assert field.description, f"{model.__name__}.{name} has no description (its comment in params.yaml)"
+            literals = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                        if typing.get_origin(a) is typing.Literal]
+            missing = [c for lit in literals for c in typing.get_args(lit) if c not in field.description]
+            assert not missing, f"{model.__name__}.{name}: the description does not say what {missing} do"
+    assert all(name in Params.model_fields["dataset"].description for name in DATASETS)
+
+
+def test_values_are_written_as_yaml_reads_them():
+    from pipeline.params_doc import _value
+
+    cases = [(1e-05, "0.00001"), (1.3333, "1.3333"), (0, "0"), (1.0, "1.0"), (None, "null"), (True, "true"),
+             ("data/raw", "data/raw"), ("null", '"null"'), ("a: b", '"a: b"'), ("x, y", '"x, y"'), ("#x", '"#x"')]
+    for value, text in cases:
+        assert _value(value) == text
+        read = read_yaml(f"k: [{text}]")["k"][0]
+        assert read == value and type(read) is type(value)
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("lr", -1, ["lr=-1", "greater than 0"]),
     ("lr", "fast", ["lr='fast'", "number"]),
     ("epochs", 0, ["epochs=0", "greater than or equal to 1"]),
     ("epochs", 2.5, ["epochs=2.5", "integer"]),
     ("batch_size", "64", ["batch_size='64'", "integer"]),
-    ("image_size", 4, ["image_size=4", "auto or a whole number of pixels from 8 to 1024"]),
-    ("image_size", "big", ["image_size='big'", "auto or"]),
+    ("lr", 11, ["lr=11", "less than or equal to 10"]),
+    ("lr", True, ["lr=True", "use auto or a number"]),
+    ("image_size", 4, ["image_size=4", "greater than or equal to 8"]),
+    ("image_size", "big", ["image_size='big'", "use auto or a whole number of pixels"]),
+    ("transfer.probe_l2", -1, ["transfer.probe_l2=-1", "greater than or equal to 0"]),
     ("data.test_fraction", 0.9, ["data.test_fraction=0.9", "less than 0.5"]),
     ("augment.hflip", "yes", ["augment.hflip='yes'", "boolean"]),
     ("train.optimizer", "adamm", ["train.optimizer='adamm'", "'sgd'", "'adamw'"]),

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import paths
-from pipeline.data.source import Source
 from pipeline.errors import UserError
 from pipeline.io import write_json
+
+if TYPE_CHECKING:  # numpy and PIL: imported by the readers, not by params validation
+    from pipeline.data.source import Source
 
 
 @dataclass(frozen=True)
