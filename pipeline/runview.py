@@ -17,6 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.text import shorten
+
 # history column -> MLflow metric (step = epoch)
 CURVES = {"train_loss": "loss/train", "val_loss": "loss/val", "train_accuracy": "accuracy/train",
           "val_accuracy": "accuracy/val", "lr": "schedule/lr"}
@@ -110,7 +112,7 @@ def run_name(model: str, dataset: str, changed: dict[str, Any] | None, limit: in
         # a path by its file name: weights=tf_efficientnet_lite0.pth, not the folders it sits in
         parts.append(" ".join(f"{k}={short(v).rsplit('/', 1)[-1]}" for k, v in changed.items()))
     name = " · ".join(parts)
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    return shorten(name, limit)
 
 
 @dataclass(frozen=True)

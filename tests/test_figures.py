@@ -141,7 +141,7 @@ def test_misclassified_grid_with_one_image_is_narrow(tmp_path):
 
 def augment_setup(augment: AugmentParams) -> Setup:
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, seed=0, augment=augment)
-    return Setup(None, {}, PREP, ["a", "b"], cfg, False, "", "")
+    return Setup(None, {}, PREP, ["a", "b"], cfg, "", "")
 
 
 @pytest.mark.parametrize("hflip", [False, True])

@@ -11,11 +11,10 @@ from tqdm import tqdm
 
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, TrainParams, parse_params
-from pipeline.training.batches import ImageBatches, resident_on
+from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import (
     TrainConfig,
-    _batches,
     _optimization,
     seed_everything,
     train,
@@ -75,7 +74,7 @@ def test_device_sums_equal_the_host_item_sums():
     model = build_model("original", num_classes=2, width=8)
     twin = copy.deepcopy(model)
     data = ImageBatches((x, y), (x, y), plain(x), AUG, False, "cpu")
-    batches = _batches(np.random.default_rng(0).permutation(len(y)), 5)
+    batches = split_batches(np.random.default_rng(0).permutation(len(y)), 5)
     y_t = torch.from_numpy(y)
 
     optim = _optimization(model, cfg, torch.device("cpu"), len(batches))
@@ -138,7 +137,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(optimizer, resident,
         optim = _optimization(model, cfg, torch.device("cpu"), steps)
         ema = make_ema(model, 0.9)
         ema.update_parameters(model)  # after a load, the first update reads the count once
-        batches = _batches(np.arange(4 * steps), 4)
+        batches = split_batches(np.arange(4 * steps), 4)
         train_one_epoch(model, model, data, torch.from_numpy(y), batches, optim, torch.Generator().manual_seed(1),
                         tqdm(disable=True), ema)  # the optimizer's state exists now: its counters can be told apart
         steps_t = [s["step"] for s in optim.opt.state.values() if "step" in s]
@@ -184,6 +183,7 @@ def jpeg_tarball(tmp_path, classes=("cat", "dog", "ship"), per_class=(60, 6)):
     return tmp_path / "mini.tar.gz"
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_prints_its_json(tmp_path):
     """`--smoke --device cpu` on a miniature of the shared JPEG tarball, with DVC, MLflow and the
     other packages the GPU machine lacks made unimportable: the JSON has every section."""
@@ -212,8 +212,8 @@ def test_gpu_check_smoke_prints_its_json(tmp_path):
     assert t94["whole_s"] >= t94["prepare_s"] + t94["train_s"] > t94["prepare_s"] > 0
 
 
-def test_the_readme_recipe_is_the_checks_recipe_and_valid(tmp_path):
-    """One recipe: the README's `dvc exp run` command for resnet9, on params.yaml's defaults, is
+def test_the_documented_recipe_is_the_checks_recipe_and_valid(tmp_path):
+    """One recipe: docs/gpu.md's `dvc exp run` command for resnet9, on params.yaml's defaults, is
     gpu_check's RECIPE (plus the data set and its val fraction), and params.yaml's rules accept it."""
     import re
     import shutil
@@ -227,12 +227,12 @@ def test_the_readme_recipe_is_the_checks_recipe_and_valid(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_check import RECIPE, RECIPE_DATA
 
-    command = re.search(r"dvc exp run -S model=resnet9.*?```", (ROOT / "README.md").read_text(), re.S).group(0)
+    command = re.search(r"dvc exp run -S model=resnet9.*?```", (ROOT / "docs/gpu.md").read_text(), re.S).group(0)
     given = {k: yaml.safe_load(v) for k, v in re.findall(r"-S ([\w.]+)=(\S+)", command)}
     assert set(given) - set(RECIPE) - set(RECIPE_DATA) == {"dataset"}
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     update_params_file(tmp_path / "params.yaml", given)
-    flat = load_params(tmp_path / "params.yaml").flat()  # what the README's command runs with, defaults included
+    flat = load_params(tmp_path / "params.yaml").flat()  # what the documented command runs with, defaults included
     assert {k: flat[k] for k in RECIPE | RECIPE_DATA} == RECIPE | RECIPE_DATA
 
 

@@ -13,7 +13,7 @@ from tests.conftest import plain
 def lrs(recipe: TrainParams, epochs=4, steps=10, lr=0.1) -> list[float]:
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer(param_groups(model, recipe.weight_decay, lr), recipe, lr)
-    sched = make_scheduler(opt, recipe, lr, epochs, steps)
+    sched = make_scheduler(opt, recipe, epochs, steps)
     out = []
     for _ in range(epochs * steps):
         out.append(opt.param_groups[0]["lr"])

@@ -25,6 +25,7 @@ from pipeline.models.resnet9 import LOGIT_SCALE
 from pipeline.params import AugmentParams, TrainParams
 from pipeline.prepared import load_preprocessing, load_split
 from pipeline.training.loop import TrainConfig, seed_everything, train
+from pipeline.training.strategy import Strategy
 from pipeline.training.transfer import trainable_names
 
 TINY = {"width": 0.25}  # 16/32/64/128 channels: ~0.4 M parameters
@@ -75,9 +76,10 @@ def test_the_head_maps_pre_logits_to_the_logits_and_stages_unfreeze_from_the_end
         torch.testing.assert_close(model.get_classifier()(pre_logits(model, x)), model(x))
     assert head_parameter_names(model) == {"head.weight", "head.bias"}
     names = {n for n, _ in model.named_parameters()}
-    assert trainable_names(model, "partial", 1, 1, 1) == {n for n in names if n.startswith(("layer3.", "head."))}
-    assert trainable_names(model, "partial", 3, 1, 1) == {n for n in names if not n.startswith("prep.")}
-    assert trainable_names(model, "partial", 4, 1, 1) == names
+    partial = lambda stages: trainable_names(model, Strategy("partial", unfreeze_stages=stages), 1)  # noqa: E731
+    assert partial(1) == {n for n in names if n.startswith(("layer3.", "head."))}
+    assert partial(3) == {n for n in names if not n.startswith("prep.")}
+    assert partial(4) == names
 
 
 def test_gradcam_explains_layer3s_map():
@@ -128,7 +130,8 @@ def test_linear_probe_on_the_frozen_backbone(prepared_digits):
     model = build_model("resnet9", num_classes=10, **TINY)  # random and frozen: its features still separate digits
     backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
     prep = load_preprocessing(prepared_digits)
-    cfg = TrainConfig(epochs=10, batch_size=64, lr=0.01, seed=0, finetune="linear_probe", train=TrainParams(num_threads=1))
+    cfg = TrainConfig(epochs=10, batch_size=64, lr=0.01, seed=0, strategy=Strategy("linear_probe"),
+                      train=TrainParams(num_threads=1))
     result = train_linear_probe(model, load_split("train", prepared_digits), load_split("val", prepared_digits), prep, cfg,
                                 progress=False)
     model.load_state_dict(result.best_state)

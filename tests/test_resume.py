@@ -31,6 +31,7 @@ def prepared(project: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(prepared: Path):
     stage(prepared, "train")
     assert not (prepared / "checkpoints/last.pt").exists()  # removed once training completes
@@ -53,6 +54,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(prepared: Path):
         assert torch.equal(resumed[2][key], value), key
 
 
+@pytest.mark.slow
 def test_changed_params_start_fresh(prepared: Path):
     proc = train_until_checkpointed(prepared)
     proc.kill()
@@ -61,3 +63,26 @@ def test_changed_params_start_fresh(prepared: Path):
     out = run(["python", "-m", "stages.train"], prepared).stdout
     assert "made with other params, data or code; starting fresh" in out
     assert len(pd.read_csv(prepared / "metrics/train_history.csv")) == 1
+
+
+def test_the_fingerprint_hashes_what_changes_training():
+    """The resume fingerprint covers the train stage's declared params, less records: evaluate's
+    or the plots' params, the MLflow experiment and the thread count keep a resume checkpoint."""
+    from pipeline.params import parse_params
+    from pipeline.training.run import fingerprint
+
+    base = {"epochs": 3, "lr": 0.01}
+
+    def fp(**changes):
+        raw = {**base, **{k: v for k, v in changes.items() if "." not in k}}
+        for key, value in changes.items():
+            if "." in key:
+                section, name = key.split(".")
+                raw.setdefault(section, {})[name] = value
+        return fingerprint(parse_params(raw, check_models=False), "data")
+
+    same = fp()
+    assert fp(**{"plots.smoothing": 0.3}) == same
+    assert fp(**{"evaluate.tta": "hflip"}) == same
+    assert fp(**{"mlflow.experiment": "elsewhere"}) == same and fp(**{"train.num_threads": 1}) == same
+    assert fp(lr=0.02) != same and fp(**{"train.optimizer": "sgd"}) != same and fp(**{"data.split_seed": 1}) != same

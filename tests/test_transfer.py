@@ -8,19 +8,20 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import UserError
-from pipeline.models import build_model
+from pipeline.models import build_model, head_parameter_names
 from pipeline.models.weights import build_transfer_model, resolve_preprocessing
-from pipeline.params import AugmentParams, TrainParams, TransferParams
+from pipeline.params import AugmentParams, TrainParams
 from pipeline.preprocess import Preprocessing
 from pipeline.training.loop import TrainConfig, seed_everything, train
-from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, head_parameter_names, trainable_names
+from pipeline.training.strategy import Strategy
+from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, trainable_names
 from tests.conftest import ROOT, plain, run
 
 ONE_THREAD = TrainParams(num_threads=1)
 
 
 def names_for(model, strategy, stages=1, epoch=1, head_epochs=1):
-    return trainable_names(model, strategy, stages, epoch, head_epochs)
+    return trainable_names(model, Strategy(strategy, unfreeze_stages=stages, head_epochs=head_epochs), epoch)
 
 
 def test_strategies_select_exactly_the_right_parameters():
@@ -57,7 +58,7 @@ def test_linear_probe_trains_only_the_head_and_keeps_bn_statistics():
     x = rng.integers(0, 256, (32, 3, 8, 8)).astype(np.uint8)
     y = np.arange(32) % 2
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=0, augment=AugmentParams(random_crop=False),
-                      finetune="linear_probe", train=ONE_THREAD)
+                      strategy=Strategy("linear_probe"), train=ONE_THREAD)
     result = train(model, (x, y), (x, y), plain(x), cfg, progress=False)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k]) and "num_batches_tracked" not in k}
@@ -71,8 +72,7 @@ def test_two_phase_unfreezes_after_the_head_epochs():
     x = np.random.default_rng(0).integers(0, 256, (16, 3, 8, 8)).astype(np.uint8)
     y = np.arange(16) % 2
     cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=0, augment=AugmentParams(random_crop=False),
-                      finetune="two_phase", transfer=TransferParams(head_epochs=1), backbone_lr_mult=0.1,
-                      train=ONE_THREAD)
+                      strategy=Strategy("two_phase", head_epochs=1, backbone_lr_mult=0.1), train=ONE_THREAD)
     history = train(model, (x, y), (x, y), plain(x), cfg, progress=False).history
     total = sum(p.numel() for p in model.parameters())
     assert list(history["trainable_params"]) == [8 * 4 * 2 + 2, total, total]
@@ -187,7 +187,8 @@ def digits_split(prepared):
 
 
 def probe_config(**kw):
-    return TrainConfig(epochs=15, batch_size=64, lr=0.01, seed=0, finetune="linear_probe", train=ONE_THREAD, **kw)
+    return TrainConfig(epochs=15, batch_size=64, lr=0.01, seed=0, strategy=Strategy("linear_probe", **kw),
+                       train=ONE_THREAD)
 
 
 def test_cached_feature_probe_matches_fitting_the_head_directly(prepared_digits):
@@ -227,7 +228,7 @@ def test_probe_is_deterministic(prepared_digits):
     for _ in range(2):
         seed_everything(0)
         model = build_model("original", num_classes=10, width=8)
-        states.append(train_linear_probe(model, train_xy, val_xy, prep, probe_config(transfer=TransferParams(augmented_passes=2)),
+        states.append(train_linear_probe(model, train_xy, val_xy, prep, probe_config(augmented_passes=2),
                                          progress=False).best_state)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -257,7 +258,7 @@ def test_the_probe_says_what_trains_and_how_fast_the_backbone_ran(prepared_digit
     seed_everything(0)
     model = build_model("original", num_classes=10, width=8)
     total, head = (sum(p.numel() for p in m.parameters()) for m in (model, model.head))
-    result = train_linear_probe(model, train_xy, val_xy, prep, probe_config(transfer=TransferParams(probe_l2=0.01)),
+    result = train_linear_probe(model, train_xy, val_xy, prep, probe_config(probe_l2=0.01),
                                 progress=True)
     out = capsys.readouterr().out
     assert f"{head:,} of {total:,} parameters train (linear probe: the head, on cached features)" in out, out
@@ -273,7 +274,6 @@ def test_a_probe_without_augmentation_shows_none_in_its_picture(prepared_digits,
     showing augmentation a probe on unaugmented features never used; the report leaves it out."""
     from PIL import Image
 
-    from pipeline.params import trains_on_augmented_images
     from pipeline.training.run import augmented_samples
 
     train_xy, val_xy, _, prep = digits_split(prepared_digits)
@@ -282,8 +282,35 @@ def test_a_probe_without_augmentation_shows_none_in_its_picture(prepared_digits,
     assert len(originals) == len(augmented) == 0
     with Image.open(tmp_path / "none.png") as small:
         assert small.size[1] < 200  # one line of text, not a grid of images
-    setup.cfg = probe_config(transfer=TransferParams(augmented_passes=1))
+    setup.cfg = probe_config(augmented_passes=1)
     originals, _ = augmented_samples(setup, tmp_path / "grid.png", prepared_digits)
     assert len(originals) == 24
-    assert not trains_on_augmented_images("linear_probe", 0)
-    assert trains_on_augmented_images("linear_probe", 2) and trains_on_augmented_images("full", 0)
+    assert not Strategy("linear_probe").trains_on_augmented_images
+    assert Strategy("linear_probe", augmented_passes=2).trains_on_augmented_images
+    assert Strategy("full").trains_on_augmented_images
+
+
+def test_the_strategy_is_resolved_once_from_the_params():
+    """`Strategy.resolve`: what each finetune trains per epoch, the backbone's lr multiplier and
+    frozen BatchNorm statistics only with loaded weights, cached features and DDP, `lr: auto`."""
+    from pipeline.params import parse_params
+
+    def resolve(**raw):
+        return Strategy.resolve(parse_params({"transfer": {"head_epochs": 2, "unfreeze_stages": 2}} | raw,
+                                             check_models=False))
+
+    scratch = resolve()
+    assert (scratch.transferred, scratch.backbone_lr_mult, scratch.frozen_bn_stats) == (False, 1.0, False)
+    assert scratch.trains(1) == "all" and scratch.parallel and not scratch.freezes_parameters
+    assert scratch.augment(AugmentParams()).resized_crop is False
+    assert scratch.auto_lr("adamw", True)[0] == 3e-3 and scratch.auto_lr("adamw", False)[0] == 1e-3
+    partial = resolve(weights="w.pt", finetune="partial")
+    assert (partial.backbone_lr_mult, partial.frozen_bn_stats, partial.unfreeze_stages) == (0.1, True, 2)
+    assert partial.trains(1) == "stages" and partial.augment(AugmentParams()).resized_crop is True
+    assert partial.augment(AugmentParams(resized_crop=False)).resized_crop is False
+    assert partial.auto_lr("sgd", True)[0] == 0.02
+    two = resolve(pretrained=True, finetune="two_phase", epochs=5)
+    assert [two.trains(e) for e in (1, 2, 3)] == ["head", "head", "all"] and two.unfrozen_from == 3
+    probe = resolve(weights="w.pt", finetune="linear_probe")
+    assert probe.cached_features and not probe.parallel and not probe.trains_on_augmented_images
+    assert probe.trains(1) == "head" and probe.head_epochs == 0 and probe.auto_lr("adamw", True)[0] == 1e-2

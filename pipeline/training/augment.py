@@ -1,13 +1,14 @@
 """Training-time augmentation on whole batches, with per-sample randomness.
 
-torchvision's v2 transforms applied to a batched tensor draw one set of random parameters for
-the whole batch (every image gets the same crop). Here each image gets its own crop (padded
-or random-resized), flip, rotation/scale, colour jitter and erased box, all computed for the
-batch at once with index arithmetic and batched ops, on whatever device the batch is on.
-Random numbers are drawn on the generator's device (training gives a GPU run a CUDA generator,
-so a step draws them there with no copy from the host) and nothing here reads a value back to
-the host or indexes with a boolean mask (which on a GPU waits for the device to count it): a
-step queues its kernels and goes on. A CPU generator gives a CPU run the same numbers as ever.
+Ours, not torchvision's v2 or timm's transforms: on a batch those draw one set of random
+parameters for all of it (every image gets the same crop), and image by image they cost a host
+call per image. Here each image gets its own crop (padded or random-resized), flip,
+rotation/scale, colour jitter and erased box, all computed for the batch at once with index
+arithmetic and batched ops, on whatever device the batch is on. Random numbers are drawn on the
+generator's device (training gives a GPU run a CUDA generator, so a step draws them there with
+no copy from the host) and nothing here reads a value back to the host or indexes with a
+boolean mask (which on a GPU waits for the device to count it): a step queues its kernels and
+goes on. A CPU generator gives a CPU run the same numbers as ever.
 Padded crop and flip work on uint8 (cheap); the rest on float in [0, 1].
 """
 from __future__ import annotations

@@ -42,6 +42,13 @@ def device_indices(batches: list[np.ndarray], device: torch.device) -> list[torc
     return list(torch.split(flat.to(device, non_blocking=True), [len(b) for b in batches]))
 
 
+def split_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """An epoch's indices (`order`) as its batches of indices."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # BatchNorm cannot train on a batch of one: fold a lone last sample out of the epoch.
+    return [b for b in batches if len(b) > 1]
+
+
 PREFETCH = 2  # host path: batches gathered from the memory map ahead of the one training
 
 

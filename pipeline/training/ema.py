@@ -21,7 +21,9 @@ class _Ema(nn.Module):
     """torch's `AveragedModel` layout (`module`, `n_averaged`: its state dict loads either way)
     with an update that never reads a device value: AveragedModel's `update_parameters` tests
     `n_averaged == 0` and copies it to the device every step, which on a GPU waits for the host.
-    The count is kept in Python as well, read from the buffer (on the CPU) once after a load."""
+    The count is kept in Python as well, read from the buffer (on the CPU) once after a load.
+    Not timm's ModelEmaV3: its warmup, 1 - (1 + n/γ)^-p, cannot give TensorFlow's (1 + n)/(10 + n)
+    (the averages, and so the kept weights, would change), and its state has no update count to resume from."""
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()

@@ -23,9 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.io import save_torch
-from pipeline.params import AugmentParams, Params, TrainParams, TransferParams
+from pipeline.models import head_parameter_names
+from pipeline.params import AugmentParams, TrainParams
 from pipeline.preprocess import Preprocessing
-from pipeline.training.batches import ImageBatches, resident_on
+from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training.distributed import distributed, shard
 from pipeline.training.ema import make_ema
 from pipeline.training.recipe import (
@@ -35,33 +36,32 @@ from pipeline.training.recipe import (
     make_scheduler,
     param_groups,
 )
+from pipeline.training.strategy import Strategy
 from pipeline.training.transfer import (
     apply_trainable,
     freeze_batchnorm_stats,
-    head_parameter_names,
     trainable_names,
 )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run: the params sections as validated, plus what the train stage resolved
-    from them (`lr: auto`, `resized_crop: auto`, class weights, the device)."""
+    """A training run, as the train stage resolved it from the params (`lr: auto`, the strategy,
+    `resized_crop: auto`, class weights, the device)."""
     epochs: int
     batch_size: int
     lr: float                                          # resolved: `lr: auto` is a number here
     seed: int
     train: TrainParams = TrainParams()                 # optimizer, schedule, loss, sampler, precision, threads
-    augment: AugmentParams = AugmentParams()
-    finetune: str = Params.model_fields["finetune"].default
-    transfer: TransferParams = TransferParams()
-    backbone_lr_mult: float = 1.0                      # resolved: transfer.backbone_lr_mult when weights were loaded
-    frozen_bn_stats: bool = False                      # resolved: transfer.freeze_batchnorm when weights were loaded
-    resized_crop: bool = False                         # resolved from augment.resized_crop
+    augment: AugmentParams = AugmentParams()           # resized_crop: a bool here (auto resolved by the strategy)
+    strategy: Strategy = Strategy()                    # resolved from finetune, the weights and transfer
     class_weights: list[float] | None = None           # resolved from train.class_weights; None: all 1
     device: str = "cpu"                                # resolved from train.device
     resume_path: Path | None = None  # checkpoint written after every epoch, resumed from when it matches
     fingerprint: str = ""     # hash of what makes the run (params, data, code): resume only when equal
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", self.strategy.augment(self.augment))
 
 
 @dataclass
@@ -123,12 +123,6 @@ def epoch_order(labels: np.ndarray, sampler: str, gen: torch.Generator) -> np.nd
         weights = torch.from_numpy(1.0 / counts[labels])
         return torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
     return torch.randperm(n, generator=gen).numpy()
-
-
-def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    # BatchNorm cannot train on a batch of one: fold a lone last sample out of the epoch.
-    return [b for b in batches if len(b) > 1]
 
 
 def head_out_features(model: nn.Module) -> int:
@@ -224,13 +218,18 @@ class _Optimization:
         self.stopper.load_state_dict(state["early_stopping"])
 
 
+def optimizer_for(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer at peak lr `lr`: the head's, the backbone's × the strategy's multiplier."""
+    groups = param_groups(model, cfg.train.weight_decay, lr, cfg.strategy.backbone_lr_mult, head_parameter_names(model))
+    return make_optimizer(groups, cfg.train, lr)
+
+
 def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> _Optimization:
     r = cfg.train
     amp_dtype, scaler = _autocast(device, cfg.train.precision)
-    opt = make_optimizer(param_groups(model, r.weight_decay, cfg.lr, cfg.backbone_lr_mult, head_parameter_names(model)),
-                         r, cfg.lr)
+    opt = optimizer_for(model, cfg, cfg.lr)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
-    return _Optimization(opt, make_scheduler(opt, r, cfg.lr, cfg.epochs, steps_per_epoch),
+    return _Optimization(opt, make_scheduler(opt, r, cfg.epochs, steps_per_epoch),
                          EarlyStopping(r.monitor, r.patience, r.min_delta),
                          make_mixer(r, int(head_out_features(model))), loss_weight, r.label_smoothing, r.grad_clip,
                          amp_dtype, scaler, graphs=r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"))
@@ -342,7 +341,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     device = torch.device(cfg.device)
     aug_gen = augmentation_generator(device, cfg.seed + 1 + rank)  # each rank its own
     y_np = np.asarray(y_train)
-    steps_per_epoch = len(_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
+    steps_per_epoch = len(split_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
     if steps_per_epoch == 0:
         from pipeline.errors import UserError
 
@@ -361,11 +360,9 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     for epoch in range(start_epoch, cfg.epochs + 1):
         if optim.stopper.should_stop:
             break
-        unfreezes = cfg.finetune == "two_phase" and epoch == cfg.transfer.head_epochs + 1
-        trainable = _set_trainable(model, cfg, epoch, announce=progress and (epoch == start_epoch or unfreezes))
-        model.train()
-        freeze_batchnorm_stats(model, everywhere=cfg.frozen_bn_stats)
-        batches = _batches(shard(epoch_order(y_np, cfg.train.sampler, gen), rank, world), cfg.batch_size)
+        changes = cfg.strategy.trains(epoch) != cfg.strategy.trains(epoch - 1)  # two_phase unfreezes
+        trainable = set_epoch_mode(model, cfg, epoch, announce=progress and (epoch == start_epoch or changes))
+        batches = split_batches(shard(epoch_order(y_np, cfg.train.sampler, gen), rank, world), cfg.batch_size)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=True,
                    disable=not (progress and sys.stderr.isatty()), mininterval=0.5, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -405,9 +402,9 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
 
 
 def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
-    """Move `model` to its device in channels_last; return what runs the forward pass (DDP-
-    wrapped and compiled when asked). channels_last on CPU too: oneDNN's convolutions run ~1.2x
-    faster in it on this 2-core AVX2 machine (benchmarks/bench_data_path.py), as on GPUs."""
+    """Move `model` to its device in channels_last (on a CPU too, where oneDNN's convolutions
+    take that layout as well); return what runs the forward pass (DDP-wrapped and compiled when
+    asked)."""
     model.to(device).to(memory_format=torch.channels_last)
     if device.type == "cuda":
         # cuDNN times its algorithms once per input shape and keeps the fastest, as timm's train.py
@@ -418,19 +415,21 @@ def _placed(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int
         from torch.nn.parallel import DistributedDataParallel
 
         # frozen parameters (transfer strategies) get no gradient: tell DDP not to wait for them
-        forward = DistributedDataParallel(model, find_unused_parameters=cfg.finetune != "full")
+        forward = DistributedDataParallel(model, find_unused_parameters=cfg.strategy.freezes_parameters)
     if not cfg.train.compile:
         return forward
     return torch.compile(forward, mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
 
 
-def _set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int, announce: bool) -> int:
-    """Apply the strategy for `epoch`; return the number of trainable parameters."""
-    trainable = apply_trainable(model, trainable_names(model, cfg.finetune, cfg.transfer.unfreeze_stages, epoch,
-                                                       cfg.transfer.head_epochs))
+def set_epoch_mode(model: nn.Module, cfg: TrainConfig, epoch: int, announce: bool = False) -> int:
+    """Put `model` in training mode as the strategy says for `epoch`: which parameters train,
+    which BatchNorm layers keep their statistics. Returns the number of trainable parameters."""
+    trainable = apply_trainable(model, trainable_names(model, cfg.strategy, epoch))
+    model.train()
+    freeze_batchnorm_stats(model, everywhere=cfg.strategy.frozen_bn_stats)
     if announce:
         frozen_backbone = getattr(model, "frozen_backbone", 0)  # a linear probe's head: the backbone ran once
-        what = "linear probe: the head, on cached features" if frozen_backbone else cfg.finetune
+        what = "linear probe: the head, on cached features" if frozen_backbone else cfg.strategy.name
         print(f"train: epoch {epoch}: {trainable:,} of {sum(p.numel() for p in model.parameters()) + frozen_backbone:,} "
               f"parameters train ({what})", flush=True)
     return trainable
@@ -481,7 +480,12 @@ def train(model: nn.Module, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tup
           prep: Preprocessing, cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
     """Train `model` on prepared uint8 images (N×3×S×S at the preprocessing's stored size)."""
+    return fit(model, train_xy[1], image_batches(train_xy, val_xy, prep, cfg), cfg, on_epoch, progress)
+
+
+def image_batches(train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[np.ndarray, np.ndarray],
+                  prep: Preprocessing, cfg: TrainConfig) -> ImageBatches:
+    """The training images (on the device when `train.data_placement` says so) and the val split."""
     device = torch.device(cfg.device)
     resident = resident_on(device, np.asarray(train_xy[0]).nbytes, cfg.train.data_placement)
-    data = ImageBatches(train_xy, val_xy, prep, cfg.augment, cfg.resized_crop, device, resident)
-    return fit(model, train_xy[1], data, cfg, on_epoch, progress)
+    return ImageBatches(train_xy, val_xy, prep, cfg.augment, cfg.augment.resized_crop, device, resident)

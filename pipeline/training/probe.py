@@ -11,12 +11,9 @@ ordinary model (backbone + head): evaluate, export and predict do not know the d
 The head is a regularised logistic regression: cross-entropy + λ/2·‖W‖² (L2 in the loss, so
 `adamw` becomes `adam` here; sgd and rmsprop add it that way anyway). With `transfer.probe_l2:
 auto`, λ is picked from L2_GRID by the lowest validation log loss, a head fitted per value
-(seconds each), as scikit-learn's LogisticRegressionCV picks C. Measured on 4,500 CIFAR-10
-images with real ImageNet features: a fixed small weight decay reached 0.95 of the
-logistic-regression ceiling; the picked λ, 1.0.
-
-Measured against scikit-learn's LogisticRegression on the same features (the ceiling a linear
-probe must reach): benchmarks/bench_transfer.py.
+(seconds each), as scikit-learn's LogisticRegressionCV picks C. How close the probe comes to
+scikit-learn's LogisticRegression on the same features (the ceiling a linear probe must reach):
+`python benchmarks/bench_transfer.py`.
 """
 from __future__ import annotations
 
@@ -35,6 +32,7 @@ from pipeline.preprocess import Preprocessing
 from pipeline.training.augment import augment_batch
 from pipeline.training.batches import device_indices
 from pipeline.training.loop import TrainConfig, TrainResult, fit, set_threads
+from pipeline.training.strategy import Strategy
 
 BATCH = 64  # images per forward pass of the frozen backbone
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # λ of `probe_l2: auto`, on standardised features
@@ -54,7 +52,8 @@ def extract_features(model: nn.Module, images: np.ndarray, prep: Preprocessing, 
         if cfg is None:
             xb = prep.model_input(xb)
         else:
-            xb = prep.normalize(augment_batch(xb, cfg.augment, prep.mean, gen, prep.image_size, cfg.resized_crop))
+            aug = cfg.augment
+            xb = prep.normalize(augment_batch(xb, aug, prep.mean, gen, prep.image_size, aug.resized_crop))
         out.append(pre_logits(model, xb.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
         bar.update(len(xb))
     bar.close()
@@ -115,7 +114,7 @@ def fit_head(fc: nn.Linear, data: FeatureBatches, y: np.ndarray, cfg: TrainConfi
     head = _Head(nn.Linear(fc.in_features, fc.out_features), frozen_backbone).to(fc.weight.device)
     head.fc.load_state_dict(fc.state_dict())  # the neutral (zero) start
     optimizer = "adam" if cfg.train.optimizer == "adamw" else cfg.train.optimizer  # coupled L2: in the loss
-    head_cfg = replace(cfg, finetune="full", resume_path=None, resized_crop=False,
+    head_cfg = replace(cfg, strategy=Strategy(), resume_path=None,  # the head alone: all of it trains
                        train=cfg.train.model_copy(update={"optimizer": optimizer, "weight_decay": l2, "compile": False,
                                                           "mixup_alpha": 0.0, "cutmix_alpha": 0.0}))
     return fit(head, y, data, head_cfg, on_epoch, progress)
@@ -132,16 +131,16 @@ def pick_l2(fc: nn.Linear, data: FeatureBatches, y: np.ndarray, cfg: TrainConfig
 
 
 def train_linear_probe(model: nn.Module, train_xy, val_xy, prep: Preprocessing, cfg: TrainConfig,
-                       l2: float | str = "auto", on_epoch=None, progress: bool = True) -> TrainResult:
+                       on_epoch=None, progress: bool = True) -> TrainResult:
     """Train only the head of `model` on cached features of its frozen backbone; return the
     result of the whole model (backbone unchanged, the best head) like `pipeline.training.loop.train`."""
     set_threads(cfg.train.num_threads)
     model.to(torch.device(cfg.device)).to(memory_format=torch.channels_last)  # oneDNN's fast layout on CPU too
     (x, y), (val_x, val_y) = train_xy, val_xy
     started = time.perf_counter()
-    passes = max(1, cfg.transfer.augmented_passes)
+    passes = max(1, cfg.strategy.augmented_passes)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    train_f = np.concatenate([extract_features(model, x, prep, cfg if cfg.transfer.augmented_passes else None, gen,
+    train_f = np.concatenate([extract_features(model, x, prep, cfg if cfg.strategy.augmented_passes else None, gen,
                                                f"features: train, pass {p + 1}/{passes}") for p in range(passes)])
     val_f = extract_features(model, val_x, prep, desc="features: val")
     extract_seconds = time.perf_counter() - started
@@ -154,6 +153,7 @@ def train_linear_probe(model: nn.Module, train_xy, val_xy, prep: Preprocessing, 
     fc = head_of(model)
     data = FeatureBatches(standardize(train_f), standardize(val_f), val_y, fc.weight.device)
     y_all = np.tile(np.asarray(y), passes)
+    l2 = cfg.strategy.probe_l2
     l2 = pick_l2(fc, data, y_all, cfg, progress) if l2 == "auto" else float(l2)
     frozen = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in fc.parameters())
     result = fit_head(fc, data, y_all, cfg, l2, on_epoch, progress, frozen)

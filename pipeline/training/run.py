@@ -21,7 +21,7 @@ from pipeline.io import atomic_path, file_sha256, files_sha256, write_json
 from pipeline.models import entry
 from pipeline.models.registry import arch_kwargs
 from pipeline.models.weights import build_transfer_model
-from pipeline.params import Params, trains_on_augmented_images
+from pipeline.params import Params, stage_keys
 from pipeline.plots import pair_figure, save
 from pipeline.prepared import load_meta, load_split
 from pipeline.preprocess import Preprocessing
@@ -35,13 +35,18 @@ from pipeline.training.loop import (
     seed_everything,
     train,
 )
-from pipeline.training.lr import auto_lr
+from pipeline.training.strategy import Strategy
+
+RECORDS = ("mlflow.experiment", "mlflow.required", "train.num_threads")  # how the run is recorded, or its speed: not inputs
 
 
 def fingerprint(params: Params, data_hash: str) -> str:
-    """What makes a training run: params (less logging-only keys), data and the code the train
-    stage executes (the same files its dvc.yaml deps must cover: `pipeline.codedeps`)."""
-    relevant = params.model_dump(exclude={"mlflow": True, "train": {"num_threads"}})
+    """What makes a training run: the train stage's params (its `params:` in dvc.yaml) less
+    RECORDS, the data and the code the stage executes (the files its dvc.yaml deps must cover:
+    `pipeline.codedeps`)."""
+    keys = stage_keys("train")
+    relevant = {k: v for k, v in params.flat().items()
+                if k not in RECORDS and (k in keys or k.split(".")[0] in keys)}
     code = files_sha256(stage_files("train"))
     return hashlib.sha256(json.dumps([relevant, data_hash, code], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -58,7 +63,6 @@ class Setup:
     prep: Preprocessing
     classes: list[str]
     cfg: TrainConfig
-    transferred: bool       # weights were loaded (pretrained or a file)
     lr_note: str            # how the learning rate was chosen
     data_hash: str
 
@@ -80,21 +84,19 @@ def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> S
     prep, classes = Preprocessing.from_dict(meta["preprocessing"]), meta["classes"]
     model, arch_kwargs, transferred = build_model_for(params, classes, prep.image_size)
     t = params.train
+    strategy = Strategy.resolve(params)
+    assert strategy.transferred == transferred
     if params.lr == "auto":
-        lr, why = auto_lr(t.optimizer, entry(params.model).has_batchnorm, transferred, params.finetune)
+        lr, why = strategy.auto_lr(t.optimizer, entry(params.model).has_batchnorm)
         lr_note = f"lr {lr:g} (auto: {why})"
     else:
         lr, lr_note = float(params.lr), f"lr {params.lr:g}"
-    aug = params.augment
-    resized = transferred if aug.resized_crop == "auto" else aug.resized_crop
     data_hash = files_sha256(sorted(prepared.iterdir()))
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=lr, seed=params.seed,
-                      train=t, augment=aug, finetune=params.finetune, transfer=params.transfer,
-                      backbone_lr_mult=params.transfer.backbone_lr_mult if transferred else 1.0, resized_crop=resized,
-                      frozen_bn_stats=transferred and params.transfer.freeze_batchnorm,
+                      train=t, augment=params.augment, strategy=strategy,
                       class_weights=resolve_class_weights(t.class_weights, load_split("train", prepared)[1], classes),
                       device=device, resume_path=paths.RESUME_CHECKPOINT, fingerprint=fingerprint(params, data_hash))
-    return Setup(model, arch_kwargs, prep, classes, cfg, transferred, lr_note, data_hash)
+    return Setup(model, arch_kwargs, prep, classes, cfg, lr_note, data_hash)
 
 
 def fit_model(s: Setup, on_epoch=None, progress: bool = True, prepared: Path = paths.PREPARED_DIR) -> TrainResult:
@@ -108,10 +110,10 @@ def fit_arrays(s: Setup, train_xy: tuple[np.ndarray, np.ndarray], val_xy: tuple[
                on_epoch=None, progress: bool = True) -> TrainResult:
     """Train on any (images, labels) pair: a linear probe on cached features, or the loop on
     images (the train stage; each fold of cross-validation)."""
-    if s.cfg.finetune == "linear_probe":
+    if s.cfg.strategy.cached_features:
         from pipeline.training.probe import train_linear_probe
 
-        return train_linear_probe(s.model, train_xy, val_xy, s.prep, s.cfg, s.cfg.transfer.probe_l2, on_epoch, progress)
+        return train_linear_probe(s.model, train_xy, val_xy, s.prep, s.cfg, on_epoch, progress)
     return train(s.model, train_xy, val_xy, s.prep, s.cfg, on_epoch, progress)
 
 
@@ -119,14 +121,14 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
                       n: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """The augmentation training applies, for a person to check: `n` training images, each as
     evaluation sees it (the centre crop) beside one augmented draw of it. Returns both (uint8)."""
-    if not trains_on_augmented_images(s.cfg.finetune, s.cfg.transfer.augmented_passes):
+    if not s.cfg.strategy.trains_on_augmented_images:
         return _no_augmentation(path)
     x, y = load_split("train", prepared)
     n = min(n, len(y))
     aug = augment_batch(torch.from_numpy(np.array(x[:n])), s.cfg.augment, s.prep.mean,
-                        torch.Generator().manual_seed(s.cfg.seed), s.prep.image_size, s.cfg.resized_crop)
-    on = ", ".join(f"{k}={v}" for k, v in s.cfg.augment.model_dump().items() if v and not k.startswith("resized_crop_"))
-    if s.cfg.resized_crop:
+                        torch.Generator().manual_seed(s.cfg.seed), s.prep.image_size, s.cfg.augment.resized_crop)
+    on = ", ".join(f"{k}={v}" for k, v in s.cfg.augment.model_dump().items() if v and not k.startswith("resized_crop"))
+    if s.cfg.augment.resized_crop:
         on = ", ".join(filter(None, [f"resized crop {s.cfg.augment.resized_crop_scale}", on]))
     originals, augmented = np.array(s.prep.center_crop(x[:n])), (aug.numpy() * 255).round().astype(np.uint8)
     fig = pair_figure(originals, augmented, [s.classes[i] for i in y[:n]], ("original", "augmented"))
@@ -179,7 +181,7 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     `crossval.folds` k > 0 the k folds have run already (`stages.train`); rank 0 gathers them."""
     s = setup(params, device)
     if rank == 0:
-        tracking.enabled()  # an unusable store stops the stage here, before any output is written
+        tracker = tracking.Tracker.open(params)  # an unusable store stops the stage here, before any output is written
     if rank > 0:
         fit_model(s, progress=False)
         return None
@@ -188,11 +190,11 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     n_train = len(load_split("train")[1])
     who = runview.run_identity(params, lr=s.cfg.lr, n_params=n_params, n_classes=len(s.classes), n_train=n_train,
                                image_size=s.prep.image_size, data_hash=s.data_hash)
-    resumed = resume_epoch(s.cfg) if s.cfg.finetune != "linear_probe" else 0
+    resumed = resume_epoch(s.cfg) if not s.cfg.strategy.cached_features else 0
     before = tracking.recorded_run(paths.MLFLOW_RUN).get("run_id")
-    run_id = tracking.start_run(who.experiment, who.name, who.params,
-                                who.tags | {tracking.NOTE: who.note} | trial.parent_run_tags(), paths.MLFLOW_RUN,
-                                resuming=resumed > 0, experiment_tags=who.experiment_tags)
+    run_id = tracker.start_run(who.experiment, who.name, who.params,
+                               who.tags | {tracking.NOTE: who.note} | trial.parent_run_tags(), paths.MLFLOW_RUN,
+                               resuming=resumed > 0, experiment_tags=who.experiment_tags)
     # a continued run already holds the epochs logged before the kill
     logged_until = (tracking.last_step(run_id, runview.CURVES["val_accuracy"])
                     if run_id is not None and run_id == before else 0)
@@ -202,7 +204,7 @@ def run(params: Params, device: str, rank: int) -> dict | None:
           f"{s.lr_note}, device {s.cfg.device}, class weights {s.cfg.class_weights or 'none'}, sampler "
           f"{s.cfg.train.sampler}; MLflow run {run_id or 'off'}", flush=True)
     prune = trial.pruning_hook(single_process=params.train.nproc == 1)
-    with tracking.active_run(run_id) as mlflow:
+    with tracker.active_run(run_id) as mlflow:
         def on_epoch(epoch: int, row: dict) -> None:
             if epoch > logged_until:
                 tracking.log_metrics(mlflow, runview.epoch_metrics(row), step=epoch)
@@ -212,7 +214,7 @@ def run(params: Params, device: str, rank: int) -> dict | None:
         result = fit_model(s, on_epoch=on_epoch)
         summary = write_outputs(s, params, result)
         folds = crossval_outputs(params, s.cfg.fingerprint, mlflow, who)
-        tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
+        tracker.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)
         log_training(mlflow, summary, result.timing, folds,
                      {"trainable_params_per_epoch": result.history["trainable_params"].tolist()})
     speed = (f"features at {result.timing['feature_images_per_second']:.0f} images/s"
@@ -236,7 +238,7 @@ def crossval_outputs(params: Params, fp: str, mlflow, who: runview.RunIdentity) 
     if any(r is None for r in records):  # only by a bug: stages.train runs every fold first
         raise UserError(f"cross-validation: a fold record is missing in {paths.CROSSVAL_RECORDS}; re-run train")
     summary = summarize(records)
-    log_folds(mlflow, who.experiment, who.name, who.tags, records)
+    log_folds(mlflow, who.name, who.tags, records)
     shutil.rmtree(paths.CROSSVAL_RECORDS, ignore_errors=True)
     return summary
 

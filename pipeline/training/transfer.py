@@ -1,34 +1,29 @@
-"""Which parameters train, per transfer strategy (`finetune`):
-- `full`: everything trains (the backbone at lr × backbone_lr_mult when weights were loaded).
-- `linear_probe`: only the new head trains; the backbone is frozen, its BatchNorm statistics too
-  (the train stage then trains the head on cached features: `pipeline.training.probe`).
-- `partial`: the last `unfreeze_stages` stages of the backbone and the head train.
-- `two_phase`: `head_epochs` epochs of linear probing, then everything trains, the backbone
-  at lr × backbone_lr_mult.
-"""
+"""Which parameters train, as the run's `Strategy` says (`pipeline.training.strategy`), and
+BatchNorm layers that keep their statistics."""
 from __future__ import annotations
 
 from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models import head_parameter_names, stage_prefixes
+from pipeline.training.strategy import Strategy
 
-STRATEGIES = ("full", "linear_probe", "partial", "two_phase")
 
-
-def trainable_names(model: nn.Module, strategy: str, unfreeze_stages: int, epoch: int, head_epochs: int) -> set[str]:
+def trainable_names(model: nn.Module, strategy: Strategy, epoch: int) -> set[str]:
     """Names of the parameters that train in `epoch` (1-based) under `strategy`."""
     names = [n for n, _ in model.named_parameters()]
-    head = head_parameter_names(model)
-    if strategy == "full" or (strategy == "two_phase" and epoch > head_epochs):
+    trains = strategy.trains(epoch)
+    if trains == "all":
         return set(names)
-    if strategy in ("linear_probe", "two_phase"):
+    head = head_parameter_names(model)
+    if trains == "head":
         return head
     starts = [next((i for i, n in enumerate(names) if n.startswith(p + ".")), None) for p in stage_prefixes(model)]
     starts = [i for i in starts if i is not None]
-    if unfreeze_stages > len(starts):
-        raise UserError(f"transfer.unfreeze_stages={unfreeze_stages}: this model has {len(starts)} stages")
-    first = starts[len(starts) - unfreeze_stages] if unfreeze_stages else len(names)
+    stages = strategy.unfreeze_stages
+    if stages > len(starts):
+        raise UserError(f"transfer.unfreeze_stages={stages}: this model has {len(starts)} stages")
+    first = starts[len(starts) - stages] if stages else len(names)
     return set(names[first:]) | head
 
 
