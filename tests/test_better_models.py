@@ -253,6 +253,7 @@ def run_evaluate(work, uri, **updates):
         return metrics
 
 
+@pytest.mark.slow
 def test_tta_and_switches_through_the_stage(evaluated_again):
     from PIL import Image
 

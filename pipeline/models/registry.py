@@ -1,6 +1,6 @@
-"""The model registry: a name → an `Entry` that builds the model and carries its own rules.
+"""The model registry: a name → a model offering timm's interface, and that model's rules.
 
-- `original`: our own small CNN (below), for learning and fast CPU runs.
+- `original`: our own small CNN (`pipeline.models.small_cnn`), for learning and fast CPU runs.
 - `alexnet`: torchvision's AlexNet (timm has none); its head is the *last* Linear of
   `classifier`, which is the one re-made for the data set's classes.
 - `resnet9`: David Page's ResNet-9 (Myrtle.ai, DAWNBench 2018), the fast CIFAR network: 94 % on
@@ -12,16 +12,17 @@ Every model offers timm's interface, so the rest of the pipeline asks the model,
 `get_classifier()` (the head transfer learning re-makes), `feature_info` (its stages, for
 partial unfreezing), `forward_features(x)` (the last
 spatial feature map: Grad-CAM explains it) and `forward_head(fmap, pre_logits=False)` (pooling
-to the penultimate features: the linear probe caches them). Per-model rules (minimum input
-size, the pretrained preprocessing, whether it has BatchNorm: its default learning rate)
-are on the registry entry.
+to the penultimate features: the linear probe caches them). Ours take timm's keywords
+(`num_classes`, `in_chans`, `drop_rate`) and describe their weights in timm's format, so
+`build_model` and `pretrained_cfg` answer for any name; what timm does not know of a model
+(minimum input size, BatchNorm or not: its default learning rate) is its row in `REGISTRY`.
 """
 from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline.errors import UserError
 from pipeline.models.resnet9 import ResNet9
 from pipeline.models.small_cnn import SmallCNN
+from pipeline.preprocess import MIN_IMAGE_SIZE
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -63,60 +65,79 @@ def _alexnet_class() -> type[nn.Module]:
     return AlexNet
 
 
+def _alexnet(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.5, pretrained: bool = False,
+             **_: Any) -> nn.Module:
+    """`pretrained`: torchvision's ImageNet weights, loaded over a random initialisation as
+    torchvision's `alexnet(weights=...)` does, so the same random numbers are drawn."""
+    assert in_chans == 3, "AlexNet takes 3-channel input"
+    model = _alexnet_class()(num_classes=num_classes, dropout=drop_rate)
+    if pretrained:
+        from torchvision.models import AlexNet_Weights
+
+        model.load_state_dict(AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True))
+    return model
+
+
+def _alexnet_pretrained_cfg() -> dict:
+    """torchvision's AlexNet_Weights.IMAGENET1K_V1 in timm's terms; its transforms(): resize 256,
+    centre crop 224, bilinear. `description` names them (timm's own configs leave it empty)."""
+    from torchvision.models import AlexNet_Weights
+
+    return {"url": AlexNet_Weights.IMAGENET1K_V1.url, "description": "torchvision AlexNet_Weights.IMAGENET1K_V1",
+            "input_size": (3, 224, 224), "crop_pct": 224 / 256, "interpolation": "bilinear",
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
 # ---------------------------------------------------------------- the registry
 
 
 @dataclass(frozen=True)
 class Entry:
-    build: Callable[..., nn.Module]
-    min_image_size: int
-    description: str
-    pretrained: Callable[[], dict | None]          # the pretrained weights' preprocessing, None: no weights
-    has_batchnorm: bool = True                     # False: a lower default learning rate (lr: auto)
+    """A model's rules beyond what timm knows of it: a row of `REGISTRY` for ours; a timm name
+    gets the defaults (`entry()`)."""
+    build: Callable[..., nn.Module] | None = None         # ours: its constructor; None: timm.create_model
+    min_image_size: int = MIN_IMAGE_SIZE                   # the smallest input it accepts
+    description: str = "timm"                              # for `pipeline models`
+    pretrained_cfg: Callable[[], dict] | None = None       # ours with weights: their config in timm's format
+    has_batchnorm: bool = True                             # False: a lower default learning rate (lr: auto)
 
 
-def _original(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **kwargs: Any) -> nn.Module:
-    if drop_rate is not None:
-        kwargs["dropout"] = drop_rate
-    return SmallCNN(num_classes, in_chans, **kwargs)
-
-
-def _resnet9(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **kwargs: Any) -> nn.Module:
-    if drop_rate is not None:
-        kwargs["drop_rate"] = drop_rate
-    return ResNet9(num_classes, in_chans, **kwargs)
-
-
-def _alexnet(num_classes: int, in_chans: int = 3, drop_rate: float | None = None, **_: Any) -> nn.Module:
-    assert in_chans == 3, "AlexNet takes 3-channel input"
-    return _alexnet_class()(num_classes=num_classes, dropout=0.5 if drop_rate is None else drop_rate)
-
-
-def _alexnet_pretrained() -> dict:
-    # torchvision's AlexNet_Weights.IMAGENET1K_V1.transforms(): resize 256, centre crop 224, bilinear
-    return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "crop_pct": 224 / 256,
-            "interpolation": "bilinear", "name": "torchvision AlexNet_Weights.IMAGENET1K_V1"}
-
-
-# Our own entries by name; every other name goes to timm (`entry()` makes its Entry).
+# Our own models by name; every other name goes to timm.
 REGISTRY: dict[str, Entry] = {
-    "original": Entry(_original, 8, "our small CNN, fast on a CPU", pretrained=lambda: None),
-    "alexnet": Entry(_alexnet, 63, "torchvision AlexNet, needs ≥ 63 px", pretrained=_alexnet_pretrained,
-                     has_batchnorm=False),
-    "resnet9": Entry(_resnet9, 8, "Page's ResNet-9 (DAWNBench), 94 % on CIFAR-10 in 24 epochs", pretrained=lambda: None),
+    "original": Entry(SmallCNN, MIN_IMAGE_SIZE, "our small CNN, fast on a CPU"),
+    "alexnet": Entry(_alexnet, 63, "torchvision AlexNet, needs ≥ 63 px", _alexnet_pretrained_cfg, has_batchnorm=False),
+    "resnet9": Entry(ResNet9, MIN_IMAGE_SIZE, "Page's ResNet-9 (DAWNBench), 94 % on CIFAR-10 in 24 epochs"),
 }
 
 
-def _timm_pretrained(name: str) -> dict | None:
+def build_model(name: str, num_classes: int | None, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    """A freshly initialised model (weights from the current torch RNG state), from timm's
+    `create_model` keywords (`drop_rate`, `pretrained`, ...); None is the model's default
+    (`num_classes=None`: the pretrained weights' own head).
+
+    Ours are built from their row rather than registered with timm (`@register_model`): that
+    would make every stage import timm (~2.5 s on 2 CPU cores), also for the default `original`,
+    which never needs it. This and `pretrained_cfg` are the only places that tell them apart."""
+    check_model_name(name)
+    kwargs = {k: v for k, v in dict(kwargs, num_classes=num_classes, in_chans=in_chans).items() if v is not None}
+    if name in REGISTRY:
+        return REGISTRY[name].build(**kwargs)
+    import timm
+
+    return timm.create_model(name, **kwargs)
+
+
+def pretrained_cfg(name: str) -> dict | None:
+    """The config of `name`'s default pretrained weights, as timm's `PretrainedCfg.to_dict()`
+    (url or hf_hub_id, mean, std, input_size, crop_pct, interpolation, ...); None: none known."""
+    check_model_name(name)
+    if name in REGISTRY:
+        cfg = REGISTRY[name].pretrained_cfg
+        return cfg() if cfg else None
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        return None
-    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
-    return {"mean": tuple(cfg.mean), "std": tuple(cfg.std), "input_size": int(cfg.input_size[-1]),
-            "crop_pct": float(cfg.crop_pct or 1.0), "interpolation": interpolation,
-            "name": f"timm {cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm {cfg.architecture}"}
+    return cfg.to_dict() if cfg is not None else None
 
 
 class _SkipInitOnMeta(TorchFunctionMode):
@@ -155,18 +176,9 @@ def _timm_has_batchnorm(name: str) -> bool:
 
 
 def entry(name: str) -> Entry:
-    """The registry entry of `name` (a timm name gets one made from timm's own metadata)."""
+    """The registry entry of `name` (a timm name gets one with its BatchNorm found from its modules)."""
     check_model_name(name)
-    if name in REGISTRY:
-        return REGISTRY[name]
-    return Entry(lambda **kw: _timm_build(name, **kw), 8, "timm", pretrained=lambda: _timm_pretrained(name), has_batchnorm=_timm_has_batchnorm(name))
-
-
-def _timm_build(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    import timm
-
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return REGISTRY[name] if name in REGISTRY else Entry(has_batchnorm=_timm_has_batchnorm(name))
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -220,7 +232,7 @@ def model_name_problem(name: str) -> str | None:
 
 def min_image_size(name: str) -> int:
     """The smallest input a model accepts (AlexNet's fixed pooling needs 63 px)."""
-    return REGISTRY[name].min_image_size if name in REGISTRY else 8
+    return REGISTRY.get(name, Entry()).min_image_size
 
 
 def check_model_name(name: str) -> None:
@@ -237,34 +249,25 @@ def list_models(pattern: str = "") -> list[str]:
 
 
 def has_pretrained_weights(name: str) -> bool:
-    """Whether `pretrained: true` has weights to download for `name` (timm's hub, torchvision);
-    a timm architecture has them when its default pretrained config names a file."""
-    if name in REGISTRY:
-        return REGISTRY[name].pretrained() is not None
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    return cfg is not None and bool(cfg.has_weights)
+    """Whether `pretrained: true` has weights to download for `name` (timm's hub, torchvision):
+    its default pretrained config names a file (timm's `PretrainedCfg.has_weights`)."""
+    cfg = pretrained_cfg(name) or {}
+    return bool(cfg.get("url") or cfg.get("file") or cfg.get("hf_hub_id"))
 
 
 def count_parameters(name: str, num_classes: int = 1000) -> int:
     """Parameters of `name` with a `num_classes`-class head, from its structure alone (built by
     `shapes_only`: ~50 ms for a timm model on a 2-core CPU, none of its memory)."""
-    build = REGISTRY[name].build if name in REGISTRY else partial(_timm_build, name)
     with shapes_only():
-        model = build(num_classes=num_classes)
+        model = build_model(name, num_classes=num_classes)
     return sum(p.numel() for p in model.parameters())
 
 
 def size_kwargs(name: str, image_size: int) -> dict[str, int]:
     """What a model needs to be built for `image_size`: `img_size` for a timm model whose input
     size is fixed when it is built (ViT, Swin, ...: their position embeddings), else nothing."""
-    if name in REGISTRY:
-        return {}
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+    cfg = pretrained_cfg(name) or {}
+    return {"img_size": image_size} if cfg.get("fixed_input_size") else {}
 
 
 def arch_kwargs(name: str, num_classes: int, image_size: int, dropout: float | None = None,
@@ -282,10 +285,9 @@ def build_problem(name: str, image_size: int, kwargs: dict[str, Any]) -> str | N
     """Why `name` cannot be built with `kwargs` (`arch_kwargs`) or cannot take `image_size` px,
     found by building it on the meta device and running a batch through it (~0.2 s, no memory);
     None when it can."""
-    build = REGISTRY[name].build if name in REGISTRY else partial(_timm_build, name)
     try:
         with shapes_only():
-            model = build(**kwargs)
+            model = build_model(name, **kwargs)
             model.eval()(torch.empty(2, 3, image_size, image_size))
     except TypeError as exc:  # an option the model does not take (drop_path_rate, ...)
         return f"does not take these options ({str(exc).splitlines()[0]})"
@@ -294,8 +296,3 @@ def build_problem(name: str, image_size: int, kwargs: dict[str, Any]) -> str | N
     except Exception as exc:  # noqa: BLE001  (whatever the model's own code raises for this input)
         return f"cannot take {image_size} px images ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     return None
-
-
-def build_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """A freshly initialised model (weights from the current torch RNG state)."""
-    return entry(name).build(num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -9,9 +9,10 @@ from torch import nn
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU ×2 + max-pool blocks (widths w, 2w, 4w), global average pooling,
-    dropout, linear head. ~0.29 M parameters at width 32; works at any input size ≥ 8 px."""
+    dropout (`drop_rate`, timm's name), linear head. ~0.29 M parameters at width 32; works at any
+    input size ≥ 8 px."""
 
-    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32, dropout: float = 0.2):
+    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32, drop_rate: float = 0.2):
         super().__init__()
         layers: list[nn.Module] = []
         chans = in_chans
@@ -22,7 +23,7 @@ class SmallCNN(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(chans, num_classes)
         self.num_features = chans
         # timm's description of the stages (partial unfreezing trains the last ones)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.models.registry import build_model, entry, head_parameter_names, min_image_size, reset_head
-from pipeline.preprocess import Preprocessing, stored_size_for
+from pipeline.models.registry import build_model, head_parameter_names, min_image_size, pretrained_cfg, reset_head
+from pipeline.preprocess import INTERPOLATIONS, Preprocessing, stored_size_for
 
 # ---------------------------------------------------------------- weights files
 
@@ -74,19 +74,32 @@ def resolve_preprocessing(model: str, pretrained: bool, weights: str | None, ima
                                  recorded.interpolation, recorded.mean, recorded.std, f"checkpoint:{weights}",
                                  f"the preprocessing recorded in the checkpoint {weights} (weights: our checkpoint)")
     if weights or pretrained:
-        cfg = entry(model).pretrained()
-        if cfg is None:
-            raise UserError(f"model={model!r} has no pretrained configuration; train it from scratch "
-                            "(pretrained: false, weights: null) or give one of our checkpoints as weights")
-        size = cfg["input_size"] if image_size == "auto" else int(image_size)
-        why = "weights: a state dict file" if weights else "pretrained: true"
-        return Preprocessing(size, stored_size_for(size, cfg["crop_pct"]), resize, cfg["interpolation"],
-                             tuple(cfg["mean"]), tuple(cfg["std"]), f"pretrained:{model}",
-                             f"the pretrained config of {cfg['name']} (mean {_fmt(cfg['mean'])}, std {_fmt(cfg['std'])}, "
-                             f"crop_pct {cfg['crop_pct']:g}), because {why}")
+        return _pretrained_preprocessing(model, "weights: a state dict file" if weights else "pretrained: true",
+                                         image_size, resize)
     size = auto_size(model) if image_size == "auto" else int(image_size)
     return Preprocessing(size, size, resize, "bilinear", None, None, "data",
                          "the training split's own mean/std, because the model trains from scratch")
+
+
+def _pretrained_preprocessing(model: str, why: str, image_size: int | str, resize: str) -> Preprocessing:
+    """timm's `resolve_data_config` of the weights' pretrained config (AlexNet's too, written in
+    timm's format) gives mean, std, input size, crop_pct and filter; kept here: the `resize`
+    policy (timm's `crop_mode` is not applied), the filter limited to the two our resize has, and
+    whose weights they are, for the reason line."""
+    cfg = pretrained_cfg(model)
+    if cfg is None:
+        raise UserError(f"model={model!r} has no pretrained configuration; train it from scratch "
+                        "(pretrained: false, weights: null) or give one of our checkpoints as weights")
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config(pretrained_cfg=cfg)
+    size = data["input_size"][-1] if image_size == "auto" else int(image_size)
+    interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bilinear"
+    name = cfg.get("description") or f"timm {cfg['architecture']}" + (f".{cfg['tag']}" if cfg.get("tag") else "")
+    mean, std, crop_pct = tuple(data["mean"]), tuple(data["std"]), data["crop_pct"]
+    return Preprocessing(size, stored_size_for(size, crop_pct), resize, interpolation, mean, std, f"pretrained:{model}",
+                         f"the pretrained config of {name} (mean {_fmt(mean)}, std {_fmt(std)}, "
+                         f"crop_pct {crop_pct:g}), because {why}")
 
 
 def auto_size(model: str) -> int:
@@ -130,15 +143,10 @@ def _resized_position_embedding(model: nn.Module, state: dict) -> dict:
 
 
 def _hub_state(name: str) -> dict:
-    """ImageNet weights from timm's hub (torchvision for AlexNet); offline: one line."""
+    """ImageNet weights from timm's hub (torchvision for AlexNet), with the weights' own head;
+    offline: one line."""
     try:
-        if name == "alexnet":
-            from torchvision.models import AlexNet_Weights, alexnet
-
-            return alexnet(weights=AlexNet_Weights.IMAGENET1K_V1).state_dict()
-        import timm
-
-        return timm.create_model(name, pretrained=True).state_dict()
+        return build_model(name, num_classes=None, pretrained=True).state_dict()
     except (OSError, RuntimeError, ValueError) as exc:  # hub/URL unreachable, offline, missing file
         raise UserError(
             f"cannot get pretrained weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
@@ -149,22 +157,16 @@ def _hub_source(name: str) -> tuple[list[Path], str]:
     """(where `pretrained: true`'s weights of `name` are once downloaded, the host they come from)."""
     import torch.hub
 
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    if name == "alexnet":
-        from torchvision.models import AlexNet_Weights
+    cfg = pretrained_cfg(name)
+    if cfg.get("hf_hub_id"):  # timm prefers the Hugging Face hub: model.safetensors, else pytorch_model.bin
+        from huggingface_hub import constants, try_to_load_from_cache
 
-        url = AlexNet_Weights.IMAGENET1K_V1.url
-        return [checkpoints / Path(url).name], urlparse(url).hostname or url
-    from huggingface_hub import constants, try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg.hf_hub_id:  # timm prefers the Hugging Face hub: model.safetensors, else pytorch_model.bin
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        files = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
         found = [try_to_load_from_cache(repo, f, revision=revision or None) for f in files]
         return [Path(f) for f in found if isinstance(f, str)], urlparse(constants.ENDPOINT).hostname or ""
-    return [checkpoints / Path(cfg.url).name], urlparse(cfg.url).hostname or cfg.url
+    url = cfg["url"]  # a torch.hub download (torchvision's AlexNet too): kept in its checkpoints folder
+    return [Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name], urlparse(url).hostname or url
 
 
 def fetch_pretrained(name: str) -> str:
@@ -210,7 +212,7 @@ def build_transfer_model(name: str, num_classes: int, pretrained: bool, weights:
         state, _ = read_weights(Path(weights))
         source = f"weights={weights!r}"
     else:
-        if entry(name).pretrained() is None:
+        if pretrained_cfg(name) is None:
             raise UserError(f"model={name!r} has no pretrained weights; use pretrained: false or a timm model")
         state, source = _hub_state(name), f"pretrained {name}"
     loaded = load_matching(model, state, source)
