@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline import dvcplots, paths, tracking
+from pipeline import dvcplots, mlstore, paths
 from pipeline.errors import UserError
 from pipeline.io import file_sha256, write_json
 from pipeline.models.weights import resolve_preprocessing
@@ -78,7 +78,7 @@ def check(params: Params) -> dict:
     check_files(params)
     k = class_count(params.dataset, Path(params.data_dir))
     check_training(params, k)
-    tracking.enabled()  # an unusable MLflow store stops here (unless mlflow.required: false)
+    mlstore.usable(params.mlflow.required, params.experiment_name())  # an unusable store stops here
     prep = resolve_preprocessing(params.model, params.pretrained, params.weights, params.image_size,
                                  params.data.resize)  # reads (and so checks) the weights file
     check_model(params, prep.image_size, k)

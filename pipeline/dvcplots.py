@@ -5,7 +5,7 @@
   epoch ticks (and a log-scale variant for losses); confusion matrices whose zero cells are
   blank, whose correct (diagonal) and wrong cells have their own colour scales (a single
   error is as visible as a full diagonal), with every non-zero count printed. The files are
-  committed; `tests/test_dvc_plots.py` checks that they equal what this module derives.
+  committed; `tests/test_views.py` checks that they equal what this module derives.
 - **The page** (`.dvc/plots_offline.html`, `plots.html_template` in .dvc/config): DVC's own
   page loads vega from a CDN and is blank offline. This one inlines the vega, vega-lite and
   vega-embed bundle that the `vl-convert-python` package ships, so it draws with no network.

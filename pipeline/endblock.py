@@ -9,7 +9,7 @@ import subprocess
 from typing import Any
 from urllib.parse import quote
 
-from pipeline import paths, runview, tracking
+from pipeline import mlstore, paths, runview
 
 RULE = "─" * 78
 HEADLINE = "accuracy"  # the test figure runs are compared by (runview.TEST_HEADLINE's first)
@@ -54,7 +54,7 @@ def change(now: float, before: float | None, what: str) -> str:
 
 def addresses(run: dict[str, Any]) -> tuple[str, str, str]:
     """(how to open the UI, the run's page, the experiment's runs best first) in MLflow's UI."""
-    uri = run.get("tracking_uri") or tracking.tracking_uri()
+    uri = run.get("tracking_uri") or mlstore.tracking_uri()
     experiment = f"#/experiments/{run.get('experiment_id', '0')}"
     pages = (f"{experiment}/runs/{run['run_id']}?{UI_VIEW}",
              f"{experiment}/runs?viewStateShareKey={runview.SHARED_VIEW}&{UI_VIEW}")

@@ -39,14 +39,14 @@ EVAL_FILES = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONF
 
 def run(params) -> dict:
     """Complete this execution's MLflow run, write the report naming it, print the end block."""
-    tracking.enabled()  # an unusable store stops here (or, with mlflow.required: false, is skipped)
+    tracker = tracking.Tracker.open(params)  # an unusable store stops here (mlflow.required: false: untracked)
     done = Outputs()
     done.identity = identity(params, done)
-    run_id, new = execution_run(done)
-    with tracking.active_run(run_id) as mlflow:
+    run_id, new = execution_run(tracker, done)
+    with tracker.active_run(run_id) as mlflow:
         if new:
             record_training(mlflow, done)
-            tracking.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)  # only now is it this model's whole run
+            tracker.bind_run(paths.MLFLOW_RUN, paths.CHECKPOINT)  # only now is it this model's whole run
         log_results(mlflow, params, done)
         write_report(params, done, run_id)
         tracking.log_artifacts(mlflow, [paths.EVAL_REPORT_MD, paths.EVAL_REPORT_HTML])
@@ -90,22 +90,22 @@ def identity(params, done: Outputs) -> runview.RunIdentity:
         image_size=int(done.card["image_size"]), data_hash="")
 
 
-def execution_run(done: Outputs) -> tuple[str | None, bool]:
+def execution_run(tracker: tracking.Tracker, done: Outputs) -> tuple[str | None, bool]:
     """(this execution's run id, whether it is new): train's run when train made this checkpoint
     in this execution; else a new one. None when tracking is off."""
-    if not tracking.enabled():
+    if not tracker.on:
         return None, False
     recorded = tracking.recorded_run(paths.MLFLOW_RUN)
     ours = (recorded.get("checkpoint_sha256") == done.checkpoint_sha256 and not recorded.get("complete")
-            and tracking.existing_run(recorded.get("run_id")) is not None)
+            and tracker.existing_run(recorded.get("run_id")) is not None)
     if ours:
         return recorded["run_id"], False
     who = done.identity
     print("report: train did not run for this model in this execution (DVC found it unchanged or restored it "
           "from its cache): recording the run from its outputs", flush=True)
     tags = who.tags | {"data_hash": files_sha256(sorted(paths.PREPARED_DIR.iterdir())), tracking.NOTE: who.note}
-    run_id = tracking.start_run(who.experiment, who.name, who.params, tags, paths.MLFLOW_RUN,
-                                experiment_tags=who.experiment_tags)
+    run_id = tracker.start_run(who.experiment, who.name, who.params, tags, paths.MLFLOW_RUN,
+                               experiment_tags=who.experiment_tags)
     return run_id, True
 
 
@@ -166,10 +166,11 @@ def log_model(mlflow, params, done: Outputs) -> None:
 
 def pictures(params) -> list[tuple[str, Path]]:
     """The report's pictures that exist (the augmentation picture only where training used it)."""
-    from pipeline.params import trains_on_augmented_images
+    from pipeline.training.strategy import Strategy
 
     record = params.model_dump()
-    shown = trains_on_augmented_images(record["finetune"], record["transfer"]["augmented_passes"])
+    strategy = Strategy(record["finetune"], augmented_passes=record["transfer"]["augmented_passes"])
+    shown = strategy.trains_on_augmented_images
     return [(t, p) for t, p in PICTURES if p.exists() and (shown or p != paths.AUGMENTED_SAMPLES_PNG)]
 
 

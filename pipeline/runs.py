@@ -28,6 +28,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.errors import UserError
 from pipeline.io import file_sha256
+from pipeline.text import shorten, shorten_middle
 
 WIDTH = 100           # the screen: no line is longer
 UNKNOWN = "–"
@@ -193,7 +194,7 @@ def add_train_seconds(runs: list[Run], root: Path) -> str | None:
     if not wanted:
         return None
     with contextlib.chdir(root):  # the default store is the repository root's mlflow.db
-        from pipeline.tracking import tracking_uri
+        from pipeline.mlstore import tracking_uri
 
         uri = tracking_uri()
     if problem := _store_problem(uri):
@@ -212,10 +213,10 @@ def _store_problem(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         return None if db.is_file() and db.stat().st_size > 0 else f"no MLflow store at {db}"
-    from pipeline import tracking
+    from pipeline import mlstore
 
-    tracking.bound_http_retries()  # a lost server fails in seconds, not minutes
-    return tracking.store_problem(uri)
+    mlstore.bound_http_retries()  # a lost server fails in seconds, not minutes
+    return mlstore.store_problem(uri)
 
 
 def _mlflow_runs(uri: str) -> list[tuple[dict[str, str], float]]:
@@ -311,19 +312,6 @@ def duration(seconds: float | None) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
-
-
-def fit_middle(text: str, width: int) -> str:
-    """Cut in the middle: names often differ only at their end (grid-lr-0.01, grid-lr-0.1;
-    tf_efficientnet_b0, tf_efficientnet_b3)."""
-    if len(text) <= width:
-        return text
-    tail = min(max(width // 3, 1), width - 1)
-    return text[:width - 1 - tail] + "…" + text[-tail:]
-
-
 def _fit_items(items: list[str], width: int) -> str:
     """As many whole `key=value` items as fit, then `…`."""
     text = " ".join(items)
@@ -334,7 +322,7 @@ def _fit_items(items: list[str], width: int) -> str:
         if len(" ".join([*shown, item, "…"])) > width:
             break
         shown.append(item)
-    return " ".join([*shown, "…"]) if shown else fit(text, width)
+    return " ".join([*shown, "…"]) if shown else shorten(text, width)
 
 
 HEADERS = ("experiment", "data", "model", "strategy", "test", "val", "time", "what it changed")
@@ -364,11 +352,11 @@ def table(runs: list[Run], width: int = WIDTH) -> list[str]:
                                                     if widths[i] > lows[i]}):
             widths[max(excess, key=excess.get)] -= 1
     room = max(width - used(), 0)
-    lines = [_line(" ", HEADERS[:7], widths, fit(HEADERS[7], room))]
+    lines = [_line(" ", HEADERS[:7], widths, shorten(HEADERS[7], room))]
     for run, row in zip(runs, cells):
         params = _fit_items([f"{short[k]}={_show(v)}" for k, v in run.changed.items()], room)
         lines.append(_line("*" if run.best else " ", row, widths, params))
-    return [fit(line, width) for line in lines]
+    return [shorten(line, width) for line in lines]
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -379,7 +367,7 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def _line(mark: str, cells: tuple[str, ...], widths: list[int], params: str) -> str:
-    text = [fit_middle(c, w).ljust(w) for c, w in zip(cells[:4], widths)]
+    text = [shorten_middle(c, w).ljust(w) for c, w in zip(cells[:4], widths)]
     numbers = [c.rjust(w) for c, w in zip(cells[4:], widths[4:])]
     return f"{mark} " + GAP.join([*text, *numbers, *([params] if params else [])])
 
@@ -420,5 +408,5 @@ def show(per_dataset: int | None = None, as_json: bool = False, root: Path | Non
             print(note, file=sys.stderr)
         return shown
     lines = [header(shown, runs), *table(shown), *([note] if note else []), FOOTER]
-    print("\n".join(fit(line, WIDTH) for line in lines))
+    print("\n".join(shorten(line, WIDTH) for line in lines))
     return shown

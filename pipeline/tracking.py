@@ -1,234 +1,36 @@
-"""MLflow: one run per pipeline execution, started by train (which logs its curves live) and
-completed by the report stage (`pipeline.publish`), whatever DVC skipped in between.
+"""MLflow runs: one run per pipeline execution, started by train (which logs its curves live)
+and completed by the report stage (`pipeline.publish`), whatever DVC skipped in between.
 
-The default store is `sqlite:///<repo root>/mlflow.db`, the root taken from `DVC_ROOT` so
-that queued/temp experiments (which run in a temporary copy) log into the main store;
-`MLFLOW_TRACKING_URI` overrides it. Logging is a side record: a stage's own outputs never
-depend on it.
-
-The store is probed once per process, briefly (`store_problem`: a server asked for one experiment, with a
-5 s timeout; a SQLite file's integrity and write access), before anything is logged; MLflow's
-own HTTP retries are capped so that a server lost mid-run fails a call in ~30 s, not minutes.
-An unusable store stops the stage in one line, or, with `mlflow.required: false`, the run goes
-on untracked (one warning): every logging call below is then a no-op (`mlflow` is None).
+A stage opens its store once (`Tracker.open`, which `pipeline.mlstore` checks) and holds the
+`Tracker`: it starts, continues and ends runs, each block yielding the `mlflow` module to log
+with, or None when the stage runs untracked; the `log_*` functions take that and do nothing
+with None. A run a killed process left RUNNING is ended as KILLED (`end_orphans`).
 """
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import Any
 
-from pipeline import paths
+from pipeline import mlstore, paths
 from pipeline.io import file_sha256, read_json, write_json
 from pipeline.processes import process_gone, this_process
 from pipeline.secrets import redact
 
-log = logging.getLogger(__name__)
-
-
-def tracking_uri() -> str:
-    """The store's URI. A server's credentials given in the URI (http://user:password@host) are
-    moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow reads them, so
-    that the URI every record and message holds has none; a database URI keeps its own (its
-    driver needs them there) and is recorded and printed through `secrets.redact`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.repo_root() / paths.MLFLOW_DB}"
-    if uri.startswith(("http://", "https://")) and "@" in urlsplit(uri).netloc:
-        parts = urlsplit(uri)
-        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # the processes this one starts inherit it so
-    return uri
-
-
-# a URL scheme's database driver (the module SQLAlchemy imports) → the package that provides it
-DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]' (or psycopg2-binary, with a postgresql+psycopg2:// URL)",
-                   "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL", "MySQLdb": "mysqlclient", "pg8000": "pg8000",
-                   "asyncpg": "asyncpg", "pyodbc": "pyodbc", "oracledb": "oracledb", "cx_Oracle": "oracledb"}
-
-
-def driver_problem(uri: str) -> str | None:
-    """Why the database URL `uri` (postgresql://, mysql+pymysql://, ...) cannot be opened here: an
-    unknown dialect, a bad URL, or a driver that is not installed (with the package to install);
-    None when SQLAlchemy can make an engine for it (no connection is made)."""
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        sqlalchemy.create_engine(uri)
-    except ModuleNotFoundError as exc:
-        package = DRIVER_PACKAGES.get(str(exc.name).split(".")[0], exc.name)
-        return f"{redact(uri)} needs the database driver {exc.name!r}, which is not installed: pip install {package}"
-    except (ArgumentError, ValueError) as exc:
-        return f"{redact(uri)} is not a database URL SQLAlchemy can open ({str(exc).splitlines()[0]})"
-    return None
-
-
-PROBE_TIMEOUT_S = 5
-# MLflow's client retries an unreachable server for minutes by default; these bound a call
-_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # the end block gives the run's page
-_enabled: bool | None = None  # decided once per process by `enabled()`
-
-
-def store_problem(uri: str | None = None) -> str | None:
-    """What is wrong with the tracking store, in a few words; None when it is usable."""
-    uri = uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        return _server_problem(uri)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return _sqlite_problem(db) or (None if os.environ.get("MLFLOW_TRACKING_URI") else _moved_store_problem(db))
-    if "://" in uri and not uri.startswith(("file:", "databricks")):
-        return driver_problem(uri)  # a database: its driver is checked; the connection is MLflow's business
-    return None  # other stores (Databricks): MLflow's own errors, bounded by _HTTP_LIMITS
-
-
-def _server_problem(uri: str) -> str | None:
-    """A tracking server asked once for one experiment, with the credentials MLflow would send:
-    it is there, it is MLflow, and it lets this user in (its /health would not say)."""
-    import base64
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user or password:
-        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            return None if response.status == 200 else f"the MLflow tracking server {uri} answered HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        hint = ": check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD" if exc.code in (401, 403) else ""
-        return f"the MLflow tracking server {uri} answered HTTP {exc.code} {exc.reason}{hint}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"cannot reach the MLflow tracking server {uri} ({getattr(exc, 'reason', exc)})"
-
-
-def _sqlite_problem(db: Path) -> str | None:
-    import sqlite3
-
-    if not db.exists():
-        folder = db.parent if db.parent.exists() else db.parent.parent
-        return None if os.access(folder, os.W_OK) else f"cannot create the MLflow store {db}: {folder} is not writable"
-    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
-        return f"the MLflow store {db} is read-only (it and its folder must be writable)"
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S) as con:
-            ok = con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    except sqlite3.DatabaseError as exc:
-        return f"the MLflow store {db} is damaged ({exc}); move it aside (mv {db} {db}.damaged) to start a new one"
-    return None if ok else f"the MLflow store {db} fails SQLite's integrity check; move it aside to start a new one"
-
-
-def _moved_store_problem(db: Path) -> str | None:
-    """The repository's own store names, for this experiment, an artifact folder outside the
-    repository: MLflow fixes an experiment's artifact location (an absolute path) when it is
-    created, so a repository moved or copied with its mlflow.db would write its artifacts into
-    the old folder (or fail where that is gone)."""
-    import sqlite3
-    from urllib.parse import unquote, urlparse
-
-    if not db.exists() or not paths.PARAMS.exists():
-        return None
-    from pipeline.params import load_params
-
-    name = load_params(check_models=False).experiment_name()
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=PROBE_TIMEOUT_S) as con:
-            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (name,)).fetchone()
-    except sqlite3.DatabaseError:
-        return None  # a store without MLflow's tables yet: MLflow creates them
-    if row is None or not str(row[0]).startswith("file:"):
-        return None
-    location = Path(unquote(urlparse(row[0]).path))
-    if location.resolve().is_relative_to(paths.repo_root()):
-        return None
-    return (f"the MLflow experiment {name!r} in {db} keeps its artifacts in {location}, outside this repository "
-            f"({paths.repo_root()}): the repository was moved or copied with its store. Move the store aside "
-            f"(mv {db.name} {db.name}.moved) to start a new one here, or set mlflow.experiment to a new name")
-
-
-def required() -> bool:
-    """`mlflow.required` of params.yaml (a setting of the side record, not an input of any output)."""
-    from pipeline.params import load_params
-
-    return load_params(check_models=False).mlflow.required
-
-
-def bound_http_retries() -> None:
-    """MLflow's client retries an unreachable server for minutes: bound each call (`_HTTP_LIMITS`)."""
-    for key, value in _HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
-
-
-def enabled() -> bool:
-    """Whether this process logs to MLflow: the store is usable, or it is not and
-    `mlflow.required: false` lets the stage go on without it (said once). Otherwise one line."""
-    global _enabled
-    if _enabled is None:
-        bound_http_retries()
-        problem = store_problem()
-        if problem and required():
-            from pipeline.errors import UserError
-
-            raise UserError(f"{problem}; fix it or MLFLOW_TRACKING_URI, or set mlflow.required: false to run "
-                            "without tracking")
-        if problem:
-            print(f"warning: {problem}; mlflow.required is false, so this stage runs without tracking", flush=True)
-        _enabled = problem is None
-    return _enabled
-
-
-def _mlflow():
-    import mlflow
-
-    uri = tracking_uri()
-    _create_sqlite_store_once(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow
-
-
-def _create_sqlite_store_once(uri: str) -> None:
-    """Create a new SQLite store under an exclusive file lock. Two queued experiments
-    (`dvc queue start -j 2`) that both find no mlflow.db would otherwise run MLflow's schema
-    migrations on the same file at once; after creation, SQLite's own locking (and `_retry`)
-    is enough."""
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    if db.exists() and db.stat().st_size > 0:
-        return
-    import fcntl
-
-    from mlflow.tracking import MlflowClient
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + "-init.lock"), "w") as lock:  # git-ignored: mlflow.db-*
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if db.exists() and db.stat().st_size > 0:  # another process made it while this one waited
-            return
-        # made under another name and renamed when whole: a migration that fails half-way (a full
-        # disk) leaves no half-made store that every later run would stumble on
-        new = db.with_name(db.name + "-new")
-        new.unlink(missing_ok=True)
-        try:
-            MlflowClient(f"sqlite:///{new}").search_experiments(max_results=1)  # creates the schema
-            os.replace(new, db)
-        finally:
-            new.unlink(missing_ok=True)
+NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown) in the UI
+PROCESS_TAG = "pipeline.process"  # "host pid start-time" of the process that has the run open
+# MLflow 3's UI opens an experiment without this tag in its GenAI (tracing) view, which hides
+# the runs table and the charts; "custom_model_development" opens the model-training view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -258,14 +60,126 @@ def _retry(fn, *args, **kwargs):
             time.sleep(0.25 * 2**attempt)
 
 
-def artifact_root() -> Path:
-    """Where a local store keeps artifacts: `<repo root>/mlartifacts` (git-ignored)."""
-    return paths.repo_root() / paths.MLFLOW_ARTIFACTS
+def recorded_run(run_file: Path) -> dict:
+    """What `run_file` holds (run_id, experiment, tracking_uri, checkpoint_sha256, complete), or {}."""
+    return read_json(run_file) if run_file.exists() else {}
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI (tracing) view, which hides
-# the runs table and the charts; "custom_model_development" opens the model-training view.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+class Tracker:
+    """A stage's MLflow store, checked once (`open`) for its `experiment`. `on` is False when the
+    store is unusable and `mlflow.required: false` let the stage go on: each method then does
+    nothing (or yields None)."""
+
+    def __init__(self, on: bool, experiment: str):
+        self.on, self.experiment = on, experiment
+
+    @classmethod
+    def open(cls, params: Any) -> Tracker:
+        """The store of the stage with `params` (`Params` or the stage's view), checked: an unusable
+        one stops the stage here in one line (`mlflow.required: true`, which the stage declares),
+        before any output is written."""
+        experiment = params.experiment_name()
+        return cls(mlstore.usable(params.mlflow.required, experiment), experiment)
+
+    def start_run(self, experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
+                  run_file: Path = paths.MLFLOW_RUN, resuming: bool = False,
+                  experiment_tags: dict[str, str] | None = None) -> str | None:
+        """Create this execution's run (`name`, params, tags), record its id in `run_file`; None
+        when tracking is off. A run a killed training left RUNNING is continued when training
+        resumes from that training's checkpoint (`resuming`), else ended as KILLED."""
+        if not self.on:
+            return None
+        mlflow = mlstore.connect()
+        if interrupted := _interrupted_run(mlflow, run_file):
+            if resuming:
+                print(f"train: continuing the MLflow run {interrupted.info.run_id} of the interrupted training",
+                      flush=True)
+                return interrupted.info.run_id
+            end_killed(mlflow.MlflowClient(), interrupted)
+        experiment_id = use_experiment(mlflow, experiment, experiment_tags)
+        run = _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()})
+        try:
+            _retry(mlflow.log_params, params)
+        finally:
+            mlflow.end_run()
+        write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "experiment_id": experiment_id,
+                              "tracking_uri": redact(mlstore.tracking_uri())})
+        return run.info.run_id
+
+    def bind_run(self, run_file: Path, checkpoint: Path) -> None:
+        """Record in `run_file` which checkpoint its run trained (the file's sha256): the report
+        stage completes this run only for that checkpoint."""
+        if self.on and run_file.exists():
+            write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
+
+    def existing_run(self, run_id: str | None) -> Any:
+        """The run `run_id` of this store, or None (no id, another store's, tracking off)."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None or not self.on:
+            return None
+        try:
+            return _retry(mlstore.connect().get_run, run_id)
+        except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
+            return None
+
+    @contextmanager
+    def active_run(self, run_id: str | None) -> Iterator[Any]:
+        """Re-open the run `run_id`, yielding the `mlflow` module to log with (None when tracking
+        is off or there is no run). The run ends with the block: FINISHED, or FAILED on an error
+        or an interruption (Ctrl-C, SIGTERM), never left RUNNING."""
+        if run_id is None or not self.on:
+            yield None
+            return
+        mlflow = mlstore.connect()
+        with mlflow.start_run(run_id=run_id):
+            _retry(mlflow.set_tag, PROCESS_TAG, this_process())  # a kill -9 now leaves it to `end_orphans`
+            yield mlflow
+
+    @contextmanager
+    def run_block(self, experiment: str, name: str, tags: dict[str, str]) -> Iterator[Any]:
+        """A run of its own for the block (an ensemble's): yields `mlflow`, or None when tracking is off."""
+        if not self.on:
+            yield None
+            return
+        mlflow = mlstore.connect()
+        use_experiment(mlflow, experiment)
+        with _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()}):
+            yield mlflow
+
+    @contextmanager
+    def parent_run(self, experiment: str, name: str, tags: dict[str, str], key: str) -> Iterator[Any]:
+        """The run of `experiment` tagged `key` = tags[key], continued (a resumed search), else a new
+        one; yields `mlflow` with it active (None when tracking is off). Its children are other
+        processes' runs tagged `mlflow.parentRunId`."""
+        if not self.on:
+            yield None
+            return
+        mlflow = mlstore.connect()
+        use_experiment(mlflow, experiment)
+        found = _retry(mlflow.search_runs, experiment_names=[experiment],
+                       filter_string=f"tags.{key} = '{tags[key]}'", output_format="list", max_results=1)
+        run_id = found[0].info.run_id if found else None
+        with _retry(mlflow.start_run, run_id=run_id, run_name=None if run_id else name,
+                    tags=tags | {PROCESS_TAG: this_process()}):
+            yield mlflow
+
+
+@contextmanager
+def child_run(mlflow: Any, name: str, tags: dict[str, str]) -> Iterator[Any]:
+    """A run nested under the active one (a fold of cross-validation), for the block; `mlflow`:
+    what the parent's block yielded (None: untracked, and so is the child)."""
+    if mlflow is None:
+        yield None
+        return
+    with _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()}, nested=True):
+        yield mlflow
+
+
+def last_step(run_id: str, metric: str) -> int:
+    """The last step of `metric` logged to the run (0: none)."""
+    history = _retry(mlstore.connect().MlflowClient().get_metric_history, run_id, metric)
+    return max((m.step for m in history), default=0)
 
 
 def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = None) -> str:
@@ -275,11 +189,11 @@ def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = N
     for a queued experiment, a temporary copy that DVC deletes afterwards, taking every later
     run's artifacts and models with it. So a new experiment gets `<repo root>/mlartifacts`.
     A tracking server chooses its own artifact location."""
-    if tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+    if mlstore.tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
         from mlflow.exceptions import MlflowException
 
         try:
-            _retry(mlflow.create_experiment, experiment, artifact_location=artifact_root().as_uri(),
+            _retry(mlflow.create_experiment, experiment, artifact_location=mlstore.artifact_root().as_uri(),
                    tags=EXPERIMENT_KIND)
         except MlflowException:
             if mlflow.get_experiment_by_name(experiment) is None:  # not "a parallel run created it first"
@@ -291,12 +205,6 @@ def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = N
             _retry(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, key, value)
     end_orphans(mlflow, found.experiment_id)
     return found.experiment_id
-
-
-NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown) in the UI
-
-
-PROCESS_TAG = "pipeline.process"  # "host pid start-time" of the process that has the run open
 
 
 def end_orphans(mlflow: Any, experiment_id: str) -> None:
@@ -316,11 +224,6 @@ def end_killed(client: Any, run: Any) -> None:
           "killed: ended as KILLED", flush=True)
 
 
-def recorded_run(run_file: Path) -> dict:
-    """What `run_file` holds (run_id, experiment, tracking_uri, checkpoint_sha256, complete), or {}."""
-    return read_json(run_file) if run_file.exists() else {}
-
-
 def _interrupted_run(mlflow: Any, run_file: Path) -> Any:
     """The run of `run_file` if a killed stage left it RUNNING in this store."""
     from mlflow.exceptions import MlflowException
@@ -334,100 +237,8 @@ def _interrupted_run(mlflow: Any, run_file: Path) -> Any:
     return run if run.info.status == "RUNNING" else None
 
 
-def start_run(experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
-              run_file: Path = paths.MLFLOW_RUN, resuming: bool = False,
-              experiment_tags: dict[str, str] | None = None) -> str | None:
-    """Create this execution's run (`name`, params, tags), record its id in `run_file`; None
-    when tracking is off. A run a killed training left RUNNING is continued when training
-    resumes from that training's checkpoint (`resuming`), else ended as KILLED."""
-    if not enabled():
-        return None
-    mlflow = _mlflow()
-    if interrupted := _interrupted_run(mlflow, run_file):
-        if resuming:
-            print(f"train: continuing the MLflow run {interrupted.info.run_id} of the interrupted training", flush=True)
-            return interrupted.info.run_id
-        end_killed(mlflow.MlflowClient(), interrupted)
-    experiment_id = use_experiment(mlflow, experiment, experiment_tags)
-    run = _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()})
-    try:
-        _retry(mlflow.log_params, params)
-    finally:
-        mlflow.end_run()
-    write_json(run_file, {"run_id": run.info.run_id, "experiment": experiment, "experiment_id": experiment_id,
-                          "tracking_uri": redact(tracking_uri())})
-    return run.info.run_id
-
-
-def last_step(run_id: str, metric: str) -> int:
-    """The last step of `metric` logged to the run (0: none)."""
-    history = _retry(_mlflow().MlflowClient().get_metric_history, run_id, metric)
-    return max((m.step for m in history), default=0)
-
-
-def bind_run(run_file: Path, checkpoint: Path) -> None:
-    """Record in `run_file` which checkpoint its run trained (the file's sha256): the report
-    stage completes this run only for that checkpoint."""
-    if enabled() and run_file.exists():
-        write_json(run_file, read_json(run_file) | {"checkpoint_sha256": file_sha256(checkpoint)})
-
-
-def existing_run(run_id: str | None) -> Any:
-    """The run `run_id` of this store, or None (no id, another store's, tracking off)."""
-    from mlflow.exceptions import MlflowException
-
-    if run_id is None or not enabled():
-        return None
-    try:
-        return _retry(_mlflow().get_run, run_id)
-    except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the run lives in another store
-        return None
-
-
-@contextmanager
-def active_run(run_id: str | None) -> Iterator[Any]:
-    """Re-open the run `run_id`, yielding the `mlflow` module to log with (None when tracking
-    is off or there is no run). The run ends with the block: FINISHED, or FAILED on an error
-    or an interruption (Ctrl-C, SIGTERM), never left RUNNING."""
-    if run_id is None or not enabled():
-        yield None
-        return
-    mlflow = _mlflow()
-    with mlflow.start_run(run_id=run_id):
-        _retry(mlflow.set_tag, PROCESS_TAG, this_process())  # a kill -9 now leaves it to `end_orphans`
-        yield mlflow
-
-
-@contextmanager
-def run_block(experiment: str, name: str, tags: dict[str, str], nested: bool = False) -> Iterator[Any]:
-    """A run of its own for the block (an ensemble's run; with `nested`, a child of the active
-    one, e.g. a fold of cross-validation): yields `mlflow`, or None when tracking is off."""
-    if not enabled():
-        yield None
-        return
-    mlflow = _mlflow()
-    if not nested:
-        use_experiment(mlflow, experiment)
-    with _retry(mlflow.start_run, run_name=name, tags=tags | {PROCESS_TAG: this_process()}, nested=nested):
-        yield mlflow
-
-
-@contextmanager
-def parent_run(experiment: str, name: str, tags: dict[str, str], key: str) -> Iterator[Any]:
-    """The run of `experiment` tagged `key` = tags[key], continued (a resumed search), else a new
-    one; yields `mlflow` with it active (None when tracking is off). Its children are other
-    processes' runs tagged `mlflow.parentRunId`."""
-    if not enabled():
-        yield None
-        return
-    mlflow = _mlflow()
-    use_experiment(mlflow, experiment)
-    found = _retry(mlflow.search_runs, experiment_names=[experiment], filter_string=f"tags.{key} = '{tags[key]}'",
-                   output_format="list", max_results=1)
-    run_id = found[0].info.run_id if found else None
-    with _retry(mlflow.start_run, run_id=run_id, run_name=None if run_id else name,
-                tags=tags | {PROCESS_TAG: this_process()}):
-        yield mlflow
+# ---------------------------------------------------------------- logging into the active run
+# `mlflow`: what a run block yielded; None (untracked) makes each call a no-op
 
 
 def log_params(mlflow: Any, params: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths, tracking
+from pipeline import mlstore, paths, tracking
 from pipeline.errors import UserError
 from pipeline.params import Params, parse_params, read_yaml
 from pipeline.secrets import redact, redact_text
@@ -76,7 +76,7 @@ def open_storage(url: str):
 
     source = trial.STORAGE_ENV if os.environ.get(trial.STORAGE_ENV) else "tune.storage"
     where = f"Optuna storage ({source})"
-    if problem := tracking.driver_problem(url):  # the same check as a database tracking URI's
+    if problem := mlstore.driver_problem(url):  # the same check as a database tracking URI's
         raise UserError(f"{where}: {problem}; use e.g. sqlite:///optuna.db or postgresql://user@host/db")
     try:
         return optuna.storages.RDBStorage(url)
@@ -321,7 +321,7 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
     target, file, key, direction, report_column = OBJECTIVES[name]
     url = storage_url(params)
     storage = open_storage(url)  # a missing driver, a bad URL: one line, before any trial
-    tracking.enabled()  # an unusable MLflow store: one line, before any trial
+    tracker = tracking.Tracker.open(params)  # an unusable MLflow store: one line, before any trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kind = sampler or params.tune.sampler
     study = optuna.create_study(study_name=params.tune.study, storage=storage, direction=direction,
@@ -331,7 +331,7 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
     study.sampler = make_sampler(kind, params.seed, len(study.trials), trials)
     tags = {"tune_study": params.tune.study, "tune_objective": name}
     states, errors = [], []
-    with tracking.parent_run(params.experiment_name(), f"tune-{params.tune.study}", tags, "tune_study") as mlflow:
+    with tracker.parent_run(params.experiment_name(), f"tune-{params.tune.study}", tags, "tune_study") as mlflow:
         settings = {"storage": redact(url), "study": params.tune.study,
                     "parent_run_id": mlflow.active_run().info.run_id if mlflow else None,
                     "report": report_column if params.tune.prune and params.train.nproc == 1 else None}

@@ -63,15 +63,15 @@ def summary_metrics(summary: dict) -> dict[str, float]:
             for stat in ("mean", "std")}
 
 
-def log_folds(mlflow, experiment: str, run_name: str, tags: dict[str, str], records: list[dict]) -> None:
+def log_folds(mlflow, run_name: str, tags: dict[str, str], records: list[dict]) -> None:
     """One run per fold (its curves and held-out metrics), nested under the active run."""
     from pipeline import runview, tracking
 
     if mlflow is None:
         return
     for r in records:
-        with tracking.run_block(experiment, f"{run_name} · fold {r['fold']}", tags | {"crossval": f"fold {r['fold']}"},
-                                nested=True) as child:
+        name, fold_tags = f"{run_name} · fold {r['fold']}", tags | {"crossval": f"fold {r['fold']}"}
+        with tracking.child_run(mlflow, name, fold_tags) as child:
             for row in r["history"]:
                 tracking.log_metrics(child, runview.epoch_metrics(row), step=int(row["epoch"]))
             tracking.log_metrics(child, {f"held_out/{m}": v for m, v in r["metrics"].items()})

@@ -45,8 +45,7 @@ def run(specs: list[str], weights: str = "auto", out: Path = ENSEMBLE_ONNX, metr
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the file name must end in .onnx (pipeline predict runs a model by its suffix)")
     given = parse_weights(weights, len(specs))
-    if track:
-        tracking.enabled()  # an unusable store stops here, before any output is written
+    tracker = _tracker() if track else None  # an unusable store stops here, before any output is written
     members = [load_member(s) for s in specs]
     classes = load_meta(prepared)["classes"]
     (x_val, y_val), (x_test, y_test) = load_split("val", prepared), load_split("test", prepared)
@@ -66,8 +65,8 @@ def run(specs: list[str], weights: str = "auto", out: Path = ENSEMBLE_ONNX, metr
     print(table(report))
     print(f"ensemble: {out} (card {out.with_suffix('.json')}), {metrics_path}; ONNX Runtime agrees with PyTorch "
           f"(max |probability diff| {report['onnx']['max_abs_prob_diff']:.1e} on {report['onnx']['n_checked']} images)")
-    if track:
-        log_run(members, report, [metrics_path, out.with_suffix(".json")])
+    if tracker:
+        log_run(tracker, members, report, [metrics_path, out.with_suffix(".json")])
     return EnsembleResult(report, probs, test, w)
 
 
@@ -99,15 +98,20 @@ def table(report: dict) -> str:
     return "\n".join(lines + [f"(test split, {n} images; weights {report['weights_from']})"])
 
 
-def log_run(members: list[Member], report: dict, files: list[Path]) -> None:
-    """An MLflow run "ensemble" in the params' experiment: test/* metrics, the members and
-    weights as params, the metrics and card JSON files as artifacts."""
+def _tracker() -> tracking.Tracker:
+    """The store and experiment of params.yaml's `mlflow` settings (`pipeline ensemble` is a
+    command, not a DVC stage: it reads the file whole)."""
     from pipeline.params import load_params
 
-    experiment = load_params(check_models=False).experiment_name()
+    return tracking.Tracker.open(load_params(check_models=False))
+
+
+def log_run(tracker: tracking.Tracker, members: list[Member], report: dict, files: list[Path]) -> None:
+    """An MLflow run "ensemble" in the params' experiment: test/* metrics, the members and
+    weights as params, the metrics and card JSON files as artifacts."""
     dataset = (members[0].ckpt.get("params") or {}).get("dataset", "data")
     tags = tracking.run_tags(dataset, "ensemble") | {"ensemble_members": ",".join(m.name for m in members)}
-    with tracking.run_block(experiment, "ensemble", tags) as mlflow:
+    with tracker.run_block(tracker.experiment, "ensemble", tags) as mlflow:
         tracking.log_params(mlflow, {"members": ",".join(m.name for m in members),
                                      "weights": ",".join(f"{w:.6g}" for w in report["weights"]),
                                      "weights_from": report["weights_from"].split(":")[0]})

@@ -38,10 +38,6 @@ def true_class_probabilities(probs: list[np.ndarray], y: np.ndarray) -> np.ndarr
     return np.stack([p[np.arange(len(y)), y] for p in probs], axis=1)
 
 
-def mixture_log_loss(a: np.ndarray, w: np.ndarray) -> float:
-    return float(-np.log(np.maximum(a @ w, EPS)).mean())
-
-
 def fit_weights(probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
     """The weights (sum 1) of the members' N×K probabilities `probs` with the least log loss on labels `y`."""
     a = true_class_probabilities(probs, y)

@@ -34,6 +34,7 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
+from pipeline.text import shorten
 
 COLUMNS = ["rank", "split", "index", "given", "suggested", "p_given", "p_suggested", "label_quality", "source",
            "checked"]
@@ -184,13 +185,9 @@ def suspects_size(shown: int) -> tuple[int, int]:
     return round((COLS * CELL[0] + 2 * pad) * DPI), round((HEADER + rows * CELL[1] + 2 * pad) * DPI)
 
 
-def _short(text: str, chars: int = NAME_CHARS) -> str:
-    return text if len(text) <= chars else text[:chars - 1] + "…"
-
-
 def suspect_title(row: dict) -> str:
     """'given → suggested (p_suggested)' over 'split #index'."""
-    names = f"{_short(row['given'])} → {_short(row['suggested'])}"
+    names = f"{shorten(row['given'], NAME_CHARS)} → {shorten(row['suggested'], NAME_CHARS)}"
     return f"{names} ({row['p_suggested']:.2f})\n{row['split']} #{row['index']}"
 
 
@@ -203,7 +200,7 @@ def suspects_figure(images: np.ndarray, table: pd.DataFrame, classes: Sequence[s
     shown = min(n, len(table))
     if shown == 0:
         why = table.attrs.get("reason") or "cleanlab flagged none of the images"
-        why += f"; source: {_short(table.attrs['source'], 60)}" if table.attrs.get("source") else ""
+        why += f"; source: {shorten(table.attrs['source'], 60)}" if table.attrs.get("source") else ""
         note_figure(f"No label issues to show\n({why})", Path(path))
         return
     assert len(images) >= shown, "an image for every suspect shown"
@@ -214,7 +211,7 @@ def suspects_figure(images: np.ndarray, table: pd.DataFrame, classes: Sequence[s
     fig.add_axes((0, 0, 1, 1)).axis("off")  # spans the figure, so the saved size is the figure's plus the pad
     for i, row in enumerate(table.head(shown).to_dict("records")):
         _suspect_axes(fig, images[i], suspect_title(row), i, width, height)
-    source = _short(table["source"].iloc[0], 80)
+    source = shorten(table["source"].iloc[0], 80)
     fig.suptitle(f"Label issues: the {shown} most suspicious of {len(table)} flagged; source: {source}\n"
                  "given label → suggested class (model probability of the suggested class)", fontsize=10,
                  y=1 - 0.08 / height, va="top")

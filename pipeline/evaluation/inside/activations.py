@@ -17,7 +17,6 @@ from pipeline.evaluation.inside.layers import (
     _frame,
     _note,
     _px,
-    _short,
     capture,
     early_middle_late,
     probe,
@@ -25,6 +24,7 @@ from pipeline.evaluation.inside.layers import (
 )
 from pipeline.plots import plt, save
 from pipeline.preprocess import Preprocessing
+from pipeline.text import shorten
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -89,13 +89,13 @@ def _draw_activations(crops: np.ndarray, names: list[str], layers: list[Layer], 
     for i, (crop, name) in enumerate(zip(crops, names)):
         ax = _axes(fig, a["left"], a["top"] + i * row, a["cell"], a["cell"])
         ax.imshow(crop.transpose(1, 2, 0), interpolation="nearest")
-        ax.set_ylabel(_short(name, 14), rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(shorten(name, 14), rotation=0, ha="right", va="center", fontsize=8)
         if i == 0:
             ax.set_title("input", fontsize=8)
     x0 = a["left"] + a["cell"]
     for role, layer, fmap in zip(("early", "middle", "late"), layers, maps):
         x0 += a["group_gap"]
-        _draw_layer(fig, x0, f"{role}: {_short(layer.name, 24)}", layer, fmap, n)
+        _draw_layer(fig, x0, f"{role}: {shorten(layer.name, 24)}", layer, fmap, n)
         x0 += CHANNELS * a["cell"] + (CHANNELS - 1) * a["gap"]
     fig.suptitle("Inside the model: feature maps of three layers, the first test image of each class",
                  y=1 - 0.2 / fig.get_size_inches()[1], fontsize=10, va="top")

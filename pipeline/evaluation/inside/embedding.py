@@ -10,10 +10,11 @@ import torch
 from matplotlib.lines import Line2D
 from torch import nn
 
-from pipeline.evaluation.inside.layers import _axes, _frame, _note, _px, _short
+from pipeline.evaluation.inside.layers import _axes, _frame, _note, _px
 from pipeline.models import pre_logits
 from pipeline.plots import plt, save
 from pipeline.preprocess import Preprocessing
+from pipeline.text import shorten
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -114,11 +115,11 @@ def _label_classes(fig, ax, points, y, classes, colours, n_wrong: int) -> None:
     e = EMB
     handles = [Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=7, label=f"misclassified ({n_wrong:,})")]
     if len(classes) <= 20:
-        handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=_short(name, 22))
+        handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=shorten(name, 22))
                    for c, name in enumerate(classes)] + handles
     else:
         for c, (mx, my) in _label_spots(ax, points, y):
-            ax.text(mx, my, _short(classes[c], 12), fontsize=6, ha="center", va="center",
+            ax.text(mx, my, shorten(classes[c], 12), fontsize=6, ha="center", va="center",
                     bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": colours[c], "alpha": 0.8, "lw": 0.8})
     x0 = (e["left"] + e["side"] + 0.2) / e["width"]
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(x0, 1 - e["top"] / e["height"]), fontsize=8,

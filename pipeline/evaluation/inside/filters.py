@@ -20,7 +20,6 @@ from pipeline.evaluation.inside.layers import (
     _frame,
     _note,
     _px,
-    _short,
     capture,
     early_middle_late,
     probe,
@@ -28,6 +27,7 @@ from pipeline.evaluation.inside.layers import (
 )
 from pipeline.plots import plt, save
 from pipeline.preprocess import Preprocessing
+from pipeline.text import shorten
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -169,7 +169,7 @@ def _draw_filters(first: Layer, weight: np.ndarray, target: Layer | None, vis, c
     else:
         chosen, images = vis
         fig.text(0.5, 1 - (top - 0.45) / fh, f"What excites a channel of the middle layer "
-                 f"{_short(target.name, 30)} ({target.shape[0]} channels): the input maximising its mean\n"
+                 f"{shorten(target.name, 30)} ({target.shape[0]} channels): the input maximising its mean\n"
                  f"activation, by {steps} steps of gradient ascent from grey on a {images.shape[-1]} px canvas "
                  "(jitter, L2 decay, blur)", ha="center", va="bottom", fontsize=9)
         per_row, step = f["vis_per_row"], f["vis"]
@@ -187,7 +187,7 @@ def _draw_filter_grid(fig: plt.Figure, first: Layer, weight: np.ndarray) -> int:
     shown = min(n, MAX_FILTERS)
     what = f"all {n}" if shown == n else f"the first {shown} of {n}"
     k = "×".join(map(str, weight.shape[2:]))
-    fig.text(0.5, 1 - 0.2 / fig.get_size_inches()[1], f"First convolution ({_short(first.name, 30)}): {what} "
+    fig.text(0.5, 1 - 0.2 / fig.get_size_inches()[1], f"First convolution ({shorten(first.name, 30)}): {what} "
              f"filters, {k}, {weight.shape[1]} input channels\neach scaled to [0, 1] on its own (grey = 0.5)",
              ha="center", va="top", fontsize=9)
     for i in range(shown):

@@ -155,7 +155,3 @@ def _axes(fig: plt.Figure, left: float, top: float, w: float, h: float) -> plt.A
     ax.set_yticks([])
     ax.spines[:].set_visible(False)
     return ax
-
-
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
