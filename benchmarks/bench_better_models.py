@@ -3,7 +3,7 @@ test-time augmentation, temperature scaling and a 3-model weighted ensemble.
 
 A stratified CIFAR-10 subset (--train-per-class train + --test-per-class test images per class,
 val carved out of train) at --size px, timm's tf_efficientnet_lite0 with the real ImageNet
-weights in ../shared/weights/, through the real stages in a temporary copy of the project:
+weights (--weights), through the real stages in a temporary copy of the project:
 
 1. three models: a linear probe; partial fine-tuning (the last stage and the head, --epochs);
    the same with `train.ema_decay` (--ema). Each evaluated with `evaluate.tta: hflip_crops`:
@@ -18,7 +18,7 @@ the ensemble's (no TTA, none of the inside pictures: what differs is the seed al
 The pictures of the probe's evaluate (activations, filters, embedding, label issues,
 reliability) are copied to --pictures for a person to look at.
 
-Needs ../shared/data/cifar10-jpeg.tar.gz and ../shared/weights/tf_efficientnet_lite0_imagenet.pth;
+Needs the CIFAR-10 JPEG archive (--archive) and the ImageNet weights (--weights);
 skips with a message where they are absent.
 Run: python benchmarks/bench_better_models.py [--size 128] [--epochs 3] [--ema 0.99] [--seeds 0,1,2]
 """
@@ -65,9 +65,9 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.99)
     ap.add_argument("--pictures", type=Path, default=Path("/tmp/better_models_pictures"))
     ap.add_argument("--seeds", default=None, help="e.g. 0,1,2: only the ensemble of one recipe trained with each seed")
+    bt.input_args(ap)
     args = ap.parse_args()
-    if not (bt.ARCHIVE.exists() and bt.WEIGHTS.exists()):
-        print(f"skipped: needs {bt.ARCHIVE} and {bt.WEIGHTS} (../shared beside the project)")
+    if not bt.use_inputs(args):
         return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -13,7 +13,7 @@ taken side by side are what we track):
      write) ÷ a bare PIL open+decode loop over the same files. Target: within 1.5× (ratio ≥ 0.67).
      Peak memory (max RSS) of prepare and of one training epoch, each in its own process.
 
-Needs ../shared/data/cifar10-jpeg.tar.gz (beside the project); skips with a message without it.
+Needs the CIFAR-10 JPEG archive (--archive); skips with a message without it.
 Run: python benchmarks/bench_data_path.py [--train-images 5000] [--batch-size 128]
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_transfer as bt  # noqa: E402  (the data arguments)
 
 
 def peak_rss_mb() -> float:
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the tutorial baseline")
     ap.add_argument("--models", default="resnet18,original", help="models for comparisons 1 and 2")
+    bt.input_args(ap, weights=False)
     args = ap.parse_args()
     if args.phase:
         name, *rest = args.phase
@@ -190,14 +192,13 @@ def main() -> None:
               "tutorial": lambda: phase_tutorial(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), rest[4])}[name]
         print(json.dumps(fn()))
         return
-    if not ARCHIVE.exists():
-        print(f"SKIP: {ARCHIVE} not found; this benchmark needs the CIFAR-10 JPEG archive from ../shared/data")
+    if not bt.use_inputs(args):
         return
     models = args.models.split(",")
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
-        with tarfile.open(ARCHIVE) as tar:
+        with tarfile.open(bt.ARCHIVE) as tar:
             tar.extractall(tmp / "cifar10", filter="data")
         images = tmp / "cifar10"
         subset = make_subset(images / "train", tmp / "subset", args.train_images)

@@ -2,7 +2,7 @@
 
 A stratified CIFAR-10 subset (--train-per-class train + --test-per-class test images per class,
 val carved out of train) at --size px, timm's tf_efficientnet_lite0 with the real ImageNet
-weights in ../shared/weights/, linear probe (cached features), run through the real stages in
+weights (--weights), linear probe (cached features), run through the real stages in
 a temporary copy of the project:
 
 1. `crossval.folds: 5`: the train stage, its five folds first; mean ± std of accuracy, wall time
@@ -10,7 +10,7 @@ a temporary copy of the project:
 2. `python -m pipeline tune --trials N` over `transfer.probe_l2` (log range 1e-4 … 1) with the
    objective best_val_accuracy: each trial a DVC experiment; the best value and params, wall time.
 
-Needs ../shared/data/cifar10-jpeg.tar.gz and ../shared/weights/tf_efficientnet_lite0_imagenet.pth;
+Needs the CIFAR-10 JPEG archive (--archive) and the ImageNet weights (--weights);
 skips with a message where they are absent.
 Run: python benchmarks/bench_model_selection.py [--size 128] [--trials 6]
 """
@@ -34,9 +34,9 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--only", choices=["crossval", "tune"], default=None, help="one part (both by default)")
+    bt.input_args(ap)
     args = ap.parse_args()
-    if not (bt.ARCHIVE.exists() and bt.WEIGHTS.exists()):
-        print(f"skipped: needs {bt.ARCHIVE} and {bt.WEIGHTS} (../shared beside the project)")
+    if not bt.use_inputs(args):
         return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -6,7 +6,7 @@ temporary copy of the project:
 
 A. CIFAR-10 subset (stratified: 500 train + 200 test images per class; val carved out of train)
    at --size px with timm's tf_efficientnet_lite0 and the real ImageNet weights in
-   ../shared/weights/: accuracy and wall time of
+   given by --weights: accuracy and wall time of
      - scratch: the same model from random weights, --epochs epochs (full fine-tune recipe);
      - linear_probe: cached features, the head trained for the default 15 epochs;
      - two_phase: 1 epoch head only, then everything (backbone lr × 0.1), --epochs epochs;
@@ -16,8 +16,8 @@ B. "A folder of ~400 photos at 224 px": 2 CIFAR classes upscaled to 500×375 JPE
    250 train / 150 test, `dvc exp run` of a linear probe, check to export (target < 60 s on 2
    CPU cores), with its accuracy beside the logistic-regression ceiling on its features.
 
-Needs ../shared/data/cifar10-jpeg.tar.gz and ../shared/weights/tf_efficientnet_lite0_imagenet.pth;
-skips with a message where they are absent.
+Needs the CIFAR-10 JPEG archive (--archive) and the ImageNet weights (--weights); skips with a
+message where they are absent.
 Run: python benchmarks/bench_transfer.py [--size 128] [--epochs 4] [--only A|B]
 """
 from __future__ import annotations
@@ -34,10 +34,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
-WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
+DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # where a shared checkout keeps them
+DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_imagenet.pth"
+ARCHIVE, WEIGHTS = DEFAULT_ARCHIVE, DEFAULT_WEIGHTS  # set from --archive / --weights by `use_inputs`
 MODEL = "tf_efficientnet_lite0"
+
+
+def input_args(ap: argparse.ArgumentParser, weights: bool = True) -> None:
+    """--archive (the CIFAR-10 JPEG tarball) and --weights (timm's tf_efficientnet_lite0 ImageNet
+    state dict), the real data and weights the benchmarks measure on."""
+    ap.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE, help="cifar10-jpeg.tar.gz: the CIFAR-10 "
+                    "images as JPEGs, <split>/<class>/*.jpg (default: %(default)s)")
+    if weights:
+        ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                        help=f"ImageNet weights of {MODEL} (a timm state dict; default: %(default)s)")
+
+
+def use_inputs(args: argparse.Namespace) -> bool:
+    """Take the paths from the arguments; False (with a line saying what is missing) when absent."""
+    global ARCHIVE, WEIGHTS
+    ARCHIVE, WEIGHTS = args.archive.resolve(), getattr(args, "weights", WEIGHTS).resolve()
+    needed = [ARCHIVE, WEIGHTS] if "weights" in args else [ARCHIVE]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        print(f"skipped: {', '.join(missing)} not found (give them with --archive / --weights)")
+    return not missing
 
 
 # ---------------------------------------------------------------- data
@@ -208,10 +229,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="epochs of scratch and two_phase in part A (default 4)")
     ap.add_argument("--only", choices=["A", "B"], help="run one part")
     ap.add_argument("--runs", nargs="+", choices=["scratch", "linear_probe", "two_phase"], help="part A: only these")
+    input_args(ap)
     args = ap.parse_args()
-    missing = [str(p) for p in (ARCHIVE, WEIGHTS) if not p.exists()]
-    if missing:
-        print(f"skipped: {', '.join(missing)} not found (the shared data and weights beside the project)")
+    if not use_inputs(args):
         return
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as t:
         tmp = Path(t)

@@ -7,7 +7,7 @@
 2. `precision_compile`: resnet18 at 32 px through the real loop in fp32, bf16 and bf16 +
    torch.compile (its first epoch, compile included, timed apart from the second).
 3. `time_to_94`: the fast CIFAR net (`resnet9`) with the fast recipe (RECIPE, RECIPE_DATA) on
-   CIFAR-10: `--jpegs` the shared cifar10-jpeg.tar.gz (prepared here as the prepare stage does,
+   CIFAR-10: `--jpegs` the CIFAR-10 JPEG archive cifar10-jpeg.tar.gz (prepared here as the prepare stage does,
    its time counted) or `--cifar` an already prepared folder; trained on the train split, the
    best epoch picked on val, scored on test: seconds to prepare, to train and in all (prepare,
    load, train, test), each epoch's val accuracy, the test accuracy, whether it reached 94 %.
@@ -121,7 +121,7 @@ def precision_compile(size: int, batch: int, steps: int, device: torch.device) -
 
 
 def cifar_from_jpegs(jpegs: Path, work: Path) -> tuple[Path, float]:
-    """The shared CIFAR-10 JPEGs (`cifar10-jpeg.tar.gz`, or the folder it unpacks to: train/ and
+    """The CIFAR-10 JPEGs (`cifar10-jpeg.tar.gz`, or the folder it unpacks to: train/ and
     test/ of class folders) prepared as the pipeline's prepare stage does (decoded once to uint8
     at 32 px, 2 % of train held out for val): (prepared folder, seconds it took, unpacking included)."""
     import tarfile
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny settings (the test suite runs them on a CPU)")
     ap.add_argument("--cifar", type=Path, default=None, help="a prepared CIFAR-10 folder (data/prepared)")
     ap.add_argument("--jpegs", type=Path, default=None,
-                    help="the shared cifar10-jpeg.tar.gz (or its unpacked folder): prepared here, its time counted")
+                    help="the CIFAR-10 JPEG archive cifar10-jpeg.tar.gz (or its unpacked folder): prepared here, its time counted")
     ap.add_argument("--steps", type=int, default=30, help="timed batches per throughput figure")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def section(out: dict, key: str, measure, path: Path | None) -> None:
     """One part of the check: its figures, or its error in one line, so that the others still
-    run (a lent GPU's minutes are few: one failure must not cost the whole call). The JSON so far
+    run (GPU time is often short: one failure must not cost the whole run). The JSON so far
     is written to `path` after each part, so a run cut short by its time limit keeps what it had."""
     t0 = time.perf_counter()
     try:
