@@ -3,11 +3,13 @@ DDP on the CPU (gloo): one checkpoint, one MLflow run, metrics over both process
 import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run, set_params
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(project: Path):
     set_params(project, **{"train.nproc": 2, "epochs": 2})
     for stage in ("check", "download", "prepare"):

@@ -192,14 +192,19 @@ def stages_run(out: str) -> list[str]:
     return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
 
 
-def test_same_inputs_same_bytes_and_every_knob_reruns_train(project: Path):
+def test_same_inputs_same_bytes_bad_params_touch_nothing_and_every_knob_reruns_train(project: Path, monkeypatch):
     """dvc repro -f leaves dvc.lock byte-identical (every output, cached or not, is the same
-    file); changing the weights, finetune, or the bytes of the weights file, re-runs train. (The knob runs
-    target `train`: what runs after it is not what they check, and costs ~1 min a run.)"""
+    file); bad params stop `dvc exp run` before any output is touched (tests/test_faults.py's
+    BAD); changing the weights, finetune, or the bytes of the weights file, re-runs train. (The
+    knob runs target `train`: what runs after it is not what they check, and costs ~1 min a run.)"""
+    from tests.test_faults import bad_params_touch_nothing
+
     run(["dvc", "repro"], project)
     lock = (project / "dvc.lock").read_text()
     run(["dvc", "repro", "-f"], project)
     assert (project / "dvc.lock").read_text() == lock
+    bad_params_touch_nothing(project, monkeypatch)
+    monkeypatch.undo()
 
     # fine-tune from our own checkpoint (a copy of it, inside the repo): its recorded preprocessing comes along
     (project / "weights").mkdir()

@@ -210,6 +210,7 @@ def test_scan_refuses_what_prepare_would_refuse(tmp_path: Path, layout: str, cas
     assert str(again.value) == message
 
 
+@pytest.mark.slow
 def test_check_refuses_a_bad_folder_before_dvc_touches_data_prepared(project: Path, tmp_path: Path):
     """Under the real dvc: prepare's outputs are removed before its command runs, so the check
     stage (run before prepare when data_dir or what it holds changes) is where a bad folder must

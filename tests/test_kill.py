@@ -128,6 +128,7 @@ KILLS = [  # (whom, signal, the stage's exit code, its last line)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whom, sig, code, last_line", KILLS, ids=[f"{k[0]}-{k[1].name}" for k in KILLS])
 def test_a_killed_ddp_run_leaves_nothing_running(ddp: Path, tmp_path: Path, whom, sig, code, last_line):
     log = tmp_path / "train.log"
@@ -140,6 +141,7 @@ def test_a_killed_ddp_run_leaves_nothing_running(ddp: Path, tmp_path: Path, whom
     assert "Traceback" not in out and out.strip().splitlines()[-1].startswith(last_line), out[-3000:]
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_stage_stops_all_and_the_next_run_resumes(ddp: Path, tmp_path: Path):
     with training(ddp, tmp_path / "train.log") as (proc, t):
         os.kill(t["stage"], signal.SIGKILL)
@@ -163,6 +165,7 @@ def test_the_killed_worker_is_named_not_the_one_its_death_broke(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_leaves_no_decode_worker(tmp_path: Path):
     """prepare decodes a large folder in forked workers (multiprocessing's Pool); after kill -9
     of the stage they find their task pipe closed and exit: none is left."""
