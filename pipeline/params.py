@@ -341,13 +341,13 @@ class TuneParams(_Section):
 class Params(_Section):
     """Every knob of the pipeline. Change a value here, or per experiment:
       dvc exp run -S lr=0.001 -S epochs=30 -S train.optimizer=sgd
-    Unknown keys, wrong types and out-of-range values stop the pipeline in its first stage (check),
-    with a one-line error, before any output is touched."""
+    Unknown keys, wrong types and out-of-range values stop the pipeline in its check stage, before
+    any stage that replaces an output, with a one-line error."""
     dataset: str = Field("digits", description=" | ".join(f"{name}: {d.description}" for name, d in DATASETS.items())
                          + f"; downloads are kept in {paths.RAW_DIR}/ (offline: place the archive there)")
     data_dir: str = Field(str(paths.RAW_DIR), min_length=1, description="dataset=folder: your folder of class "
-                          "folders, root/<class>/*.jpg or root/{train,val,test}/<class>/*.jpg (e.g. data/images, "
-                          f"ideally `dvc add`-ed); the downloaded sets live in {paths.RAW_DIR}")
+                          "folders, root/<class>/*.jpg or root/{train,val,test}/<class>/*.jpg (e.g. photos, recorded "
+                          f"with `dvc add photos`); the downloaded sets live in {paths.RAW_DIR}")
     model: str = Field("original", description="original: our small CNN, fast on a CPU; or any name `python -m "
                        "pipeline models` lists: ours (e.g. alexnet, resnet9) and timm's (e.g. resnet18, "
                        "tf_efficientnet_lite0)")

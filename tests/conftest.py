@@ -123,26 +123,11 @@ def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
 
 
 # ---------------------------------------------------------------- scheduling on several workers
-# `make test` runs the suite on every core (pytest-xdist, `--dist loadgroup`). Two rules keep
-# that fast: the slow end-to-end tests start first (the longest jobs first leave no worker idle
-# at the end), and the tests that share an expensive module or session fixture run on one worker
-# (else each worker would build it again: the trained pipeline of `exported_pipeline`, a module's
-# DVC experiments).
-SHARED_FIXTURES = {"exported_pipeline": "exported"}
-
-
-def _shares_an_expensive_fixture(item: pytest.Item) -> str | None:
-    for name in getattr(item, "fixturenames", ()):
-        if name in SHARED_FIXTURES:
-            return SHARED_FIXTURES[name]
-        defs = item._fixtureinfo.name2fixturedefs.get(name) if hasattr(item, "_fixtureinfo") else None
-        if defs and defs[-1].scope == "module":
-            return item.module.__name__
-    return None
+# `make test` runs the suite on every core (pytest-xdist, `--dist loadfile`: a test file's tests
+# on one worker, so a module's expensive fixture, such as the DVC experiments of test_runs.py, is
+# built once). The files with slow end-to-end tests start first: the longest jobs first leave no
+# worker idle at the end.
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if group := _shares_an_expensive_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first, else as written
