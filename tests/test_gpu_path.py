@@ -203,8 +203,10 @@ def test_gpu_check_smoke_prints_its_json(tmp_path):
     assert out["device"] == "cpu" and out["smoke"] is True
     assert [r["model"] for r in out["throughput"]] == ["resnet18", "resnet18"]
     for row in out["throughput"]:
+        # the ratio of the unrounded speeds; each speed is printed to 0.1 img/s (a slow machine: 2.4 of 2.37)
+        slack = 0.05 / row["bare_img_s"] + 0.05 * row["loop_img_s"] / row["bare_img_s"] ** 2 + 0.0005
         assert row["bare_img_s"] > 0 and row["loop_img_s"] > 0 and row["ratio"] == pytest.approx(
-            row["loop_img_s"] / row["bare_img_s"], rel=0.01)
+            row["loop_img_s"] / row["bare_img_s"], abs=slack)
     assert "skipped" in out["precision_compile"] and "skipped" in out["host_syncs"]
     t94 = out["time_to_94"]
     assert t94["model"] == "resnet9" and t94["train_s"] > 0 and 0 <= t94["test_accuracy"] <= 1
