@@ -27,7 +27,8 @@ TEST_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece_c
 TRAIN_HEADLINE = {"best_val_accuracy": "train/best_val_accuracy"}
 TRAIN_SPEED = {"train_seconds": "train/seconds"}
 EXPORT_NAMES = {"top1_agreement": "top-1 agreement with PyTorch", "max_abs_logit_diff": "max |logit difference|",
-                "n_checked": "test images checked", "onnx_bytes": "file size (bytes)"}
+                "n_checked": "test images checked", "onnx_bytes": "file size (bytes)",
+                "exporter": "exporter (torchscript, else dynamo)"}
 STRATEGIES = {"scratch": "from scratch", "full": "full fine-tuning", "linear_probe": "linear probe",
               "partial": "partial fine-tuning", "two_phase": "two-phase fine-tuning"}
 

@@ -9,6 +9,9 @@ user) needs nothing else. Reading it back, and running the file, is `pipeline.ex
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +31,7 @@ from pipeline.export.runtime import (  # noqa: F401  (the card's functions are t
 )
 
 MAX_ABS_DIFF = 1e-4
+TORCHSCRIPT_OPSET = 20  # the newest the TorchScript exporter writes (the dynamo exporter's default too)
 
 
 def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -39,30 +43,82 @@ def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
             "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'{scaled}"}
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> None:
+def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> str:
     """Write `path` with a dynamic batch axis (input `images`, output `logits`) and `metadata`
-    in the model's metadata_props; the same model gives the same bytes on any machine."""
-    example = torch.zeros(2, 3, image_size, image_size)
+    in the model's metadata_props; the same model gives the same bytes on any machine. Returns
+    the exporter that wrote it: `torchscript`, else `dynamo` for a model it cannot translate.
+
+    TorchScript's exporter first: it is deprecated in favour of the dynamo exporter, but 15-40×
+    faster for the same graph (tf_efficientnet_lite0 at 224 px: 0.7 s vs 10.3 s; resnet18 at 64 px:
+    0.2 s vs 3.0 s; our CNN at 16 px: 0.1 s vs 4.5 s with torch 2.15), and what it writes is
+    checked against PyTorch the same way. The dynamo exporter takes over where it fails (AlexNet
+    below 224 px: an adaptive pooling it cannot express) and once torch drops it."""
+    model, example = model.eval(), torch.zeros(2, 3, image_size, image_size)
+    try:
+        _torchscript_export(model, example, path)
+        exporter = "torchscript"
+    except Exception:  # noqa: BLE001 (any op it cannot translate: the dynamo exporter is the fallback)
+        _dynamo_export(model, example, path)
+        exporter = "dynamo"
+    _with_metadata(path, metadata or {})
+    return exporter
+
+
+def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), _stdout_discarded():  # its deprecation warning; its graph dump on failure
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=TORCHSCRIPT_OPSET)
+
+
+def _dynamo_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     onnx_program = torch.onnx.export(
-        model.eval(), (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+        model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
-    onnx_program.model.metadata_props.update(metadata or {})
     _reproducible(onnx_program.model)
     onnx_program.save(str(path))
+
+
+@contextlib.contextmanager
+def _stdout_discarded():
+    """File descriptor 1 to /dev/null for the duration (the TorchScript exporter prints its
+    whole graph from C++ when an op fails, which Python's redirect_stdout cannot catch)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _with_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_version = torch.__version__.split("+")[0]
+    onnx.save(model, str(path))
 
 
 def _reproducible(model) -> None:
     """Drop what ties the file to the machine that made it: the dynamo exporter writes, on every
     node, the Python stack trace that made it (absolute paths of this checkout and its venv)
-    and module/FX names, and the producer version carries torch's build tag (2.15.0+cu132 or
-    +cpu). Two checkouts in different folders wrote different model.onnx files from one model."""
+    and module/FX names. Two checkouts in different folders wrote different model.onnx files
+    from one model."""
     for node in model.graph.all_nodes():
         node.metadata_props.clear()
     for function in model.functions.values():
         for node in function.all_nodes():
             node.metadata_props.clear()
-    model.producer_version = torch.__version__.split("+")[0]
 
 
 def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -28,17 +28,17 @@ def run() -> dict:
     x, _ = load_split("test", paths.PREPARED_DIR)
     x_float = prep.model_input(torch.from_numpy(np.array(x))).numpy()
     with atomic_path(paths.ONNX_MODEL) as tmp:
-        export_onnx(model, prep.image_size, tmp, onnx_metadata(card))
+        exporter = export_onnx(model, prep.image_size, tmp, onnx_metadata(card))
         ort_logits = onnx_logits(tmp, x_float)
         metrics = parity(predict_logits(model, x, prep), ort_logits)
         check_parity(metrics)
         timing = batch1_latency(model, tmp, x_float[:1])
         write_json(paths.ONNX_META, card)
-    metrics["onnx_bytes"] = paths.ONNX_MODEL.stat().st_size
+    metrics |= {"onnx_bytes": paths.ONNX_MODEL.stat().st_size, "exporter": exporter}
     write_json(paths.EXPORT_METRICS, metrics)  # the same for the same model
     write_json(paths.EXPORT_TIMING, timing)    # latencies vary run to run: not a DVC output
     result = metrics | timing
-    print(f"export: {paths.ONNX_MODEL} ({result['onnx_bytes'] / 1e6:.2f} MB); top-1 agreement "
+    print(f"export: {paths.ONNX_MODEL} ({result['onnx_bytes'] / 1e6:.2f} MB, {exporter} exporter); top-1 agreement "
           f"{result['top1_agreement']:.2%}, max |logit diff| {result['max_abs_logit_diff']:.2e} "
           f"on {result['n_checked']} test images; batch-1 CPU latency p50 torch "
           f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms")
