@@ -286,6 +286,14 @@ def log_inputs(mlflow: Any, datasets: list[tuple[Any, str]]) -> None:
             _retry(mlflow.log_input, dataset, context=context)
 
 
+def onnx_model_requirements() -> list[str]:
+    """What serving the logged ONNX model needs, pinned to this environment: the list MLflow
+    infers by importing the model in a child Python (3-4 s of every report stage), given instead."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
+
+
 def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: Any, metadata: dict[str, Any],
                    register_as: str | None = None, alias: str = "candidate", providers: list[str] | None = None) -> Any:
     """Log the ONNX file at `path` as the active run's model `model` (MLflow 3 logged model,
@@ -301,7 +309,7 @@ def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: 
 
     signature = infer_signature(input_example, output_example)
     info = _retry(mlflow.onnx.log_model, onnx.load(str(path)), name="model", signature=signature,
-                  onnx_execution_providers=providers,
+                  onnx_execution_providers=providers, pip_requirements=onnx_model_requirements(),
                   input_example=input_example, metadata=metadata, registered_model_name=register_as,
                   save_as_external_data=path.stat().st_size >= 2**31)  # one file unless over protobuf's 2 GB
     if register_as:
