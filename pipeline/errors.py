@@ -1,6 +1,7 @@
 """User-facing errors: one line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -28,10 +29,13 @@ def run_cli(main: Callable[[], object]) -> None:
     interruption (Ctrl-C, SIGTERM) exit 130; anything unexpected one line naming the error
     and exit 1 (PIPELINE_TRACEBACK=1 shows the traceback)."""
     signal.signal(signal.SIGTERM, _terminate)
+    gc.freeze()  # what the imports made lives until the exit: no collection walks it again
+    gc.enable()  # (a stage's imports ran without it: stages/__init__.py)
     if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: an OSError naming the file, not a core dump
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         main()
+        gc.freeze()  # the exit frees everything at once: 0.3-0.6 s less than collecting it first
     except UserError as err:
         print(f"error: {_redacted(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
