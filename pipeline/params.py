@@ -172,7 +172,7 @@ class TrainParams(_Section):
                             "export and predict give the calibrated probabilities (accuracy is unchanged)")
     nproc: int = Field(1, ge=1, le=64, description="processes (DDP under torchrun: gloo on CPU, nccl on GPUs); 1 = "
                        "plain training")
-    num_threads: int = Field(0, ge=0, le=256, description="CPU threads per process; 0 = cores ÷ nproc")
+    num_threads: int = Field(0, ge=0, le=256, description="CPU threads per process; 0 = cores ÷ nproc (OMP_NUM_THREADS, when set, is the cores)")
 
     @field_validator("class_weights", mode="before")
     @classmethod

@@ -10,10 +10,9 @@ from tests.conftest import run, set_params
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(project: Path):
+def test_torchrun_two_processes(project: Path, first_stages):
     set_params(project, **{"train.nproc": 2, "epochs": 2})
-    for stage in ("check", "download", "prepare"):
-        run(["python", "-m", f"stages.{stage}"], project)
+    first_stages(project)
     out = run(["python", "-m", "stages.train"], project)
     assert "torch.distributed.run --standalone --nproc_per_node=2" in out.stdout
     summary = json.loads((project / "metrics/train.json").read_text())
@@ -28,3 +27,15 @@ def test_torchrun_two_processes(project: Path):
     history = client.get_metric_history(runs[0].info.run_id, "loss/train")
     assert [m.step for m in history] == [1, 2]
     run(["python", "-m", "stages.evaluate"], project)  # the checkpoint is a plain one (no DDP prefixes)
+
+
+@pytest.mark.parametrize("share, cores", [("3", 3), ("", None), ("0", None), ("two", None)])
+def test_the_cores_are_omp_num_threads_when_set(monkeypatch, share, cores):
+    """`train.num_threads: 0` divides these among the processes; the train stage passes them to
+    torchrun's workers, which would otherwise get OMP_NUM_THREADS=1 from torchrun."""
+    import os
+
+    from pipeline.training.distributed import cpu_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", share)
+    assert cpu_cores() == (cores or os.cpu_count())

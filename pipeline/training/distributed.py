@@ -39,13 +39,22 @@ AGENT_ENV = "PIPELINE_TORCHRUN_AGENT"     # pid of torchrun's agent, for its wor
 STOP_SECONDS = 60     # after SIGTERM, torchrun stops its workers (it gives them 30 s) and exits; else SIGKILL
 
 
+def cpu_cores() -> int:
+    """The cores this process may use: OMP_NUM_THREADS when it is set (a scheduler's or a
+    user's share of the machine, as torch itself reads it), else every CPU."""
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    return int(share) if share.isdigit() and int(share) > 0 else os.cpu_count() or 1
+
+
 def launch_torchrun(nproc: int) -> None:
     """Re-run the train stage as `nproc` DDP processes on this machine (torchrun --standalone),
     tied to this process (see the module's docstring); exit with torchrun's exit code."""
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "stages.train"]
     print(f"train: launching torch.distributed.run {' '.join(args)}", flush=True)
     agent = subprocess.Popen([sys.executable, "-m", __name__, *args], start_new_session=True,
-                             env=os.environ | {LAUNCHER_ENV: str(os.getpid())})
+                             env=os.environ | {LAUNCHER_ENV: str(os.getpid()),
+                                                # the share the workers divide (torchrun would set 1)
+                                                "OMP_NUM_THREADS": str(cpu_cores())})
     try:
         code = agent.wait()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`run_cli`): torchrun stops its workers

@@ -7,7 +7,6 @@ images from the prepared arrays and augments them per sample (`train`); `Feature
 penultimate features of a frozen backbone, so a linear probe trains in seconds."""
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from pipeline.models import head_parameter_names
 from pipeline.params import AugmentParams, TrainParams
 from pipeline.preprocess import Preprocessing
 from pipeline.training.batches import ImageBatches, resident_on, split_batches
-from pipeline.training.distributed import distributed, shard
+from pipeline.training.distributed import cpu_cores, distributed, shard
 from pipeline.training.ema import make_ema
 from pipeline.training.recipe import (
     EarlyStopping,
@@ -89,7 +88,7 @@ def augmentation_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def set_threads(num_threads: int) -> int:
-    n = num_threads or os.cpu_count() or 1
+    n = num_threads or cpu_cores()
     torch.set_num_threads(n)
     return n
 
@@ -336,7 +335,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     written after every epoch and a matching one is resumed."""
     rank, world = distributed()
     progress = progress and rank == 0
-    threads = set_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // world))
+    threads = set_threads(cfg.train.num_threads or max(1, cpu_cores() // world))
     gen = seed_everything(cfg.seed)  # the epoch order: the same on every rank
     device = torch.device(cfg.device)
     aug_gen = augmentation_generator(device, cfg.seed + 1 + rank)  # each rank its own
