@@ -1,6 +1,7 @@
 """Shared fixtures: a copy of the project in a temporary git repo, tiny params, prepared digits."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -8,6 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# The suite runs on every core at once (pytest-xdist): one thread per process, the tests' and the
+# stages' they start (clean_env passes it on). Two torch threads per process on two busy cores wait
+# on each other: a training step took 2× as long as with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -86,6 +92,42 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
+def _files(project: Path) -> dict[str, tuple[int, int]]:
+    """Every file of `project` outside .git: relative path -> (size, mtime in ns)."""
+    return {str(f.relative_to(project)): (f.lstat().st_size, f.lstat().st_mtime_ns)
+            for f in project.rglob("*") if ".git" not in f.relative_to(project).parts and not f.is_dir()}
+
+
+@pytest.fixture(scope="session")
+def first_stages(tmp_path_factory):
+    """`first_stages(project)`: the check, download and prepare stages, run in `project` as
+    `python -m stages.NAME`. A later project with the same params.yaml gets copies of the files
+    they wrote instead (the same bytes: the stages are deterministic and read nothing else of
+    the project): a dozen tests start from prepared digits, each run of the three costs ~6 s."""
+    done: dict[str, tuple[Path, list[str]]] = {}
+
+    def first_stages(project: Path) -> Path:
+        key = hashlib.sha256((project / "params.yaml").read_bytes()).hexdigest()
+        if key not in done:
+            before = _files(project)
+            for name in ("check", "download", "prepare"):
+                run(["python", "-m", f"stages.{name}"], project)
+            written = sorted(rel for rel, stamp in _files(project).items() if before.get(rel) != stamp)
+            store = tmp_path_factory.mktemp("first-stages")
+            for rel in written:
+                (store / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(project / rel, store / rel, follow_symlinks=False)
+            done[key] = (store, written)
+            return project
+        store, written = done[key]
+        for rel in written:
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(store / rel, project / rel, follow_symlinks=False)
+        return project
+
+    return first_stages
+
+
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
@@ -125,9 +167,15 @@ def exported_pipeline(tmp_path_factory) -> tuple[Path, str, dict]:
 # ---------------------------------------------------------------- scheduling on several workers
 # `make test` runs the suite on every core (pytest-xdist, `--dist loadfile`: a test file's tests
 # on one worker, so a module's expensive fixture, such as the DVC experiments of test_runs.py, is
-# built once). The files with slow end-to-end tests start first: the longest jobs first leave no
-# worker idle at the end.
+# built once). Files go to the workers in the order of their tests here (`--no-loadscope-reorder`;
+# xdist would otherwise start with the files of most tests): the files with most slow end-to-end
+# tests first, so the longest jobs start first and no worker waits alone at the end (xdist's own
+# order put test_dvc_e2e.py's 7 minutes last).
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first, else as written
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.path.name] = slow.get(item.path.name, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path.name])  # stable: within a file, as written
+

@@ -95,11 +95,9 @@ def bad_params_touch_nothing(project: Path, monkeypatch) -> None:
 
 
 @pytest.fixture
-def prepared(project: Path) -> Path:
+def prepared(project: Path, first_stages) -> Path:
     set_params(project, epochs=2)
-    for name in ("check", "download", "prepare"):
-        stage(project, name)
-    return project
+    return first_stages(project)
 
 
 def test_unreachable_tracking_server_is_one_line_within_seconds(prepared: Path):

@@ -27,13 +27,11 @@ EPOCHS = 8  # ~1.5 s each on 2 cores: a survivor would go on for 10 s, rewriting
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> Path:
+def ddp(tmp_path_factory, first_stages) -> Path:
     """A project with prepared digits and `train.nproc: 2`."""
     project = make_project(tmp_path_factory.mktemp("kill") / "project")
     set_params(project, **{"train.nproc": 2, "epochs": EPOCHS})
-    for stage in ("check", "download", "prepare"):
-        run(["python", "-m", f"stages.{stage}"], project)
-    return project
+    return first_stages(project)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -36,7 +36,9 @@ def mlflow_server(tmp_path: Path, monkeypatch):
         [f"{VENV_BIN}/mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=clean_env(MLFLOW_AUTH_ADMIN_PASSWORD=PLANTED, MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex), stdout=log, stderr=subprocess.STDOUT)
+        cwd=tmp_path, env=clean_env(MLFLOW_AUTH_ADMIN_PASSWORD=PLANTED, MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex,
+                      # no job runner: four more Python processes (MLflow's GenAI jobs) the test does not use
+                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log, stderr=subprocess.STDOUT)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PLANTED)
     url = f"http://127.0.0.1:{port}"

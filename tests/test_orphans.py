@@ -39,9 +39,10 @@ def runs_of(project: Path) -> dict[str, object]:
 
 
 @pytest.fixture
-def trained(project: Path) -> Path:
+def trained(project: Path, first_stages) -> Path:
     set_params(project, epochs=2)
-    for name in ("check", "download", "prepare", "train", "evaluate", "export"):
+    first_stages(project)
+    for name in ("train", "evaluate", "export"):
         run(["python", "-m", f"stages.{name}"], project)
     return project
 

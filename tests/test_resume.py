@@ -23,12 +23,9 @@ def outcome(project: Path) -> tuple[dict, pd.DataFrame, dict]:
 
 
 @pytest.fixture
-def prepared(project: Path) -> Path:
+def prepared(project: Path, first_stages) -> Path:
     set_params(project, epochs=5, image_size=16, **{"augment.hflip": True, "train.label_smoothing": 0.1})
-    stage(project, "check")
-    stage(project, "download")
-    stage(project, "prepare")
-    return project
+    return first_stages(project)
 
 
 @pytest.mark.slow
