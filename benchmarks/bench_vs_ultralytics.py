@@ -1,0 +1,170 @@
+"""Whole-run wall time against Ultralytics on a CPU: same data and split, same architecture,
+epochs, image size and batch; each tool otherwise on its own defaults.
+
+The data: a class-folder subset of the CIFAR-10 JPEGs (--archive; --classes classes, --train /
+--val / --test images of each), split once into train/, val/ and test/ folders that both tools
+read. The model: torchvision's ResNet-18 from random weights (ours: `model=resnet18`;
+Ultralytics: its `yolo11-cls-resnet18` recipe, the same ResNet-18 truncated before its pooling
+with the YOLO classification head, built without pretrained weights).
+
+- this project: `dvc exp run` of the whole pipeline (check → report) in a temporary copy of the
+  project; the train stage's own training seconds (metrics/train_timing.json); test accuracy
+  from metrics/eval.json.
+- Ultralytics: `YOLO(...).train(...)` then `.val(split="test")` in a virtual environment of its
+  own (--venv, made by this script: it sees this project's torch and torchvision, so nothing
+  is downloaded twice, and pip adds Ultralytics and what else it needs; the project's own
+  environment is not touched). Skipped with a line when it cannot be installed.
+
+Prints one JSON line per tool and the ratios (ours ÷ theirs): whole-run wall time, training time,
+test accuracy. Run on a quiet machine: python benchmarks/bench_vs_ultralytics.py
+[--epochs 10] [--image-size 64] [--batch 64] [--only ours|ultralytics]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_transfer as bt  # the CIFAR archive, project copies and runners
+
+ULTRALYTICS = "ultralytics==8.4.190"  # the version of the issue's measurement
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer"]
+# Ultralytics' yolo11-cls-resnet18.yaml with the backbone's weights set to none: from scratch, as ours
+YOLO_RESNET18 = """nc: {nc}
+backbone:
+  - [-1, 1, TorchVision, [512, resnet18, null, True, 2]]
+head:
+  - [-1, 1, Classify, [nc]]
+"""
+
+
+def split_once(cifar: Path, out: Path, classes: list[str], n_train: int, n_val: int, n_test: int) -> Path:
+    """out/{train,val,test}/<class>/*.jpg: train and val from CIFAR's train split (disjoint,
+    first files by name), test from its test split."""
+    import shutil
+
+    for cls in classes:
+        train_files = sorted((cifar / "train" / cls).iterdir())
+        picks = {"train": train_files[:n_train], "val": train_files[n_train:n_train + n_val],
+                 "test": sorted((cifar / "test" / cls).iterdir())[:n_test]}
+        for split, files in picks.items():
+            (out / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy2(f, out / split / cls / f.name)
+    return out
+
+
+# ---------------------------------------------------------------- this project
+
+
+def run_ours(data: Path, work: Path, args) -> dict:
+    project = bt.make_project(work / "project")
+    bt.set_params(project, {"dataset": "folder", "data_dir": str(data), "model": "resnet18", "pretrained": False,
+                            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch})
+    bt.run(["git", "commit", "-qam", "benchmark params"], project)
+    wall = bt.run(["dvc", "exp", "run", "--name", "vs-ultralytics"], project)
+    timing = json.loads((project / "metrics/train_timing.json").read_text())
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    return {"tool": "this project", "wall_s": round(wall, 1), "train_s": round(timing["train_seconds"], 1),
+            "test_accuracy": round(evaluation["accuracy"], 4), "n_test": evaluation["n_test"],
+            "first_epoch_s": round(timing["first_epoch_seconds"], 1), "later_epoch_s": round(timing["later_epoch_seconds"], 1)}
+
+
+# ---------------------------------------------------------------- Ultralytics
+
+
+def ultralytics_python(venv: Path) -> Path | None:
+    """The Python of a virtual environment with Ultralytics; None (with a line) when pip fails."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        # this project's packages after its own: torch and torchvision are found, not downloaded again
+        (Path(site) / "project-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    if subprocess.run([str(python), "-c", "import ultralytics"], capture_output=True, check=False).returncode:
+        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", ULTRALYTICS],
+                             capture_output=True, text=True, check=False)
+        if pip.returncode:
+            print(f"skipped Ultralytics: pip install {ULTRALYTICS} failed: {pip.stderr.strip().splitlines()[-1:]}")
+            return None
+    return python
+
+
+ULTRALYTICS_RUN = """
+import json, sys, time
+from ultralytics import YOLO
+data, cfg, epochs, imgsz, batch, out = sys.argv[1:7]
+t0 = time.perf_counter()
+model = YOLO(cfg, task="classify")
+model.train(data=data, epochs=int(epochs), imgsz=int(imgsz), batch=int(batch), device="cpu", pretrained=False,
+            plots=False, project=out, name="train", exist_ok=True, verbose=False)
+train_s = time.perf_counter() - t0
+metrics = YOLO(f"{out}/train/weights/best.pt").val(data=data, split="test", imgsz=int(imgsz), batch=int(batch),
+                                                   device="cpu", plots=False, project=out, name="test", verbose=False)
+print(json.dumps({"train_s": train_s, "test_accuracy": float(metrics.top1)}))
+"""
+
+
+def run_ultralytics(python: Path, data: Path, work: Path, args) -> dict:
+    cfg = work / "yolo11-cls-resnet18-scratch.yaml"
+    cfg.write_text(YOLO_RESNET18.format(nc=len(CLASSES)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(work / "yolo-config")}  # no update checks, no fonts
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(python), "-c", ULTRALYTICS_RUN, str(data), str(cfg), str(args.epochs),
+                           str(args.image_size), str(args.batch), str(work / "runs")],
+                          cwd=work, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"Ultralytics failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"tool": ULTRALYTICS, "wall_s": round(wall, 1), "train_s": round(out["train_s"], 1),
+            "test_accuracy": round(out["test_accuracy"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--train", type=int, default=610, help="train images per class (default 610: 3,050 in all)")
+    ap.add_argument("--val", type=int, default=84, help="validation images per class")
+    ap.add_argument("--test", type=int, default=169, help="test images per class")
+    ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "ultralytics-venv",
+                    help="Ultralytics' own virtual environment (made when missing; default: %(default)s)")
+    ap.add_argument("--only", choices=["ours", "ultralytics"])
+    bt.input_args(ap, weights=False)
+    args = ap.parse_args()
+    if not bt.use_inputs(args):
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-vs-ultralytics-") as t:
+        work = Path(t)
+        cifar = bt.unpack(Path(os.environ.get("CIFAR_DIR", work / "cifar10")))
+        data = split_once(cifar, work / "data", CLASSES, args.train, args.val, args.test)
+        print(json.dumps({"data": str(data), "classes": CLASSES, "per_class": [args.train, args.val, args.test],
+                          "epochs": args.epochs, "image_size": args.image_size, "batch": args.batch,
+                          "cpus": os.cpu_count()}), flush=True)
+        rows = {}
+        if args.only in (None, "ultralytics") and (python := ultralytics_python(args.venv)):
+            rows["ultralytics"] = run_ultralytics(python, data, work, args)
+            print(json.dumps(rows["ultralytics"]), flush=True)
+        if args.only in (None, "ours"):
+            rows["ours"] = run_ours(data, work, args)
+            print(json.dumps(rows["ours"]), flush=True)
+        if len(rows) == 2:
+            ours, theirs = rows["ours"], rows["ultralytics"]
+            print(json.dumps({"ratio_wall": round(ours["wall_s"] / theirs["wall_s"], 3),
+                              "ratio_train": round(ours["train_s"] / theirs["train_s"], 3),
+                              "accuracy_difference": round(ours["test_accuracy"] - theirs["test_accuracy"], 4)}))
+
+
+if __name__ == "__main__":
+    main()
