@@ -55,13 +55,14 @@ def phase_bare_decode(images: Path) -> dict:
 def phase_prepare(images: Path, out: Path, single: bool = False) -> dict:
     from pipeline.data import prepare as data
     from pipeline.data.folder import scan_folder
+    from pipeline.params import DataParams
 
     if single:
         data._PARALLEL_FROM = 1 << 62  # decode in-process, like the bare loop
     t0 = time.perf_counter()
     source = scan_folder(images)
     scan_seconds = time.perf_counter() - t0
-    meta = data.prepare(source, 32, 0.1, 0.15, 0, out)
+    meta = data.prepare(source, 32, DataParams(val_fraction=0.1, test_fraction=0.15, split_seed=0), out)
     seconds = time.perf_counter() - t0
     n = sum(meta["counts"].values())
     return {"images": n, "seconds": seconds, "scan_seconds": scan_seconds, "images_per_s": n / seconds,

@@ -128,6 +128,7 @@ def cifar_from_jpegs(jpegs: Path, work: Path) -> tuple[Path, float]:
 
     from pipeline.data.folder import scan_folder
     from pipeline.data.prepare import prepare
+    from pipeline.params import DataParams
 
     t0 = time.perf_counter()
     root = jpegs
@@ -136,8 +137,8 @@ def cifar_from_jpegs(jpegs: Path, work: Path) -> tuple[Path, float]:
             tar.extractall(work / "jpegs", filter="data")
         tops = [p for p in (work / "jpegs").iterdir() if p.is_dir()]
         root = tops[0] if len(tops) == 1 and not (work / "jpegs" / "train").is_dir() else work / "jpegs"
-    prepare(scan_folder(root), 32, val_fraction=RECIPE_DATA["data.val_fraction"], test_fraction=0.0, seed=0,
-            out_dir=work / "prepared")
+    # the set's own test split is kept: test_fraction is not used
+    prepare(scan_folder(root), 32, DataParams(val_fraction=RECIPE_DATA["data.val_fraction"]), out_dir=work / "prepared")
     return work / "prepared", time.perf_counter() - t0
 
 

@@ -14,7 +14,7 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
 class BadImage(Exception):
     """An item that cannot be used (corrupt, truncated, not an image, unreadable). The message
-    is the reason shown in the manifest and the data report, e.g. 'truncated image'."""
+    is the reason shown in the manifest and the data card, e.g. 'truncated image'."""
 
 
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -81,10 +81,14 @@ def decode_image(path: Path, size_hint: int) -> Image.Image:
 
 
 def _decode(path: Path, size_hint: int) -> Image.Image:
+    """The RGB image; its `info["source"]` is the file's own (width, height, mode)."""
     with Image.open(path) as img:
+        own = (*img.size, img.mode)
         if img.format == "JPEG" and size_hint:
             img.draft("RGB", (size_hint, size_hint))  # DCT scaling: decode big JPEGs at ≥ size_hint
         img.load()
         if img.format != "JPEG" or "exif" in img.info:  # a JPEG's orientation lives in its EXIF block
             img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        rgb = to_rgb(img)
+        rgb.info["source"] = own
+        return rgb

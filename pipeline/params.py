@@ -73,6 +73,30 @@ class DataParams(_Section):
                                  "sets and root/test/ keep theirs)")
     resize: Literal[RESIZE_POLICIES] = Field("center_crop", description="center_crop: shorter side to image_size, "
                                              "centre crop | stretch: ignore aspect ratio")
+    duplicate_threshold: float = Field(0.94, ge=0.5, le=1, description="images whose 16×16 thumbnails are at least "
+                                       "this alike (cosine, 1 = the same) are near-duplicates: kept in one split, "
+                                       "listed in metrics/data_card.md; resized, re-encoded, colour-shifted and "
+                                       "slightly cropped copies score above 0.94")
+    group_by: str | None = Field(None, min_length=1, description="a regular expression over each image's path "
+                                    "(relative to data_dir); images with the same match (its first group, if it has "
+                                    "one) stay in one split and one fold, e.g. '([^/_]+)_[^/]*$' for "
+                                    "files named <patient>_<n>.jpg; null: duplicates are the only groups")
+    leakage: Literal["report", "drop_from_test", "error"] = Field("report", description="a data set split by its "
+                                                                  "maker (root/train|val|test, cifar, mnist) whose "
+                                                                  "test or val images have a near-duplicate or "
+                                                                  "group member in train: report (the card lists "
+                                                                  "them, evaluate adds clean-test figures) | "
+                                                                  "drop_from_test | error")
+
+    @field_validator("group_by")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc}); e.g. '([^/_]+)_[^/]*$'") from None
+        return value
 
 
 def _range(low: float, high: float, what: str):

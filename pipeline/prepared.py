@@ -28,6 +28,22 @@ def split_files(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[Pa
     return prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
 
 
+def load_groups(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> np.ndarray:
+    """The group of each image of one prepared split (near-duplicates and data.group_by share
+    a number): folds and the clean-test figures keep or check groups whole."""
+    path = prepared_dir / f"{split}_group.npy"
+    if not path.exists():
+        raise UserError(f"{path} is missing; re-make the prepared data: dvc repro -f prepare")
+    return np.load(path)
+
+
+def leaked_test(prepared_dir: Path = paths.PREPARED_DIR) -> np.ndarray:
+    """Per test image: True when its group has a member in train or val (a near-duplicate or
+    data.group_by's group in a data set that came split)."""
+    seen = np.concatenate([load_groups(s, prepared_dir) for s in ("train", "val")])
+    return np.isin(load_groups("test", prepared_dir), seen)
+
+
 def load_split(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
     """Memory-mapped uint8 images (N×3×S×S) and labels of one prepared split."""
     x_path, y_path = split_files(split, prepared_dir)

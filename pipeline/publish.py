@@ -32,8 +32,8 @@ from pipeline.io import atomic_path, file_sha256, files_sha256, read_json, write
 from pipeline.prepared import load_meta, load_split, split_files
 
 # what train, evaluate and export write that the run holds as files (pictures: PICTURES)
-TRAIN_FILES = [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.CROSSVAL_METRICS, paths.DATA_REPORT,
-               paths.DATA_REPORT_MD]
+TRAIN_FILES = [paths.TRAIN_METRICS, paths.TRAIN_HISTORY, paths.CROSSVAL_METRICS, paths.DATA_CARD,
+               paths.DATA_CARD_MD, paths.DATA_CARD_PNG]
 EVAL_FILES = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.LABEL_ISSUES]
 
 

@@ -23,7 +23,8 @@ from pipeline.text import shorten
 CURVES = {"train_loss": "loss/train", "val_loss": "loss/val", "train_accuracy": "accuracy/train",
           "val_accuracy": "accuracy/val", "lr": "schedule/lr"}
 # the one-value figures logged as metrics: what runs are sorted and compared by
-TEST_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece_calibrated", "accuracy_tta")
+TEST_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece_calibrated", "accuracy_tta",
+                 "accuracy_clean")
 TRAIN_HEADLINE = {"best_val_accuracy": "train/best_val_accuracy"}
 TRAIN_SPEED = {"train_seconds": "train/seconds"}
 EXPORT_NAMES = {"top1_agreement": "top-1 agreement with PyTorch", "max_abs_logit_diff": "max |logit difference|",

@@ -132,11 +132,12 @@ def first_stages(tmp_path_factory):
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
     from pipeline.data.prepare import prepare
+    from pipeline.params import DataParams
     from pipeline.data.registry import download, load_source
 
     base = tmp_path_factory.mktemp("digits")
     download("digits", base / "raw")
-    prepare(load_source("digits", base / "raw"), 16, 0.15, 0.15, 0, base / "prepared")
+    prepare(load_source("digits", base / "raw"), 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), base / "prepared")
     return base / "prepared"
 
 

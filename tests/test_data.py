@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.prepare import channel_stats, prepare
+from pipeline.params import DataParams
 from pipeline.data.registry import download, load_source
 from pipeline.data.source import Source
 from pipeline.errors import UserError
@@ -22,7 +23,7 @@ def test_download_digits_is_real_and_idempotent(tmp_path: Path):
     assert len(source.items) == len(source.labels) == 1797
     assert source.classes == [str(i) for i in range(10)]
     images = [source.decode(i, 8) for i in source.items]
-    assert images[0].shape == (8, 8, 3) and images[0].dtype == np.uint8
+    assert images[0].shape == (8, 8) and images[0].dtype == np.uint8  # grey: prepare makes it RGB
     assert max(int(im.max()) for im in images) == 255
     assert download("digits", tmp_path).read_bytes() == first
     assert [p.name for p in tmp_path.iterdir()] == ["digits.npz"]  # no temporary files left
@@ -57,9 +58,9 @@ def test_statistics_come_from_the_train_split_only(prepared_digits: Path):
 
 def test_split_is_seeded(tmp_path: Path):
     raw = load_source("digits", download("digits", tmp_path / "raw").parent)
-    a = prepare(raw, 8, 0.15, 0.15, 1, tmp_path / "a")
-    b = prepare(raw, 8, 0.15, 0.15, 1, tmp_path / "b")
-    c = prepare(raw, 8, 0.15, 0.15, 2, tmp_path / "c")
+    a = prepare(raw, 8, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=1), tmp_path / "a")
+    b = prepare(raw, 8, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=1), tmp_path / "b")
+    c = prepare(raw, 8, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=2), tmp_path / "c")
     ya, yb, yc = (load_split("test", tmp_path / d)[0] for d in "abc")
     assert np.array_equal(ya, yb) and not np.array_equal(ya, yc)
     assert a == b
@@ -68,12 +69,13 @@ def test_split_is_seeded(tmp_path: Path):
 def test_one_class_is_an_error_and_writes_nothing(tmp_path: Path):
     raw = array_source([np.zeros((8, 8, 3), np.uint8)] * 10, np.zeros(10, np.int64), ["only"])
     with pytest.raises(UserError, match="at least 2"):
-        prepare(raw, 8, 0.15, 0.15, 0, tmp_path / "prepared")
+        prepare(raw, 8, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
 
 
 def test_too_few_images_to_split_is_a_clear_error(tmp_path: Path):
-    raw = array_source([np.zeros((8, 8, 3), np.uint8)] * 4, np.array([0, 0, 1, 1]), ["a", "b"])
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)  # distinct: no duplicate groups
+    raw = array_source(list(images), np.array([0, 0, 1, 1]), ["a", "b"])
     with pytest.raises(UserError, match="cannot split"):
-        prepare(raw, 8, 0.15, 0.15, 0, tmp_path / "prepared")
+        prepare(raw, 8, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "prepared")
     assert list(tmp_path.iterdir()) == []

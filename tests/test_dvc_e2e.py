@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import clean_env, run
+from tests.conftest import clean_env, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,13 @@ def test_repro_then_experiments(project: Path, tmp_path: Path):
     assert len(values) == evaluation["n_test"] and {"actual", "predicted"} <= set(values[0])
     assert {"Loss per epoch (train and validation)", "Accuracy per epoch (train and validation)",
             "metrics/confusion_matrix.png"} <= set(plots)
+
+    # the data params re-run prepare (and what follows): DVC sees data.group_by and data.leakage change
+    params_yaml = (project / "params.yaml").read_text()
+    set_params(project, **{"data.group_by": "([^/]+)$", "data.leakage": "error"})
+    changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert changed["prepare"] == [{"changed deps": {"params.yaml": {"data": "modified"}}}], changed
+    (project / "params.yaml").write_text(params_yaml)
 
     # 3. a fresh clone of the results: train re-makes the same model.pt, DVC skips evaluate, and the
     # new store's one run still holds the test figures, the model and the report, which names it
@@ -174,7 +181,7 @@ def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
     write_messy_folder(images)
     run(["dvc", "exp", "run", "-S", "dataset=folder", "-S", f"data_dir={images}", "-S", "epochs=3",
          "--name", "folder-exp", "evaluate"], project)  # up to evaluate: export is not what this checks
-    report = json.loads((project / "metrics/data_report.json").read_text())
+    report = json.loads((project / "metrics/data_card.json").read_text())
     assert report["per_split"]["val"] == 12 and report["images_used"] == 48
     assert report["skipped_by_reason"].get("empty file") == 1
     assert sum(report["skipped_by_reason"].values()) == report["files_skipped"] >= 2
@@ -185,7 +192,7 @@ def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
     assert folder_run.data.tags["dataset"] == "images" and folder_run.data.tags["data_dir"] == str(images)
     assert folder_run.info.run_name.startswith("original · images")
     assert report["dataset"] == {"name": "images", "source": "folder", "path": str(images)}
-    assert "# Data report: images" in (project / "metrics/data_report.md").read_text()
+    assert "# Data card: images" in (project / "metrics/data_card.md").read_text()
 
 
 def stages_run(out: str) -> list[str]:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.data.folder import scan, scan_folder
 from pipeline.data.prepare import prepare
+from pipeline.params import DataParams
 from pipeline.errors import UserError
 from pipeline.images import BadImage, decode_image
 from pipeline.prepared import load_meta
@@ -83,7 +84,7 @@ def test_messy_folder_used_skipped_and_reported(tmp_path: Path):
     source = scan_folder(root)
     assert source.classes == ["cat", "dog"]  # the empty 'bird' folder is not a class
     assert source.notes["layout"] == "pre-split" and source.notes["empty_class_folders"] == ["train/bird"]
-    meta = prepare(source, 16, 0.15, 0.15, 0, tmp_path / "prepared")
+    meta = prepare(source, 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "prepared")
     manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv", keep_default_na=False)
     got = {r.path: (r.reason if r.status == "skipped" else "") for r in manifest.itertuples()}
     assert got == expected
@@ -121,7 +122,7 @@ def test_class_folder_layout_is_split_stratified(tmp_path: Path):
             Image.fromarray(photo(hash((cls, i)) % 10_000, (9, 9))).save(tmp_path / "imgs" / cls / f"{i}.png")
     source = scan_folder(tmp_path / "imgs")
     assert source.splits is None and source.notes["layout"] == "class folders"
-    meta = prepare(source, 8, 0.2, 0.2, 0, tmp_path / "prepared")
+    meta = prepare(source, 8, DataParams(val_fraction=0.2, test_fraction=0.2, split_seed=0), tmp_path / "prepared")
     assert meta["counts"] == {"train": 18, "val": 6, "test": 6}
     assert load_meta(tmp_path / "prepared")["classes"] == ["a", "b", "c"]
 
@@ -133,7 +134,7 @@ def test_a_class_with_no_usable_image_is_an_error(tmp_path: Path):
         Image.fromarray(photo(i, (9, 9))).save(tmp_path / "imgs" / "good" / f"{i}.png")
     (tmp_path / "imgs" / "bad" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(UserError, match="class 'bad' has no usable image"):
-        prepare(scan_folder(tmp_path / "imgs"), 8, 0.2, 0.2, 0, tmp_path / "prepared")
+        prepare(scan_folder(tmp_path / "imgs"), 8, DataParams(val_fraction=0.2, test_fraction=0.2, split_seed=0), tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
 
 
@@ -157,12 +158,12 @@ def test_parallel_decoding_matches_in_process_decoding(tmp_path: Path, monkeypat
     root = tmp_path / "images"
     build_messy(root)
     source = scan_folder(root)
-    prepare(source, 16, 0.15, 0.15, 0, tmp_path / "serial")
+    prepare(source, 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "serial")
     monkeypatch.setattr(data, "_PARALLEL_FROM", 1)  # this small set now takes the pool path...
     monkeypatch.setattr(data, "_DECODE_CHUNK", 3)   # ...in many small tasks
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})  # 2 workers even on 1 core
     assert data.decode_workers(len(source.items)) == 2
-    prepare(source, 16, 0.15, 0.15, 0, tmp_path / "parallel")
+    prepare(source, 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "parallel")
     for name in ("train_x.npy", "train_y.npy", "val_x.npy", "test_x.npy", "test_y.npy"):
         assert np.array_equal(np.load(tmp_path / "serial" / name), np.load(tmp_path / "parallel" / name)), name
     assert (tmp_path / "serial" / "manifest.csv").read_text() == (tmp_path / "parallel" / "manifest.csv").read_text()
@@ -302,7 +303,7 @@ def test_an_image_above_the_pixel_limit_is_refused_by_prepare_and_predict_alike(
             Image.fromarray(photo(10 * k + i, (9, 9))).save(tmp_path / "imgs" / cls / f"{i}.png")
     big = tmp_path / "imgs" / "cat" / "big.png"
     Image.new("1", (10_000, 10_000)).save(big)  # one colour: a 12 KB file
-    prepare(scan_folder(tmp_path / "imgs"), 8, 0.2, 0.2, 0, tmp_path / "prepared")
+    prepare(scan_folder(tmp_path / "imgs"), 8, DataParams(val_fraction=0.2, test_fraction=0.2, split_seed=0), tmp_path / "prepared")
     manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv", keep_default_na=False).set_index("path")
     reason = "decompression bomb (more pixels than the limit, 89,478,485); resize it to fewer pixels"
     assert (manifest.loc["cat/big.png", "status"], manifest.loc["cat/big.png", "reason"]) == ("skipped", reason)

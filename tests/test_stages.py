@@ -121,7 +121,7 @@ def test_one_mlflow_run_holds_everything(pipeline_run):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
             "augmented_samples.png", "eval.json", "per_class.csv", "onnx", "misclassified.png", "gradcam.png",
-            "report.md", "report.html", "train.json", "data_report.json", "data_report.md", "diagnostics"} <= artifacts
+            "report.md", "report.html", "train.json", "data_card.json", "data_card.md", "data_card_duplicates.png", "diagnostics"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")} == {"diagnostics/train.json"}
     # what the UI shows: a description with every figure, the data set as inputs, the model-training view
     note = run.data.tags["mlflow.note.content"]

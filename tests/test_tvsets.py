@@ -25,6 +25,7 @@ import pytest
 
 from pipeline.data import tvsets
 from pipeline.data.prepare import prepare
+from pipeline.params import DataParams
 from pipeline.errors import UserError
 from pipeline.images import resize
 from pipeline.prepared import load_split
@@ -214,7 +215,7 @@ def test_cifar10_download_extract_load_prepare(tmp_path: Path, served):
         assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
         np.testing.assert_array_equal(image, all_x[i])
 
-    meta = prepare(source, 16, 0.15, 0.15, 0, tmp_path / "prepared")
+    meta = prepare(source, 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0), tmp_path / "prepared")
     assert meta["counts"]["test"] == 20 and meta["counts"]["train"] > 0 and meta["counts"]["val"] > 0
     assert meta["counts"]["train"] + meta["counts"]["val"] == 100
     test_x, test_y = load_split("test", tmp_path / "prepared")
@@ -246,10 +247,9 @@ def test_grayscale_sets_decode_to_three_equal_channels(tmp_path: Path, served, n
     assert list(source.splits) == ["train"] * 30 + ["test"] * 10
     np.testing.assert_array_equal(source.labels, np.concatenate([labels["train"], labels["t10k"]]))
     for i, expected in ((0, images["train"][0]), (35, images["t10k"][5])):
-        image = source.decode(i, 28)
-        assert image.shape == (28, 28, 3) and image.dtype == np.uint8
-        for c in range(3):
-            np.testing.assert_array_equal(image[:, :, c], expected)
+        image = source.decode(i, 28)  # grey, as stored: prepare repeats it into three channels
+        assert image.shape == (28, 28) and image.dtype == np.uint8
+        np.testing.assert_array_equal(image, expected)
 
 
 def test_mirrors_are_tried_in_order(tmp_path: Path, served, offline_url: str):

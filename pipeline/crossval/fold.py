@@ -13,28 +13,26 @@ from pipeline.errors import UserError
 from pipeline.io import read_json, write_json
 
 
-def assignments(y: np.ndarray, k: int, seed: int, classes: list[str]) -> np.ndarray:
+def assignments(y: np.ndarray, k: int, seed: int, classes: list[str], groups: np.ndarray | None = None) -> np.ndarray:
     """The fold (0..k-1) of every pooled image: stratified (each fold has every class in
-    proportion), seeded."""
-    from sklearn.model_selection import StratifiedKFold
+    proportion), seeded; each group (near-duplicates, data.group_by) in one fold."""
+    from pipeline.data.groups import fold_assignments
 
     counts = np.bincount(y, minlength=len(classes))
     if (small := np.flatnonzero((counts > 0) & (counts < k))).size:
         raise UserError(f"crossval.folds={k}: class {classes[small[0]]!r} has only {counts[small[0]]} train+val images; "
                         "use fewer folds (each fold needs one image of every class)")
-    fold = np.empty(len(y), dtype=np.int64)
-    for f, (_, held_out) in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(y, y)):
-        fold[held_out] = f
-    return fold
+    return fold_assignments(y, groups, k, seed)
 
 
-def pooled(prepared: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
-    """The train and val images and labels, one after the other, and where each came from."""
-    from pipeline.prepared import load_split
+def pooled(prepared: Path = paths.PREPARED_DIR) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]], np.ndarray]:
+    """The train and val images, labels and groups, one after the other, and where each came from."""
+    from pipeline.prepared import load_groups, load_split
 
     parts = [load_split(split, prepared) for split in SPLITS]
     origin = [(split, i) for split, (_, y) in zip(SPLITS, parts) for i in range(len(y))]
-    return np.concatenate([np.asarray(x) for x, _ in parts]), np.concatenate([y for _, y in parts]), origin
+    groups = np.concatenate([load_groups(split, prepared) for split in SPLITS])
+    return np.concatenate([np.asarray(x) for x, _ in parts]), np.concatenate([y for _, y in parts]), origin, groups
 
 
 def finished(fold: int, k: int, fingerprint: str, records: Path = paths.CROSSVAL_RECORDS) -> dict | None:
@@ -53,8 +51,8 @@ def run_folds(params, device: str, records: Path = paths.CROSSVAL_RECORDS) -> li
     from pipeline.training.run import setup
 
     s = setup(params, device)
-    x, y, origin = pooled()
-    folds = assignments(y, k, params.data.split_seed, s.classes)
+    x, y, origin, groups = pooled()
+    folds = assignments(y, k, params.data.split_seed, s.classes, groups)
     out = []
     for fold in range(k):
         if (record := finished(fold, k, s.cfg.fingerprint, records)) is not None:

@@ -1,3 +1,3 @@
 """Stages `download` and `prepare`: data sets (`registry`: digits, the torchvision sets, your
 folders) → decoded once, resized, split and written as the prepared arrays (`prepare`), with a
-manifest and the data report (`report`)."""
+manifest, duplicates and the data card (`card`)."""

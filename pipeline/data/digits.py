@@ -34,5 +34,5 @@ def load_source(raw_dir: Path) -> Source:
     with np.load(path) as z:
         gray, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
     return Source(classes, range(len(gray)), labels,
-                  decode=lambda i, _size: np.repeat(gray[i][:, :, None], 3, axis=2),
+                  decode=lambda i, _size: gray[i],  # grey: prepare repeats it into RGB after resizing
                   names=[f"digits/{i}" for i in range(len(gray))])

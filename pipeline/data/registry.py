@@ -47,7 +47,7 @@ def display_name(dataset: str, data_dir: str | Path) -> str:
 
 
 def provenance(dataset: str, data_dir: str) -> dict:
-    """The data set's name and where it came from (the data report's header): for a folder, its
+    """The data set's name and where it came from (the data card's header): for a folder, its
     path as params.yaml gives it (the report is a DVC output: no machine's absolute path)."""
     return {"name": display_name(dataset, data_dir), "source": dataset,
             "path": data_dir if DATASETS[dataset].kind == "folder" else None}

@@ -29,7 +29,7 @@ class Source:
     names: Sequence[str] | None = None         # per item: a path or id for the manifest
     hashes: Sequence[str] | None = None        # per item: content hash for the manifest
     skipped: list[dict] = field(default_factory=list)  # files rejected before decoding: path, class, split, reason, hash
-    notes: dict = field(default_factory=dict)  # extra facts for the data report (layout, duplicates, conflicts)
+    notes: dict = field(default_factory=dict)  # extra facts for the data card (layout, duplicates, conflicts)
 
     def __post_init__(self) -> None:
         assert len(self.items) == len(self.labels), "one label per item"

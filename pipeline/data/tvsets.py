@@ -162,12 +162,12 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def _read_mnist(name: str, folder: Path, classes: list[str]) -> Source:
-    """MNIST-format set: train-/t10k- images (N×28×28) and labels, gray → 3 equal channels."""
+    """MNIST-format set: train-/t10k- images (N×28×28) and labels, grey (prepare makes 3 equal channels)."""
     images = np.concatenate([_read_idx(folder / f"{p}-images-idx3-ubyte", 3) for p in ("train", "t10k")])
     labels = [_read_idx(folder / f"{p}-labels-idx1-ubyte", 1) for p in ("train", "t10k")]
     splits = ["train"] * len(labels[0]) + ["test"] * len(labels[1])
     return _source(name, folder, classes, np.concatenate(labels).astype(np.int64), splits, len(images),
-                   decode=lambda i, _size: np.repeat(images[i][:, :, None], 3, axis=2))
+                   decode=lambda i, _size: images[i])  # grey: prepare repeats it into RGB
 
 
 def _source(name: str, folder: Path, classes: list[str], labels: np.ndarray, splits: list[str], n_images: int,

@@ -2,7 +2,7 @@
 which are git-tracked DVC outputs, so it reads on GitHub and in every experiment's commit) and
 metrics/report.html (the same page with the pictures inlined: one file that reads anywhere,
 offline). The run, when and from which commit, its params, training summary, test metrics,
-per-class table and pictures. (pipeline/data/report.py is the *data* report prepare writes.)
+per-class table and pictures. (pipeline/data/card.py is the *data* card prepare writes; linked here.)
 
 The content is a list of blocks (heading, paragraph, table, picture) rendered twice, so the
 two files cannot drift apart."""
@@ -38,6 +38,9 @@ METRIC_NAMES = {
     "accuracy_tta": "accuracy with test-time augmentation", "balanced_accuracy_tta": "balanced accuracy with TTA",
     "f1_macro_tta": "F1, macro, with TTA", "log_loss_tta": "log loss with TTA", "ece_tta": "ECE with TTA",
     "tta_views": "TTA views averaged per image",
+    "accuracy_clean": "accuracy on the clean test images (no near-duplicate or group member in train/val)",
+    "accuracy_leaked": "accuracy on the test images that have one", "test_images_clean": "clean test images",
+    "test_images_leaked": "test images with a near-duplicate in train/val",
 }
 # the same, short, for the terminal's table of the evaluate stage
 SHORT_NAMES = {"balanced_accuracy": "balanced accuracy", "top5_accuracy": "top-5 accuracy",
@@ -46,7 +49,9 @@ SHORT_NAMES = {"balanced_accuracy": "balanced accuracy", "top5_accuracy": "top-5
                "f1_weighted": "F1, weighted", "log_loss": "log loss", "ece": "ECE", "n_test": "test images",
                "temperature": "temperature T", "log_loss_calibrated": "log loss after T", "ece_calibrated": "ECE after T",
                "accuracy_tta": "accuracy, TTA", "balanced_accuracy_tta": "balanced acc., TTA", "f1_macro_tta": "F1, TTA",
-               "log_loss_tta": "log loss, TTA", "ece_tta": "ECE, TTA", "tta_views": "TTA views"}
+               "log_loss_tta": "log loss, TTA", "ece_tta": "ECE, TTA", "tta_views": "TTA views",
+               "accuracy_clean": "accuracy, clean test", "accuracy_leaked": "accuracy, leaked test",
+               "test_images_clean": "clean test images", "test_images_leaked": "leaked test images"}
 TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss": "best validation loss",
                "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",
                "parameters": "parameters", "lr": "learning rate"}
@@ -122,7 +127,12 @@ def report_blocks(*, ckpt: dict, run: dict | None, train_summary: dict | None, m
     blocks = [Block("h1", "Evaluation report"),
               Block("p", f"Model `{ckpt['arch']}` on `{params.get('dataset', '?')}`: {len(ckpt['classes'])} classes, "
                          f"{prep['image_size']}×{prep['image_size']} px, {n_test} test images; "
-                         f"test accuracy **{number(float(metrics['accuracy']))}**.")]
+                         f"test accuracy **{number(float(metrics['accuracy']))}**"
+                         + (f" ({number(float(metrics['accuracy_clean']))} on the {metrics['test_images_clean']:,} "
+                            f"test images with no near-duplicate in train/val)" if "accuracy_clean" in metrics else "")
+                         + "."),
+              Block("p", f"The data: `{paths.DATA_CARD_MD}` (images per class and split, sizes, duplicates and "
+                         "leakage, skipped files).")]
     if provenance := _provenance(run, context or {}):
         blocks.append(Block("p", provenance))
     blocks += [Block("h2", "Run"), Block("table", header=("param", "value"), rows=tuple(

@@ -3,7 +3,8 @@ picture of it (the report stage then writes the report and logs it all to MLflow
 
 Metrics (metrics/eval.json): the plain ones of the model's softmax; `temperature` with
 `log_loss_calibrated` and `ece_calibrated` (the probabilities export and predict give); with
-`evaluate.tta`, the test-time-augmented ones as `<metric>_tta`."""
+`evaluate.tta`, the test-time-augmented ones as `<metric>_tta`; where test images have a
+near-duplicate in train/val (a data set that came split), `accuracy_clean` on the others."""
 import numpy as np
 import pandas as pd
 
@@ -22,7 +23,7 @@ from pipeline.evaluation.metrics import (
     tta_metrics,
 )
 from pipeline.io import atomic_path, write_json
-from pipeline.prepared import load_split
+from pipeline.prepared import leaked_test, load_split
 from pipeline.preprocess import tta_views
 
 # DVC outputs (dvc.yaml declares exactly these)
@@ -58,12 +59,24 @@ def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[di
     return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t))}
 
 
+def clean_metrics(y: np.ndarray, pred: np.ndarray, leaked: np.ndarray) -> dict:
+    """Where test images have a near-duplicate or group member in train/val: accuracy on the
+    others ("clean"), on them, and how many each; nothing when none leaked."""
+    if not leaked.any():
+        return {}
+    right = pred == y
+    return {"accuracy_clean": float(right[~leaked].mean()) if (~leaked).any() else float("nan"),
+            "accuracy_leaked": float(right[leaked].mean()), "test_images_clean": int((~leaked).sum()),
+            "test_images_leaked": int(leaked.sum())}
+
+
 def run(params) -> dict:
     """Score models/model.pt on the test split; write every output; return the metrics."""
     model, ckpt = load_checkpoint(paths.CHECKPOINT)
     classes, prep = ckpt["classes"], preprocessing(ckpt)
     x, y = load_split("test", paths.PREPARED_DIR)
     metrics, per_class, cm, probs = score(model, ckpt, x, y, params.evaluate.tta)
+    metrics |= clean_metrics(y, probs["plain"].argmax(1), leaked_test(paths.PREPARED_DIR))
     write_tables(metrics, per_class, cm, y, probs["plain"].argmax(1), classes)
     write_json(paths.EVAL_NOTES, draw(model, x, y, probs, cm, classes, prep, metrics, params))
     print(metrics_table(metrics))

@@ -1,7 +1,7 @@
-"""The data report, from a manifest: counts per class and split, skipped by reason, imbalance."""
+"""The data card, from a manifest: counts per class and split, skipped by reason, imbalance."""
 import pandas as pd
 
-from pipeline.data.report import data_report, summary_line, to_markdown
+from pipeline.data.card import data_card, summary_line, to_markdown
 
 
 def manifest() -> pd.DataFrame:
@@ -18,7 +18,7 @@ def manifest() -> pd.DataFrame:
 
 
 def test_counts_reasons_and_imbalance():
-    report = data_report(manifest(), ["a", "b"], {"layout": "pre-split"})
+    report = data_card(manifest(), ["a", "b"], {"layout": "pre-split"})
     assert report["per_class"] == {"a": {"train": 3, "val": 0, "test": 1, "total": 4},
                                    "b": {"train": 1, "val": 1, "test": 0, "total": 2}}
     assert report["per_split"] == {"train": 4, "val": 1, "test": 1}
@@ -32,7 +32,7 @@ def test_counts_reasons_and_imbalance():
 
 
 def test_markdown_lists_what_a_person_needs():
-    md = to_markdown(data_report(manifest(), ["a", "b"]), manifest())
+    md = to_markdown(data_card(manifest(), ["a", "b"]), manifest())
     assert "| a | 3 | 0 | 1 | 4 |" in md and "| **all** | 4 | 1 | 1 | 6 |" in md
     assert "| `a/x.jpg` | a | truncated image |" in md
     assert "## Conflicting labels" in md and "- `b/s.png`" in md
