@@ -117,9 +117,12 @@ def main() -> None:
     bt.input_args(ap)
     ap.add_argument("--model", action="store_true", help="also train and evaluate one model (about 15 minutes)")
     ap.add_argument("--size", type=int, default=128, help="the model's image size (default %(default)s)")
-    ap.add_argument("--threshold", type=float, default=0.94, help="data.duplicate_threshold (default %(default)s)")
+    ap.add_argument("--threshold", type=float, default=None, help="data.duplicate_threshold (default: the pipeline's)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-duplicates")
     args = ap.parse_args()
+    if args.threshold is None:
+        from pipeline.params import DataParams
+        args.threshold = DataParams().duplicate_threshold
     if not args.model:
         del args.weights  # only the archive is needed
     if not bt.use_inputs(args):

@@ -73,10 +73,10 @@ class DataParams(_Section):
                                  "sets and root/test/ keep theirs)")
     resize: Literal[RESIZE_POLICIES] = Field("center_crop", description="center_crop: shorter side to image_size, "
                                              "centre crop | stretch: ignore aspect ratio")
-    duplicate_threshold: float = Field(0.94, ge=0.5, le=1, description="images whose 16×16 thumbnails are at least "
-                                       "this alike (cosine, 1 = the same) are near-duplicates: kept in one split, "
-                                       "listed in metrics/data_card.md; resized, re-encoded, colour-shifted and "
-                                       "slightly cropped copies score above 0.94")
+    duplicate_threshold: float = Field(0.9, ge=0.5, le=1, description="images whose 16×16 thumbnails are at least "
+                                       "this alike (cosine of colour layout and detail, 1 = the same) are "
+                                       "near-duplicates: kept in one split, listed in metrics/data_card.md; resized, "
+                                       "re-encoded, colour-shifted and slightly cropped copies score above 0.9")
     group_by: str | None = Field(None, min_length=1, description="a regular expression over each image's path "
                                     "(relative to data_dir); images with the same match (its first group, if it has "
                                     "one) stay in one split and one fold, e.g. '([^/_]+)_[^/]*$' for "

@@ -161,15 +161,15 @@ def test_blocks_and_bursts_give_the_same_groups(monkeypatch):
     base = np.stack([np.asarray(photo(rng, 16)) for _ in range(60)])
     burst = np.clip(base[:1].astype(int) + rng.integers(-3, 4, (50, 16, 16, 3)), 0, 255).astype(np.uint8)
     thumbs = np.concatenate([base, burst])
-    pairs, sim = duplicates.near_pairs(thumbs, 0.94)
+    pairs, sim = duplicates.near_pairs(thumbs, 0.9)
     groups = duplicates.components(len(thumbs), pairs)
     assert len(set(groups[60:]) | {groups[0]}) == 1          # the burst and its original: one group
     assert len(set(groups[1:60])) == 59 and groups[0] not in groups[1:60]  # the other 59 alone
     monkeypatch.setattr(duplicates, "_BLOCK_BYTES", 4 * len(thumbs) * 7)  # 7 rows a block
     monkeypatch.setattr(duplicates, "MAX_PER_IMAGE", 4)
-    small = duplicates.components(len(thumbs), duplicates.near_pairs(thumbs, 0.94)[0])
+    small = duplicates.components(len(thumbs), duplicates.near_pairs(thumbs, 0.9)[0])
     assert small.tolist() == groups.tolist()
-    assert (sim >= 0.94).all()
+    assert (sim >= 0.9).all()
 
 
 def test_card_json_markdown_and_picture(tmp_path: Path):
@@ -191,7 +191,7 @@ def test_card_json_markdown_and_picture(tmp_path: Path):
     md = to_markdown(card, manifest)
     assert "# Data card: imgs" in md and "## Duplicates and leakage" in md and "## Image sizes and modes" in md
     assert "LEAKAGE" in md and "data_card_duplicates.png" in md and meta["content_hash"][:16] in md
-    assert duplicates_figure(pairs, manifest, tmp_path / "out", tmp_path / "dup.png", 0.94)
+    assert duplicates_figure(pairs, manifest, tmp_path / "out", tmp_path / "dup.png", 0.9)
     assert Image.open(tmp_path / "dup.png").size[0] > 300
     # the same images, relabelled by nothing and re-split by another seed: the same content hash
     again = prepare(scan_folder(tmp_path / "imgs"), 16, DataParams(split_seed=3), tmp_path / "again")
