@@ -15,14 +15,20 @@ from pipeline.params import Params
 def check_files(params: Params) -> None:
     """The files the params point at. dataset=folder: the folder is listed (not read) and refused
     for what prepare would refuse only after DVC removed its outputs: no class folders, fewer
-    than 2 with files, a class folder with no image, a link loop (`pipeline.data.folder.scan`)."""
+    than 2 with files, a class folder with no image, a link loop (`pipeline.data.folder.scan`), a
+    data.group_by that matches no image's path."""
     if params.dataset == "folder":
         if not Path(params.data_dir).is_dir():
             raise UserError(f"data_dir={params.data_dir!r} is not a folder; point data_dir at your folder of class "
                             "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
-        from pipeline.data.folder import scan
+        from pipeline.data.folder import list_class_folders, scan
 
         scan(Path(params.data_dir))
+        if params.data.group_by:  # a pattern that matches no path: refused here, not after DVC removed the outputs
+            from pipeline.data.groups import path_groups
+
+            path_groups([rel for *_, files in list_class_folders(Path(params.data_dir)) for rel, problem in files
+                         if not problem], params.data.group_by)
     if params.weights and Path(params.weights).resolve() in {p.resolve() for p in (paths.CHECKPOINT, paths.ONNX_MODEL)}:
         raise UserError(f"weights={params.weights!r} is this pipeline's own output, which the train stage replaces; "
                         f"copy it first (e.g. cp {params.weights} weights/previous.pt) and point weights at the copy")

@@ -36,8 +36,8 @@ def main() -> dict:
     card = data_card(manifest, meta["classes"], source.notes, about, pairs, meta, params.data)
     write_json(paths.DATA_CARD, card)
     if not duplicates_figure(pairs, manifest, paths.PREPARED_DIR, paths.DATA_CARD_PNG, params.data.duplicate_threshold):
-        note_figure(f"No duplicate images: no two images are alike above data.duplicate_threshold="
-                    f"{params.data.duplicate_threshold:g}", paths.DATA_CARD_PNG)
+        note_figure(f"No duplicate images found (data.duplicate_threshold={params.data.duplicate_threshold:g}; "
+                    f"details: {paths.DATA_CARD_MD})", paths.DATA_CARD_PNG)
     with atomic_path(paths.DATA_CARD_MD) as tmp:
         tmp.write_text(to_markdown(card, manifest))
     counts = meta["counts"]

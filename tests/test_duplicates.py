@@ -89,8 +89,11 @@ def test_leakage_drop_from_test_and_error(tmp_path: Path):
     meta = prepare(source, 32, DataParams(leakage="drop_from_test"), tmp_path / "dropped")
     assert meta["counts"]["test"] == 10 and meta["leaked"]["test"] == 0
     manifest = pd.read_csv(tmp_path / "dropped/manifest.csv", keep_default_na=False)
-    dropped = manifest[manifest["reason"].str.contains("drop_from_test")]
+    dropped = manifest[manifest["reason"].str.contains("dropped from test")]
     assert sorted(dropped["path"]) == sorted(p for p in manifest["path"] if "copy_" in p)
+    pairs = pd.read_csv(tmp_path / "dropped/duplicates.csv", keep_default_na=False)
+    assert len(pairs) == 5  # still listed; the picture shows the pairs it still holds: none
+    assert not duplicates_figure(pairs, manifest, tmp_path / "dropped", tmp_path / "dup.png", 0.9)
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept/mark").write_text("old")
     with pytest.raises(UserError, match=r"5 val/test images have a near-duplicate .*data.leakage"):
@@ -196,3 +199,14 @@ def test_card_json_markdown_and_picture(tmp_path: Path):
     # the same images, relabelled by nothing and re-split by another seed: the same content hash
     again = prepare(scan_folder(tmp_path / "imgs"), 16, DataParams(split_seed=3), tmp_path / "again")
     assert again["content_hash"] == meta["content_hash"]
+
+
+def test_check_refuses_a_group_by_that_matches_no_path(tmp_path: Path):
+    from pipeline.check import check_files
+    from pipeline.params import parse_params
+
+    planted_folder(tmp_path / "imgs", "unsplit", n=6)
+    raw = {"dataset": "folder", "data_dir": str(tmp_path / "imgs"), "data": {"group_by": "^zzz"}}
+    with pytest.raises(UserError, match=r"data.group_by='\^zzz' matches no image path"):
+        check_files(parse_params(raw, check_models=False))
+    check_files(parse_params(raw | {"data": {"group_by": "img0"}}, check_models=False))  # one match is enough

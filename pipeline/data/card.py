@@ -99,6 +99,9 @@ def duplicates_figure(pairs: pd.DataFrame, manifest: pd.DataFrame, prepared: Pat
     arrays = {s: load_split(s, prepared)[0] for s in SPLITS}
     where = {p: (s, int(r)) for p, s, r in manifest[manifest["status"] == "used"][["path", "split", "row"]]
              .itertuples(index=False, name=None)}
+    pairs = pairs[pairs["path_a"].isin(where) & pairs["path_b"].isin(where)]  # not those dropped from test
+    if not len(pairs):
+        return False
     across = pairs["split_a"] != pairs["split_b"]
     top = pd.concat([pairs[across], pairs[~across]]).head(SHOWN_PAIRS)
     low = pairs.drop(top.index).sort_values("similarity").head(NEAR_THRESHOLD)

@@ -155,7 +155,8 @@ def _find_groups(source: Source, rows: list[tuple], used: np.ndarray, thumbs: np
     is_exact = {(a, b) for a, b in exact}
     pairs = pd.DataFrame({"a": used[near[:, 0]], "b": used[near[:, 1]], "similarity": np.round(similarity, 4),
                           "kind": ["exact" if (a, b) in is_exact else "near" for a, b in near]})
-    missed = [(a, b) for a, b in exact if (a, b) not in {tuple(p) for p in near}]  # flat images: no thumbnail pattern
+    found = {(a, b) for a, b in near}
+    missed = [(a, b) for a, b in exact if (a, b) not in found]  # flat images (no pattern) or under 16 px
     if missed:
         pairs = pd.concat([pairs, pd.DataFrame({"a": used[[a for a, _ in missed]], "b": used[[b for _, b in missed]],
                                                 "similarity": 1.0, "kind": "exact"})], ignore_index=True)
@@ -183,7 +184,7 @@ def _apply_leakage(source: Source, splits: dict[str, np.ndarray], item_group: np
                         f"{example}); move or remove them, or set data.leakage to report or drop_from_test")
     if mode == "drop_from_test" and len(leaked["test"]):
         for i in leaked["test"]:
-            reasons[i] = "near-duplicate or group member in train/val (data.leakage: drop_from_test)"
+            reasons[i] = "near-duplicate or group member in train/val, dropped from test (data.leakage)"
         splits = dict(splits, test=np.setdiff1d(splits["test"], leaked["test"]))
         leaked = dict(leaked, test=leaked["test"][:0])
     return splits, leaked
