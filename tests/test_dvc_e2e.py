@@ -191,7 +191,9 @@ def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
     folder_run = {r.data.tags.get("dvc_exp_name"): r for r in runs}["folder-exp"]
     assert folder_run.data.tags["dataset"] == "images" and folder_run.data.tags["data_dir"] == str(images)
     assert folder_run.info.run_name.startswith("original · images")
-    assert report["dataset"] == {"name": "images", "source": "folder", "path": str(images)}
+    assert report["dataset"] == {"name": "images", "source": "folder", "path": str(images),
+                                 "hash": json.loads((project / "data/prepared/meta.json").read_text())["content_hash"]}
+    assert report["duplicates"]["threshold"] == 0.9 and "## Duplicates and leakage" in (project / "metrics/data_card.md").read_text()
     assert "# Data card: images" in (project / "metrics/data_card.md").read_text()
 
 
