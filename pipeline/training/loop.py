@@ -26,6 +26,7 @@ from pipeline.models import head_parameter_names
 from pipeline.params import AugmentParams, TrainParams
 from pipeline.preprocess import Preprocessing
 from pipeline.training.batches import ImageBatches, resident_on, split_batches
+from pipeline.training import precision
 from pipeline.training.distributed import cpu_cores, distributed, shard
 from pipeline.training.ema import make_ema
 from pipeline.training.recipe import (
@@ -159,15 +160,6 @@ def _set_rng_state(state: dict, gen: torch.Generator, aug_gen: torch.Generator) 
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast on GPUs that have it, fp16 (with a grad scaler) otherwise; CPU: fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None, None
-    dtype = torch.float16 if precision == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return dtype, scaler
-
-
 @dataclass
 class _Optimization:
     """Optimizer, schedule, loss and precision of one run: what a step needs."""
@@ -223,9 +215,10 @@ def optimizer_for(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.
     return make_optimizer(groups, cfg.train, lr)
 
 
-def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> _Optimization:
+def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
+                  amp_dtype: torch.dtype | None = None) -> _Optimization:
     r = cfg.train
-    amp_dtype, scaler = _autocast(device, cfg.train.precision)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     opt = optimizer_for(model, cfg, cfg.lr)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
     return _Optimization(opt, make_scheduler(opt, r, cfg.epochs, steps_per_epoch),
@@ -348,7 +341,12 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
                         "batch of 2; add images, or lower data.val_fraction / data.test_fraction or train.nproc")
     forward = _placed(model, cfg, device, world)
     y_t = torch.from_numpy(y_np).to(device)
-    optim = _optimization(model, cfg, device, steps_per_epoch)
+    amp_dtype, why = precision.resolve(cfg.train.precision, device, model,
+                                       precision.sample_batch(data, cfg.batch_size, device))
+    amp_dtype = _as_on_rank_0(amp_dtype, device, world)  # a timed probe could differ between processes
+    if progress and why != precision.NO_NATIVE:
+        print(f"train: precision {why}", flush=True)
+    optim = _optimization(model, cfg, device, steps_per_epoch, amp_dtype)
     ema = make_ema(model, cfg.train.ema_decay)
     evaluated = ema.module if ema is not None else model  # what is validated, kept and returned
     start_epoch, rows, best = load_resume(cfg, model, optim, gen, aug_gen, rank, ema)
@@ -392,7 +390,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
     if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
-    result = _result(rows, best, optim.stopper, cfg, threads, world)
+    result = _result(rows, best, optim.stopper, cfg, threads, world, amp_dtype)
     if cfg.train.compile and progress and "first_epoch_excess_seconds" in result.timing:
         t = result.timing
         print(f"train: torch.compile ({cfg.train.compile_mode}) cost about {t['first_epoch_excess_seconds']:.1f} s: the first "
@@ -434,6 +432,16 @@ def set_epoch_mode(model: nn.Module, cfg: TrainConfig, epoch: int, announce: boo
     return trainable
 
 
+def _as_on_rank_0(amp_dtype: torch.dtype | None, device, world: int) -> torch.dtype | None:
+    """The first process's precision for every process (DDP); as is with one process."""
+    if world == 1:
+        return amp_dtype
+    kinds = [None, torch.bfloat16, torch.float16]
+    code = torch.tensor([kinds.index(amp_dtype)], device=device)
+    torch.distributed.broadcast(code, src=0)
+    return kinds[int(code)]
+
+
 def _summed_over_ranks(loss_sum: float, correct: int, seen: int, device, world: int) -> tuple[float, int, int]:
     """Every rank's share of the epoch, summed (DDP); as is with one process."""
     if world == 1:
@@ -454,7 +462,7 @@ def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:
 
 
 def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainConfig, threads: int,
-            world: int) -> TrainResult:
+            world: int, amp_dtype: torch.dtype | None = None) -> TrainResult:
     """The summary splits in two: `metrics`, the same for the same inputs (a DVC metric), and
     `timing`, which differs from run to run (kept out of DVC's outputs)."""
     history = pd.DataFrame(rows)
@@ -464,7 +472,8 @@ def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainCon
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
     seconds = float(sum(r["seconds"] for r in rows))
     timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,
-              "threads": threads, "processes": world}
+              "threads": threads, "processes": world,
+              "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")}
     if rows:
         timing["first_epoch_seconds"] = float(rows[0]["seconds"])  # with torch.compile: compiling included
     if len(rows) > 1:  # the first epoch's excess over the others' images/s, as seconds

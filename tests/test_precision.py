@@ -1,0 +1,66 @@
+"""train.precision on a CPU: bf16 autocast only where the CPU has native bf16 and a probe finds
+it faster (auto), or on request; deterministic either way; the probe touches nothing."""
+import numpy as np
+import torch
+
+from pipeline.models import build_model
+from pipeline.params import AugmentParams, TrainParams
+from pipeline.training import precision
+from pipeline.training.loop import TrainConfig, seed_everything, train
+from tests.conftest import plain
+from tests.test_train import dark_and_bright
+
+CPU = torch.device("cpu")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    line = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {}\nbogomips\t: 4000\n"
+    assert precision.cpu_bf16_native(line.format("avx512f amx_bf16 amx_tile"))
+    assert precision.cpu_bf16_native(line.format("avx512f avx512_bf16"))
+    assert not precision.cpu_bf16_native(line.format("avx512f avx512bw"))
+    assert not precision.cpu_bf16_native("")
+
+
+def test_auto_on_this_cpu_and_explicit_choices():
+    model = build_model("original", num_classes=2, width=8)
+    sample = lambda: torch.rand(8, 3, 16, 16)  # noqa: E731
+    dtype, why = precision.resolve("auto", CPU, model, sample)
+    if precision.cpu_bf16_native():  # a CPU with AMX / AVX-512 BF16: the probe decided
+        assert "probe" in why and dtype in (torch.bfloat16, None)
+    else:
+        assert dtype is None and "no native bf16" in why
+    assert precision.resolve("auto", CPU, model, None)[0] is None or not precision.cpu_bf16_native()
+    assert precision.resolve("bf16", CPU, model, sample)[0] == torch.bfloat16
+    assert precision.resolve("fp32", CPU, model, sample)[0] is None
+    assert precision.resolve("fp16", CPU, model, sample) == (None, "fp32 (fp16 is for GPUs)")
+
+
+def test_the_probe_leaves_the_model_and_the_random_stream_alone():
+    torch.manual_seed(0)
+    model = build_model("original", num_classes=2, width=8, drop_rate=0.5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = torch.rand(8, 3, 16, 16)
+    state = torch.random.get_rng_state()
+    gain = precision.probe_speedup(model, batch, steps=1)
+    assert gain > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch-norm statistics included
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def fit(prec: str, seed: int = 0):
+    x, y = dark_and_bright()
+    seed_everything(seed)
+    model = build_model("original", num_classes=2, width=8)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, seed=seed, augment=AugmentParams(random_crop=False),
+                      train=TrainParams(precision=prec, num_threads=1))
+    result = train(model, (x, y), (x, y), plain(x), cfg, progress=False)
+    return result
+
+
+def test_bf16_training_on_a_cpu_is_deterministic_and_is_bf16():
+    a, b, full = fit("bf16"), fit("bf16"), fit("fp32")
+    assert a.timing["precision"] == "bf16" and full.timing["precision"] == "fp32"
+    assert all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state)
+    assert not all(torch.equal(a.best_state[k], full.best_state[k]) for k in a.best_state)
+    assert np.array_equal(a.history["train_loss"], b.history["train_loss"])
+    assert a.metrics["best_val_accuracy"] > 0.9  # dark vs bright: learnt in bf16 too
