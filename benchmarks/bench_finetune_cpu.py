@@ -15,6 +15,7 @@ Run: python benchmarks/bench_finetune_cpu.py [--images 192] [--batch-size 32]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +47,7 @@ def measure(project: Path, finetune: str, prec: str, batch_size: int) -> dict:
     raw["train"] = dict(raw.get("train") or {}, precision=prec)
     params = parse_params(raw)
     s = setup(params, "cpu")
-    s.cfg.resume_path = None
+    s = dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, resume_path=None))  # no checkpoint per epoch
     from pipeline.prepared import load_split
 
     train_xy, val_xy = load_split("train"), load_split("val")
