@@ -73,6 +73,10 @@ def end_block(evaluation: dict[str, Any], who: runview.RunIdentity, run: dict[st
     lines = ["", RULE, f"{who.tags['model']} on {who.tags['dataset']} ({how}): test accuracy {accuracy:.4f} "
              f"{change(accuracy, before, what)}",
              f"  report   {paths.EVAL_REPORT_HTML}  (and {paths.EVAL_REPORT_MD.name} beside it)"]
+    if "accuracy_clean" in evaluation:  # test images with a copy in train: the figure without them
+        lines.insert(3, f"  clean    test accuracy {float(evaluation['accuracy_clean']):.4f} on the "
+                        f"{evaluation['test_images_clean']:,} test images with no near-duplicate in train/val "
+                        f"({evaluation['test_images_leaked']:,} have one: {paths.DATA_CARD_MD})")
     if run is None:
         lines.append("  MLflow   off (mlflow.required: false and no usable store)")
     else:

@@ -71,3 +71,11 @@ def test_evaluate_prints_its_metrics_as_a_small_aligned_table():
 @pytest.mark.parametrize("value, shown", [(0.94771241830065, 0.9477), (104.78378, 104.8), (1.0, 1.0)])
 def test_headline_metrics_are_logged_tidy(value, shown):
     assert runview.test_metrics({"accuracy": value}) == {"test/accuracy": shown}
+
+
+def test_the_clean_test_accuracy_is_shown_when_test_images_leaked():
+    evaluation = {"accuracy": 0.8, "accuracy_clean": 0.75, "test_images_clean": 1200, "test_images_leaked": 34}
+    lines = endblock.end_block(evaluation, WHO, None).splitlines()
+    assert lines[3] == ("  clean    test accuracy 0.7500 on the 1,200 test images with no near-duplicate in train/val "
+                        "(34 have one: metrics/data_card.md)")
+    assert not any(line.startswith("  clean") for line in endblock.end_block({"accuracy": 0.8}, WHO, None).splitlines())
