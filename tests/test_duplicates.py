@@ -210,3 +210,14 @@ def test_check_refuses_a_group_by_that_matches_no_path(tmp_path: Path):
     with pytest.raises(UserError, match=r"data.group_by='\^zzz' matches no image path"):
         check_files(parse_params(raw, check_models=False))
     check_files(parse_params(raw | {"data": {"group_by": "img0"}}, check_models=False))  # one match is enough
+
+
+def test_clean_metrics_split_the_test_score_by_leakage():
+    from pipeline.evaluation.run import clean_metrics
+
+    y = np.array([0, 1, 0, 1, 0])
+    pred = np.array([0, 1, 1, 0, 0])
+    leaked = np.array([True, True, False, False, False])
+    assert clean_metrics(y, pred, leaked) == {"accuracy_clean": 1 / 3, "accuracy_leaked": 1.0,
+                                              "test_images_clean": 3, "test_images_leaked": 2}
+    assert clean_metrics(y, pred, np.zeros(5, bool)) == {}
