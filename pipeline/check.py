@@ -23,12 +23,18 @@ def check_files(params: Params) -> None:
                             "folders (root/<class>/*.jpg or root/train|val|test/<class>/*.jpg)")
         from pipeline.data.folder import list_class_folders, scan
 
-        scan(Path(params.data_dir))
+        if params.task == "multilabel":
+            from pipeline.data.labels_csv import read_table
+
+            rels = [r for r in read_table(Path(params.data_dir), params.data.labels_csv)["path"].str.strip() if r]
+        else:
+            scan(Path(params.data_dir))
+            rels = [rel for *_, files in list_class_folders(Path(params.data_dir)) for rel, problem in files
+                    if not problem]
         if params.data.group_by:  # a pattern that matches no path: refused here, not after DVC removed the outputs
             from pipeline.data.groups import path_groups
 
-            path_groups([rel for *_, files in list_class_folders(Path(params.data_dir)) for rel, problem in files
-                         if not problem], params.data.group_by)
+            path_groups(rels, params.data.group_by)
     if params.weights and Path(params.weights).resolve() in {p.resolve() for p in (paths.CHECKPOINT, paths.ONNX_MODEL)}:
         raise UserError(f"weights={params.weights!r} is this pipeline's own output, which the train stage replaces; "
                         f"copy it first (e.g. cp {params.weights} weights/previous.pt) and point weights at the copy")
@@ -82,7 +88,7 @@ def check(params: Params) -> dict:
     from pipeline.data.registry import class_count
 
     check_files(params)
-    k = class_count(params.dataset, Path(params.data_dir))
+    k = class_count(params.dataset, Path(params.data_dir), params.data if params.task == "multilabel" else None)
     check_training(params, k)
     mlstore.usable(params.mlflow.required, params.experiment_name())  # an unusable store stops here
     prep = resolve_preprocessing(params.model, params.pretrained, params.weights, params.image_size,

@@ -26,9 +26,12 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
                     classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any],
-                    data_hash: str = "", temperature: float | None = None) -> None:
+                    data_hash: str = "", temperature: float | None = None,
+                    thresholds: list[float] | None = None) -> None:
     """`data_hash`: the prepared data it was trained on (an ensemble refuses members trained on
-    another split); `temperature`: fitted on the validation split (None: not calibrated)."""
+    another split); `temperature`: fitted on the validation split (None: not calibrated);
+    `thresholds`: task=multilabel, each label's threshold on its calibrated probability (the
+    checkpoint then says `task: multilabel`; a one-class-per-image checkpoint has neither key)."""
     assert prep.complete, "a checkpoint needs the mean/std its model was trained with"
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -42,6 +45,8 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         "data_hash": data_hash,
         "temperature": temperature,
     }
+    if thresholds is not None:
+        ckpt |= {"task": "multilabel", "thresholds": [float(v) for v in thresholds]}
     save_torch(ckpt, path)  # the same checkpoint, the same bytes
 
 
@@ -63,6 +68,10 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def preprocessing(ckpt: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def is_multilabel(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("task") == "multilabel"
 
 
 def temperature(ckpt: dict[str, Any]) -> float:

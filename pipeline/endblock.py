@@ -13,10 +13,17 @@ from pipeline import mlstore, paths, runview
 
 RULE = "─" * 78
 HEADLINE = "accuracy"  # the test figure runs are compared by (runview.TEST_HEADLINE's first)
+HEADLINES = {"accuracy": "test accuracy", "map_macro": "test mAP"}  # task=multilabel: the macro mAP
+
+
+def headline(evaluation: dict[str, Any]) -> tuple[str, str]:
+    """(the key of eval.json runs are compared by, its name): accuracy, or mAP for labels."""
+    key = "map_macro" if "map_macro" in evaluation else HEADLINE
+    return key, HEADLINES[key]
 UI_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI view without it
 
 
-def committed_result(dataset: str) -> tuple[float | None, str]:
+def committed_result(dataset: str, key: str = HEADLINE) -> tuple[float | None, str]:
     """(the committed test accuracy, what it is compared as): from metrics/eval.json and
     params.yaml at the experiment's baseline (HEAD outside `dvc exp run`); None when there is
     none, or it is of another data set."""
@@ -40,7 +47,7 @@ def committed_result(dataset: str) -> tuple[float | None, str]:
     if before != dataset:
         return None, f"the commit is of {before}"
     try:
-        return float(json.loads(committed["eval"])[HEADLINE]), rev[:10]
+        return float(json.loads(committed["eval"])[key]), rev[:10]
     except (ValueError, KeyError, TypeError):
         return None, "nothing committed"
 
@@ -67,10 +74,11 @@ def addresses(run: dict[str, Any]) -> tuple[str, str, str]:
 
 def end_block(evaluation: dict[str, Any], who: runview.RunIdentity, run: dict[str, Any] | None) -> str:
     """The lines that close a pipeline run."""
-    accuracy = float(evaluation[HEADLINE])
-    before, what = committed_result(who.tags["dataset"])
+    key, name = headline(evaluation)
+    accuracy = float(evaluation[key])
+    before, what = committed_result(who.tags["dataset"], key)
     how = runview.STRATEGIES.get(who.tags["strategy"], who.tags["strategy"])
-    lines = ["", RULE, f"{who.tags['model']} on {who.tags['dataset']} ({how}): test accuracy {accuracy:.4f} "
+    lines = ["", RULE, f"{who.tags['model']} on {who.tags['dataset']} ({how}): {name} {accuracy:.4f} "
              f"{change(accuracy, before, what)}",
              f"  report   {paths.EVAL_REPORT_HTML}  (and {paths.EVAL_REPORT_MD.name} beside it)"]
     if "accuracy_clean" in evaluation:  # test images with a copy in train: the figure without them

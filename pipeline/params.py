@@ -81,6 +81,14 @@ class DataParams(_Section):
                                     "(relative to data_dir); images with the same match (its first group, if it has "
                                     "one) stay in one split and one fold, e.g. '([^/_]+)_[^/]*$' for "
                                     "files named <patient>_<n>.jpg; null: duplicates are the only groups")
+    labels_csv: str = Field("labels.csv", min_length=1, description="task=multilabel: the labels, a CSV inside "
+                            "data_dir with columns path (relative to data_dir), labels (joined by label_separator; "
+                            "empty: none of them) and optionally split (train | val | test)")
+    classes: list[str] | None = Field(None, description="task=multilabel: the labels, in this order (a row of "
+                                      "labels_csv with another label is skipped as unknown, and listed in the data "
+                                      "card); null: every label labels_csv names, sorted")
+    label_separator: str = Field(";", min_length=1, max_length=3, description="task=multilabel: what joins the "
+                                 "labels of one image in labels_csv, e.g. ';' for cat;dog (' ' for Kaggle's Planet)")
     leakage: Literal["report", "drop_from_test", "error"] = Field("report", description="a data set split by its "
                                                                   "maker (root/train|val|test, cifar, mnist) whose "
                                                                   "test or val images have a near-duplicate or "
@@ -164,11 +172,16 @@ class TrainParams(_Section):
     patience: int = Field(0, ge=0, description="early stopping: stop after this many epochs without improvement; "
                           "0 = off")
     min_delta: float = Field(0, ge=0, description="the smallest change of `monitor` that counts as an improvement")
-    monitor: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="val_accuracy | val_loss: picks "
-                                                         "the best epoch (the one evaluated and exported)")
+    monitor: Literal["auto", "val_accuracy", "val_loss", "val_map"] = Field(
+        "auto", description="picks the best epoch (the one evaluated and exported): val_accuracy | val_loss | val_map "
+        "(task=multilabel: the mean average precision over labels); auto: val_accuracy, or val_map for multilabel")
+    thresholds: Literal["f1"] | Annotated[float, Field(gt=0, le=1)] = Field(
+        "f1", description="task=multilabel: each label's decision threshold, chosen on the validation split: f1 "
+        "(the threshold of best F1) | a precision to reach, e.g. 0.9 (the lowest threshold that reaches it)")
     class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="loss weight per class: none "
-                                                                     "| balanced (n / (classes × count)) | [w0, w1, "
-                                                                     "...]")
+                                                                     "| balanced (n / (classes × count); multilabel: "
+                                                                     "each label's positives weighed by negatives / "
+                                                                     "positives) | [w0, w1, ...]")
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="shuffle: every image once per epoch | "
                                                     "balanced: classes drawn equally often")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible, else cpu | "
@@ -318,9 +331,11 @@ class TuneParams(_Section):
                                    "batch_size": [32, 64, 128]},
                                   description="params.yaml keys to search: {low, high, log} ranges or lists of "
                                   "choices")
-    objective: Literal["auto", "best_val_accuracy", "best_val_loss", "crossval_accuracy"] = Field(
-        "auto", description="auto: crossval's mean accuracy when crossval.folds > 0, else best_val_accuracy; or "
-        "best_val_loss / crossval_accuracy. Never a test-split number")
+    objective: Literal["auto", "best_val_accuracy", "best_val_loss", "crossval_accuracy", "best_val_map",
+                       "crossval_map"] = Field(
+        "auto", description="auto: crossval_accuracy (cross-validation's mean accuracy) when crossval.folds > 0, "
+        "else best_val_accuracy (task=multilabel: the mAP, crossval_map / best_val_map); or best_val_loss. Never a "
+        "test-split number")
     study: str = Field("image-classification", min_length=1, description="Optuna study name: a re-run with the same "
                        "name resumes it")
     storage: str = Field("auto", min_length=1, description="auto: sqlite:///<repo root>/optuna.db; a database URL "
@@ -376,6 +391,9 @@ class Params(_Section):
     data_dir: str = Field(str(paths.RAW_DIR), min_length=1, description="dataset=folder: your folder of class "
                           "folders, root/<class>/*.jpg or root/{train,val,test}/<class>/*.jpg (e.g. photos, recorded "
                           f"with `dvc add photos`); the downloaded sets live in {paths.RAW_DIR}")
+    task: Literal["multiclass", "multilabel"] = Field("multiclass", description="multiclass: one class per image "
+                                                      "(class folders) | multilabel: any number of labels per image, "
+                                                      "from data.labels_csv (dataset=folder)")
     model: str = Field("original", description="original: our small CNN, fast on a CPU; or any name `python -m "
                        "pipeline models` lists: ours (e.g. alexnet, resnet9) and timm's (e.g. resnet18, "
                        "tf_efficientnet_lite0)")
@@ -448,6 +466,21 @@ class Params(_Section):
         if self.finetune != "full" and not (self.pretrained or self.weights):
             raise ValueError(f"finetune={self.finetune} trains part of a network on top of learned features, but "
                              "there are none: set pretrained: true or weights: PATH, or finetune: full (from scratch)")
+        return self
+
+    @model_validator(mode="after")
+    def _multilabel_needs_a_folder(self) -> "Params":
+        if self.task == "multilabel" and self.dataset != "folder":
+            raise ValueError(f"task=multilabel reads its labels from data.labels_csv in your folder, but "
+                             f"dataset={self.dataset} has one class per image: set dataset=folder (and data_dir), "
+                             "or task=multiclass")
+        if self.task == "multiclass" and self.train.monitor == "val_map":
+            raise ValueError("train.monitor=val_map is the mean average precision of task=multilabel; use val_accuracy "
+                             "or val_loss (or auto)")
+        if self.task == "multilabel" and self.train.sampler == "balanced":
+            raise ValueError("train.sampler=balanced draws classes equally often, which needs one class per image; "
+                             "use train.sampler=shuffle with task=multilabel (train.class_weights: balanced weighs "
+                             "each label's positives instead)")
         return self
 
     @model_validator(mode="after")

@@ -47,6 +47,7 @@ PREDICTIONS = METRICS_DIR / "predictions.csv"
 CONFUSION_JSON = METRICS_DIR / "confusion_matrix.json"
 CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
 MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
+PR_CURVES_PNG = METRICS_DIR / "pr_curves.png"           # task=multilabel: precision-recall per label
 GRADCAM_PNG = METRICS_DIR / "gradcam.png"
 RELIABILITY_PNG = METRICS_DIR / "reliability.png"    # calibration before and after temperature scaling
 ACTIVATIONS_PNG = METRICS_DIR / "activations.png"    # inner feature maps, a test image per class

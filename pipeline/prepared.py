@@ -61,3 +61,12 @@ def load_split(split: str, prepared_dir: Path = paths.PREPARED_DIR) -> tuple[np.
 
 def load_preprocessing(prepared_dir: Path = paths.PREPARED_DIR) -> Preprocessing:
     return Preprocessing.from_dict(load_meta(prepared_dir)["preprocessing"])
+
+
+def label_text(y: np.ndarray, classes: list[str], sep: str = ", ", none: str = "(none)") -> list[str]:
+    """What each image is: its class, or (k-hot rows) its labels joined by `sep`, `none` for
+    an image with no label."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        return [classes[int(i)] for i in y]
+    return [sep.join(classes[k] for k in np.flatnonzero(row)) or none for row in y]

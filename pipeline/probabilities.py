@@ -8,3 +8,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function in float64 (task=multilabel: a probability per label),
+    stable for large |logits|."""
+    z = logits.astype(np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))

@@ -60,7 +60,10 @@ def run(params) -> dict:
     from pipeline.endblock import end_block
 
     print(end_block(done.evaluation, done.identity, tracking.recorded_run(paths.MLFLOW_RUN) if run_id else None))
-    return {"run_id": run_id, "new_run": new, "accuracy": done.evaluation["accuracy"]}
+    from pipeline.endblock import headline
+
+    key = headline(done.evaluation)[0]
+    return {"run_id": run_id, "new_run": new, key: done.evaluation[key]}
 
 
 class Outputs:
@@ -165,13 +168,16 @@ def log_model(mlflow, params, done: Outputs) -> None:
 
 
 def pictures(params) -> list[tuple[str, Path]]:
-    """The report's pictures that exist (the augmentation picture only where training used it)."""
+    """The report's pictures that exist (the augmentation picture only where training used it,
+    the precision-recall curves only for labels: eval.json then has mAP)."""
     from pipeline.training.strategy import Strategy
 
     record = params.model_dump()
     strategy = Strategy(record["finetune"], augmented_passes=record["transfer"]["augmented_passes"])
-    shown = strategy.trains_on_augmented_images
-    return [(t, p) for t, p in PICTURES if p.exists() and (shown or p != paths.AUGMENTED_SAMPLES_PNG)]
+    hidden = set() if strategy.trains_on_augmented_images else {paths.AUGMENTED_SAMPLES_PNG}
+    if not (paths.EVAL_METRICS.exists() and "map_macro" in read_json(paths.EVAL_METRICS)):
+        hidden.add(paths.PR_CURVES_PNG)
+    return [(t, p) for t, p in PICTURES if p.exists() and p not in hidden]
 
 
 def write_report(params, done: Outputs, run_id: str | None) -> None:

@@ -21,11 +21,12 @@ from pipeline.text import shorten
 
 # history column -> MLflow metric (step = epoch)
 CURVES = {"train_loss": "loss/train", "val_loss": "loss/val", "train_accuracy": "accuracy/train",
-          "val_accuracy": "accuracy/val", "lr": "schedule/lr"}
+          "val_accuracy": "accuracy/val", "val_map": "map/val", "lr": "schedule/lr"}
 # the one-value figures logged as metrics: what runs are sorted and compared by
 TEST_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece_calibrated", "accuracy_tta",
-                 "accuracy_clean")
-TRAIN_HEADLINE = {"best_val_accuracy": "train/best_val_accuracy"}
+                 "accuracy_clean",
+                 "map_macro", "map_micro", "f1_micro", "subset_accuracy", "hamming_loss", "map_macro_clean")  # multilabel
+TRAIN_HEADLINE = {"best_val_accuracy": "train/best_val_accuracy", "best_val_map": "train/best_val_map"}
 TRAIN_SPEED = {"train_seconds": "train/seconds"}
 EXPORT_NAMES = {"top1_agreement": "top-1 agreement with PyTorch", "max_abs_logit_diff": "max |logit difference|",
                 "n_checked": "test images checked", "onnx_bytes": "file size (bytes)",

@@ -47,15 +47,20 @@ OBJECTIVES = {  # name -> (dvc target, metrics file, key in it, direction, per-e
     "best_val_accuracy": ("train", paths.TRAIN_METRICS, "best_val_accuracy", "maximize", "val_accuracy"),
     "best_val_loss": ("train", paths.TRAIN_METRICS, "best_val_loss", "minimize", "val_loss"),
     "crossval_accuracy": ("train", paths.CROSSVAL_METRICS, "accuracy", "maximize", None),
+    "best_val_map": ("train", paths.TRAIN_METRICS, "best_val_map", "maximize", "val_map"),  # task=multilabel
+    "crossval_map": ("train", paths.CROSSVAL_METRICS, "map_macro", "maximize", None),
 }
 
 
 def objective_name(params: Params) -> str:
-    name = params.tune.objective
+    name, labels = params.tune.objective, params.task == "multilabel"
     if name == "auto":
-        return "crossval_accuracy" if params.crossval.folds else "best_val_accuracy"
-    if name == "crossval_accuracy" and not params.crossval.folds:
-        raise UserError("tune.objective=crossval_accuracy needs crossval.folds ≥ 2 (or -S crossval.folds=5)")
+        return ("crossval_" if params.crossval.folds else "best_val_") + ("map" if labels else "accuracy")
+    if name.startswith("crossval_") and not params.crossval.folds:
+        raise UserError(f"tune.objective={name} needs crossval.folds ≥ 2 (or -S crossval.folds=5)")
+    if labels and name.endswith("accuracy") or not labels and name.endswith("map"):
+        fits = "best_val_map, crossval_map" if labels else "best_val_accuracy, crossval_accuracy"
+        raise UserError(f"tune.objective={name} does not fit task={params.task}; use auto, best_val_loss or {fits}")
     return name
 
 

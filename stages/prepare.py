@@ -28,7 +28,8 @@ def main() -> dict:
     if not paths.RESOLVED_PREPROCESSING.exists():
         raise UserError(f"{paths.RESOLVED_PREPROCESSING} is missing; run the check stage first (dvc repro check)")
     plan = Preprocessing.from_dict(read_json(paths.RESOLVED_PREPROCESSING))
-    source = load_source(params.dataset, paths.RAW_DIR, Path(params.data_dir))
+    source = load_source(params.dataset, paths.RAW_DIR, Path(params.data_dir),
+                         params.data if params.task == "multilabel" else None)
     meta = prepare(source, plan, params.data, paths.PREPARED_DIR, progress=True)
     manifest = pd.read_csv(paths.MANIFEST, keep_default_na=False, dtype=str)
     pairs = pd.read_csv(paths.DUPLICATES, keep_default_na=False, dtype={"similarity": float})

@@ -82,9 +82,18 @@ def run_fold(params, fold: int, device: str, data: tuple) -> dict:
           f"scores {held.sum()} held out (test split untouched)", flush=True)
     result = fit_arrays(s, (x[train], y[train]), (x[held], y[held]))
     s.model.load_state_dict(result.best_state)
-    probs = softmax(predict_logits(s.model, x[held], s.prep))
-    metrics, _, _ = evaluation_metrics(y[held], probs, s.classes)
-    print(f"crossval: fold {fold + 1} of {k}: " + ", ".join(f"{m}={metrics[m]:.4f}" for m in ("accuracy", "log_loss")))
+    logits = predict_logits(s.model, x[held], s.prep)
+    if s.cfg.multilabel:  # mAP needs no threshold; F1 and the like at 0.5 (thresholds are chosen by the final model)
+        from pipeline.evaluation.multilabel import multilabel_metrics
+        from pipeline.probabilities import sigmoid
+
+        probs = sigmoid(logits)
+        metrics, _ = multilabel_metrics(y[held], probs, np.full(len(s.classes), 0.5), s.classes)
+    else:
+        probs = softmax(logits)
+        metrics, _, _ = evaluation_metrics(y[held], probs, s.classes)
+    shown = ("map_macro", "log_loss") if s.cfg.multilabel else ("accuracy", "log_loss")
+    print(f"crossval: fold {fold + 1} of {k}: " + ", ".join(f"{m}={metrics[m]:.4f}" for m in shown))
     return {"fold": fold, "folds": k, "classes": s.classes, "metrics": metrics,
             "best_epoch": result.best_epoch, "n_train": int(train.sum()), "n_held_out": int(held.sum()),
             "history": result.history.drop(columns=["images_per_second"]).to_dict(orient="records"),

@@ -30,7 +30,8 @@ def oof_table(records: list[dict]):
     for r in records:
         oof = r["oof"]
         frame = pd.DataFrame({"split": oof["split"], "index": oof["index"], "fold": r["fold"],
-                              "label": [r["classes"][i] for i in oof["label"]]})
+                              "label": [r["classes"][i] if isinstance(i, int) else  # k-hot rows: the labels, by ';'
+                                        ";".join(c for c, on in zip(r["classes"], i) if on) for i in oof["label"]]})
         probs = pd.DataFrame(oof["probs"], columns=[f"p_{c}" for c in r["classes"]])
         frames.append(pd.concat([frame, probs], axis=1))
     order = {s: i for i, s in enumerate(SPLITS)}
@@ -49,8 +50,9 @@ def summarize(records: list[dict]) -> dict:
     with atomic_path(paths.OOF_PREDICTIONS) as tmp:
         oof_table(records).to_csv(tmp, index=False, float_format="%.6f")
     if records:
-        acc = summary["accuracy"]
-        print(f"crossval: {len(records)} folds: accuracy {acc['mean']:.4f} ± {acc['std']:.4f} (per fold "
+        key = "map_macro" if "map_macro" in summary else "accuracy"
+        acc = summary[key]
+        print(f"crossval: {len(records)} folds: {key} {acc['mean']:.4f} ± {acc['std']:.4f} (per fold "
               + ", ".join(f"{v:.4f}" for v in acc["per_fold"]) + f"); out-of-fold predictions → {paths.OOF_PREDICTIONS}")
     return summary
 

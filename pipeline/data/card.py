@@ -33,16 +33,18 @@ def data_card(manifest: pd.DataFrame, classes: list[str], notes: dict | None = N
     where it came from ({"name": ..., "source": ..., "path": ..., "hash": ...})."""
     used = manifest[manifest["status"] == "used"]
     skipped = manifest[manifest["status"] == "skipped"]
-    table = (used.groupby(["class", "split"]).size().unstack(fill_value=0)
+    sep = (notes or {}).get("label_separator") if (meta or {}).get("task") == "multilabel" else None
+    labelled = used if sep is None else used.assign(**{"class": used["class"].str.split(sep)}).explode("class")
+    table = (labelled.groupby(["class", "split"]).size().unstack(fill_value=0)
              .reindex(index=classes, columns=list(SPLITS), fill_value=0))
     per_class = {c: {s: int(table.loc[c, s]) for s in SPLITS} | {"total": int(table.loc[c].sum())} for c in classes}
     train_counts = table["train"]
     conflicts = skipped[skipped["reason"].str.startswith("conflicting labels")]
-    return {
+    card = {
         "dataset": dataset or {},
         "images_used": int(len(used)),
         "files_skipped": int(len(skipped)),
-        "per_split": {s: int(table[s].sum()) for s in SPLITS},
+        "per_split": {s: int((used["split"] == s).sum()) for s in SPLITS},
         "per_class": per_class,
         "skipped_by_reason": {k: int(v) for k, v in skipped["reason"].map(reason_kind).value_counts().sort_index().items()},
         "duplicates_skipped": int(skipped["reason"].str.startswith("duplicate of").sum()),
@@ -52,6 +54,41 @@ def data_card(manifest: pd.DataFrame, classes: list[str], notes: dict | None = N
         "duplicates": _duplicates(used, pairs, meta or {}, data),
         "notes": notes or {},
     }
+    if sep is not None:
+        card["multilabel"] = multilabel_stats(used, classes, sep)
+    return card
+
+
+def multilabel_stats(used: pd.DataFrame, classes: list[str], sep: str) -> dict:
+    """Per label its positive rate (the fraction of images that carry it), how many labels an
+    image carries, and how often two labels come together (images with both)."""
+    index = {c: k for k, c in enumerate(classes)}
+    y = np.zeros((len(used), len(classes)), dtype=np.int64)
+    for i, text in enumerate(used["class"].astype(str)):
+        y[i, [index[t] for t in text.split(sep) if t in index]] = 1
+    together = y.T @ y
+    per_image = y.sum(axis=1)
+    return {"positive_rate": {c: float(y[:, k].mean()) for c, k in index.items()},
+            "labels_per_image": {"mean": float(per_image.mean()) if len(y) else 0.0,
+                                 "counts": {int(n): int((per_image == n).sum()) for n in np.unique(per_image)}},
+            "images_without_label": int((per_image == 0).sum()),
+            "cooccurrence": {"labels": list(classes), "matrix": together.tolist()}}
+
+
+def _multilabel_md(stats: dict) -> list[str]:
+    if not stats:
+        return []
+    labels, m = stats["cooccurrence"]["labels"], stats["cooccurrence"]["matrix"]
+    sizes = ", ".join(f"{n}: {c}" for n, c in stats["labels_per_image"]["counts"].items())
+    lines = ["## Labels (multi-label)", "",
+             f"Labels per image: mean {stats['labels_per_image']['mean']:.2f} (images by how many labels they carry: "
+             f"{sizes}); {stats['images_without_label']} images carry none (a negative for every label).", "",
+             "Positive rate (the fraction of images with the label) and co-occurrence (images with both labels; the "
+             "diagonal: images with the label):", "",
+             "| label | positive rate | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+    lines += [f"| {a} | {stats['positive_rate'][a]:.3f} | " + " | ".join(str(v) for v in row) + " |"
+              for a, row in zip(labels, m)]
+    return lines + [""]
 
 
 def _sizes(used: pd.DataFrame) -> dict:
@@ -165,6 +202,7 @@ def to_markdown(report: dict, manifest: pd.DataFrame, max_files: int = 100) -> s
     lines += [f"| **all** | {per_split['train']} | {per_split['val']} | {per_split['test']} | {report['images_used']} |", "",
               f"Imbalance ratio (largest / smallest class, train split): {report['imbalance_ratio']:.2f}. "
               "With a large ratio, consider `train.class_weights: balanced` or `train.sampler: balanced`.", ""]
+    lines += _multilabel_md(report.get("multilabel") or {})
     lines += _sizes_md(report.get("images") or {}) + _duplicates_md(report.get("duplicates") or {})
     skipped = manifest[manifest["status"] == "skipped"]
     if len(skipped):

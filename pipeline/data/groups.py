@@ -43,6 +43,8 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
     positions, every group lands whole in one split (`group_split`)."""
     if groups is not None and len(np.unique(groups)) < len(groups):
         return group_split(labels, groups, {s: val_fraction if s == "val" else test_fraction for s in need}, seed)
+    if labels.ndim == 2:
+        return multilabel_split(labels, val_fraction, test_fraction, seed, need)
     idx = np.arange(len(labels))
     out: dict[str, np.ndarray] = {}
     try:
@@ -67,9 +69,7 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fractions: dict[str, flo
     names = ["train", *fractions]
     share = np.array([1.0 - sum(fractions.values()), *fractions.values()])
     _, g = np.unique(groups, return_inverse=True)
-    n_classes = int(labels.max()) + 1
-    counts = np.zeros((g.max() + 1, n_classes))
-    np.add.at(counts, (g, labels), 1)
+    counts = group_counts(labels, g)
     target = share[:, None] * counts.sum(axis=0)[None, :]          # images of each class each split should get
     have = np.zeros_like(target)
     order = np.random.default_rng(seed).permutation(len(counts))
@@ -89,6 +89,40 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fractions: dict[str, flo
     return {name: np.flatnonzero(split_of == s) for s, name in enumerate(names)}
 
 
+def group_counts(labels: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Per group (0..G-1), its images of each class; for k-hot labels its positives of each
+    label and, in a last column, its images with no label (so they are spread as well)."""
+    if labels.ndim == 2:
+        columns = np.concatenate([labels, (labels.sum(axis=1) == 0)[:, None]], axis=1).astype(np.float64)
+        counts = np.zeros((g.max() + 1, columns.shape[1]))
+        np.add.at(counts, g, columns)
+        return counts
+    counts = np.zeros((g.max() + 1, int(labels.max()) + 1))
+    np.add.at(counts, (g, labels), 1)
+    return counts
+
+
+def multilabel_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                     need: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The split of k-hot labels by iterative stratification (Sechidis et al. 2011; the
+    iterative-stratification package): each label's positives spread over the splits in
+    proportion, rarest labels first."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    idx, out = np.arange(len(labels)), {}
+    rest = idx
+    for split in ("test", "val"):
+        if split not in need:
+            continue
+        frac = test_fraction if split == "test" else (val_fraction / (1.0 - test_fraction) if "test" in need
+                                                        else val_fraction)
+        cut = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
+        keep, held = next(cut.split(np.zeros(len(rest)), labels[rest]))
+        rest, out[split] = rest[keep], rest[held]
+    out["train"] = rest
+    return {k: np.sort(v) for k, v in out.items()}
+
+
 def leakage(split_of: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
     """Per split (val, test), the positions whose group also has a member in an earlier split
     (train; for test, train or val): images the model may in effect have seen."""
@@ -105,8 +139,28 @@ def fold_assignments(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     grouped = groups is not None and len(np.unique(groups)) < len(groups)
+    if y.ndim == 2:
+        return multilabel_folds(y, groups if grouped else None, k, seed)
     cv = (StratifiedGroupKFold if grouped else StratifiedKFold)(n_splits=k, shuffle=True, random_state=seed)
     fold = np.empty(len(y), dtype=np.int64)
     for f, (_, held_out) in enumerate(cv.split(y, y, groups if grouped else None)):
+        fold[held_out] = f
+    return fold
+
+
+def multilabel_folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> np.ndarray:
+    """Folds of k-hot labels: iterative stratification (MultilabelStratifiedKFold); with groups,
+    whole groups by `group_split` into k equal parts (no library stratifies multi-label groups)."""
+    if groups is not None:
+        parts = group_split(y, groups, {f"fold{f}": 1.0 / k for f in range(1, k)}, seed)
+        fold = np.empty(len(y), dtype=np.int64)
+        for f, name in enumerate(["train", *(f"fold{f}" for f in range(1, k))]):
+            fold[parts[name]] = f
+        return fold
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    fold = np.empty(len(y), dtype=np.int64)
+    cv = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held_out) in enumerate(cv.split(np.zeros(len(y)), y)):
         fold[held_out] = f
     return fold

@@ -202,6 +202,7 @@ def prepare(source: Source, prep: Preprocessing | int, data: DataParams, out_dir
         prep = Preprocessing(prep, prep)
     image_size = prep.stored_size
     classes = source.classes
+    multilabel = source.labels.ndim == 2
     if len(classes) < 2:
         raise UserError(f"the data set has {len(classes)} class(es) ({', '.join(classes) or 'none'}); at least 2 are needed")
     with atomic_dir(out_dir) as tmp:
@@ -213,9 +214,10 @@ def prepare(source: Source, prep: Preprocessing | int, data: DataParams, out_dir
         rows = _decode_all(source, prep, tmp / "_decoded.npy", tmp / "_thumbs.npy", progress)
         reasons = [r[0] for r in rows]
         used = np.array([i for i, r in enumerate(reasons) if not r], dtype=np.int64)
-        counts = np.bincount(source.labels[used], minlength=len(classes))
+        counts = label_counts(source.labels[used], len(classes))
         if empty := [classes[k] for k in np.flatnonzero(counts == 0)]:
-            raise UserError(f"class {', '.join(map(repr, empty))} has no usable image; add images or remove the class folder")
+            fix = "add images or remove it from data.classes" if multilabel else "add images or remove the class folder"
+            raise UserError(f"{'label' if multilabel else 'class'} {', '.join(map(repr, empty))} has no usable image; {fix}")
         groups, pairs = _find_groups(source, rows, used, thumbs, data)
         del thumbs
         item_group = np.full(len(source.items), -1, dtype=np.int64)
@@ -229,7 +231,7 @@ def prepare(source: Source, prep: Preprocessing | int, data: DataParams, out_dir
             for start in range(0, len(idx), _CHUNK):
                 x[start:start + _CHUNK] = all_x[idx[start:start + _CHUNK]]
             x.flush()
-            np.save(tmp / f"{name}_y.npy", source.labels[idx].astype(np.int64))
+            np.save(tmp / f"{name}_y.npy", source.labels[idx] if multilabel else source.labels[idx].astype(np.int64))
             np.save(tmp / f"{name}_group.npy", item_group[idx])
         del all_x
         (tmp / "_decoded.npy").unlink()
@@ -242,8 +244,23 @@ def prepare(source: Source, prep: Preprocessing | int, data: DataParams, out_dir
                 "preprocessing": prep.with_stats(mean, std).to_dict(),
                 "leaked": {s: int(len(v)) for s, v in leaked.items()},
                 "content_hash": _content_hash(manifest, rows)}
+        if multilabel:  # absent for one class per image: its meta.json as before
+            meta["task"] = "multilabel"
         write_json(tmp / paths.PREPARED_META.name, meta)
     return meta
+
+
+def label_counts(labels: np.ndarray, n: int) -> np.ndarray:
+    """Images per class (int64 class per image) or positives per label (k-hot N×C rows)."""
+    return labels.sum(axis=0).astype(np.int64) if labels.ndim == 2 else np.bincount(labels, minlength=n)
+
+
+def class_column(source: Source) -> list[str]:
+    """Each item's class, or (multi-label) its labels joined by the CSV's separator."""
+    if source.labels.ndim == 1:
+        return [source.classes[k] for k in source.labels]
+    sep, names = source.notes.get("label_separator", ";"), np.array(source.classes, dtype=object)
+    return [sep.join(names[row.astype(bool)]) for row in source.labels]
 
 
 def _content_hash(manifest: pd.DataFrame, rows: list[tuple]) -> str:
@@ -281,7 +298,7 @@ def _manifest(source: Source, rows: list[tuple], reasons: list[str], splits: dic
     used = row_of >= 0
     table = pd.DataFrame({
         "path": list(source.names) if source.names is not None else [str(i) for i in source.items],
-        "class": [source.classes[k] for k in source.labels],
+        "class": class_column(source),
         "split": [s or g for s, g in zip(split_of, given)],
         "row": np.where(used, row_of, -1),
         "status": np.where(used, "used", "skipped"),

@@ -18,6 +18,7 @@ from pipeline.io import write_json
 
 if TYPE_CHECKING:  # numpy and PIL: imported by the readers, not by params validation
     from pipeline.data.source import Source
+    from pipeline.params import DataParams
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,16 @@ def provenance(dataset: str, data_dir: str) -> dict:
             "path": data_dir if DATASETS[dataset].kind == "folder" else None}
 
 
-def class_count(dataset: str, data_dir: Path) -> int:
-    """How many classes `dataset` has, without reading an image (a folder: its class folders)."""
+def class_count(dataset: str, data_dir: Path, multilabel: DataParams | None = None) -> int:
+    """How many classes `dataset` has, without reading an image (a folder: its class folders;
+    with `multilabel`, the data params of task=multilabel: the labels its CSV names)."""
     if (known := DATASETS[dataset].classes) is not None:
         return known
+    if multilabel is not None:
+        from pipeline.data.labels_csv import label_count
+
+        return label_count(_check_folder(data_dir), multilabel.labels_csv, multilabel.label_separator,
+                           multilabel.classes)
     from pipeline.data.folder import class_names
 
     return len(class_names(_check_folder(data_dir)))
@@ -87,8 +94,16 @@ def download(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None 
     return tvsets.download(dataset, raw_dir)
 
 
-def load_source(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None) -> Source:
+def load_source(dataset: str, raw_dir: Path = paths.RAW_DIR, data_dir: Path | None = None,
+                multilabel: DataParams | None = None) -> Source:
+    """The data set's candidate images and labels; with `multilabel` (the data params of
+    task=multilabel), a folder's images and label sets from its labels CSV."""
     kind = DATASETS[dataset].kind
+    if multilabel is not None:
+        from pipeline.data.labels_csv import load_multilabel
+
+        return load_multilabel(_check_folder(data_dir), multilabel.labels_csv, multilabel.label_separator,
+                               multilabel.classes)
     if kind == "bundled":
         from pipeline.data import digits
 

@@ -51,15 +51,21 @@ SHORT_NAMES = {"balanced_accuracy": "balanced accuracy", "top5_accuracy": "top-5
                "accuracy_tta": "accuracy, TTA", "balanced_accuracy_tta": "balanced acc., TTA", "f1_macro_tta": "F1, TTA",
                "log_loss_tta": "log loss, TTA", "ece_tta": "ECE, TTA", "tta_views": "TTA views",
                "accuracy_clean": "accuracy, clean test", "accuracy_leaked": "accuracy, leaked test",
-               "test_images_clean": "clean test images", "test_images_leaked": "leaked test images"}
+               "test_images_clean": "clean test images", "test_images_leaked": "leaked test images",
+               "map_macro": "mAP, macro", "map_micro": "mAP, micro", "f1_micro": "F1, micro",
+               "precision_micro": "precision, micro", "recall_micro": "recall, micro",
+               "subset_accuracy": "subset accuracy", "hamming_loss": "Hamming loss",
+               "labels_per_image": "labels per image", "predicted_labels_per_image": "predicted per image",
+               "map_macro_clean": "mAP, clean test", "map_macro_leaked": "mAP, leaked test"}
 TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss": "best validation loss",
-               "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",
+               "best_val_map": "best validation mAP", "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",
                "parameters": "parameters", "lr": "learning rate"}
 
 
 # (title, file): the report's pictures, in order
 PICTURES = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
-            ("Most confidently misclassified", paths.MISCLASSIFIED_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
+            ("Most confidently misclassified", paths.MISCLASSIFIED_PNG),
+            ("Precision-recall per label", paths.PR_CURVES_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
             ("Reliability (calibration)", paths.RELIABILITY_PNG), ("Inner activations", paths.ACTIVATIONS_PNG),
             ("Filters and what deeper channels respond to", paths.FILTERS_PNG),
             ("Embedding of the test split", paths.EMBEDDING_PNG), ("Suspected label issues", paths.LABEL_ISSUES_PNG),
@@ -124,10 +130,13 @@ def report_blocks(*, ckpt: dict, run: dict | None, train_summary: dict | None, m
     `context`: e.g. {"date": ..., "commit": ..., "experiment": ...}."""
     params, prep = ckpt.get("params", {}), ckpt["preprocessing"]
     n_test = metrics.get("n_test", int(per_class["support"].sum()) if "support" in per_class else "?")
+    labels = "map_macro" in metrics  # task=multilabel
+    score = (f"test mAP (macro) **{number(float(metrics['map_macro']))}**, F1 (micro) at the validation thresholds "
+             f"{number(float(metrics['f1_micro']))}" if labels else f"test accuracy **{number(float(metrics['accuracy']))}**")
     blocks = [Block("h1", "Evaluation report"),
-              Block("p", f"Model `{ckpt['arch']}` on `{params.get('dataset', '?')}`: {len(ckpt['classes'])} classes, "
-                         f"{prep['image_size']}×{prep['image_size']} px, {n_test} test images; "
-                         f"test accuracy **{number(float(metrics['accuracy']))}**"
+              Block("p", f"Model `{ckpt['arch']}` on `{params.get('dataset', '?')}`: {len(ckpt['classes'])} "
+                         f"{'labels' if labels else 'classes'}, "
+                         f"{prep['image_size']}×{prep['image_size']} px, {n_test} test images; {score}"
                          + (f" ({number(float(metrics['accuracy_clean']))} on the {metrics['test_images_clean']:,} "
                             f"test images with no near-duplicate in train/val)" if "accuracy_clean" in metrics else "")
                          + "."),
@@ -146,10 +155,19 @@ def report_blocks(*, ckpt: dict, run: dict | None, train_summary: dict | None, m
         blocks.append(Block("p", "No metrics/train.json here (train's outputs were not checked out)."))
     blocks += [Block("h2", "Test metrics"), Block("table", header=("metric", "value"), rows=tuple(
         (METRIC_NAMES.get(k, k), number(v)) for k, v in metrics.items()))]
-    blocks += [Block("h2", "Per class"), Block("table", header=("class", "precision", "recall", "F1", "support"),
-                                               rows=tuple((str(r["class"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}",
-                                                           f"{r['f1']:.3f}", f"{int(r['support']):,}")
-                                                          for _, r in per_class.iterrows()))]
+    if labels:
+        blocks += [Block("h2", "Per label"), Block("table", header=("label", "AP", "precision", "recall", "F1",
+                                                                    "threshold", "support"),
+                                                   rows=tuple((str(r["label"]), f"{r['ap']:.3f}", f"{r['precision']:.3f}",
+                                                               f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                                                               f"{r['threshold']:.3f}", f"{int(r['support']):,}")
+                                                              for _, r in per_class.iterrows()))]
+    else:
+        blocks += [Block("h2", "Per class"), Block("table", header=("class", "precision", "recall", "F1", "support"),
+                                                   rows=tuple((str(r["class"]), f"{r['precision']:.3f}",
+                                                               f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                                                               f"{int(r['support']):,}")
+                                                              for _, r in per_class.iterrows()))]
     shown = [(title, p) for title, p in pictures if p.exists()]
     if shown:
         blocks.append(Block("h2", "Pictures"))

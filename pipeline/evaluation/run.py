@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.calibration import scaled
-from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, temperature
+from pipeline.checkpoint import is_multilabel, load_checkpoint, predict_logits, preprocessing, temperature
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
 from pipeline.evaluation.gradcam import gradcam_figure
@@ -23,12 +23,13 @@ from pipeline.evaluation.metrics import (
     tta_metrics,
 )
 from pipeline.io import atomic_path, write_json
+from pipeline.plots import note_figure
 from pipeline.prepared import leaked_test, load_split
 from pipeline.preprocess import tta_views
 
 # DVC outputs (dvc.yaml declares exactly these)
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
-           paths.MISCLASSIFIED_PNG, paths.GRADCAM_PNG, paths.LEARNING_CURVES_PNG, paths.RELIABILITY_PNG,
+           paths.MISCLASSIFIED_PNG, paths.PR_CURVES_PNG, paths.GRADCAM_PNG, paths.LEARNING_CURVES_PNG, paths.RELIABILITY_PNG,
            paths.ACTIVATIONS_PNG, paths.FILTERS_PNG, paths.EMBEDDING_PNG, paths.LABEL_ISSUES, paths.LABEL_ISSUES_PNG,
            paths.EVAL_NOTES]
 
@@ -75,6 +76,10 @@ def run(params) -> dict:
     model, ckpt = load_checkpoint(paths.CHECKPOINT)
     classes, prep = ckpt["classes"], preprocessing(ckpt)
     x, y = load_split("test", paths.PREPARED_DIR)
+    if is_multilabel(ckpt):
+        from pipeline.evaluation import multilabel_run
+
+        return multilabel_run.run(model, ckpt, x, y, params)
     metrics, per_class, cm, probs = score(model, ckpt, x, y, params.evaluate.tta)
     metrics |= clean_metrics(y, probs["plain"].argmax(1), leaked_test(paths.PREPARED_DIR))
     write_tables(metrics, per_class, cm, y, probs["plain"].argmax(1), classes)
@@ -109,6 +114,8 @@ def draw(model, x, y, probs: dict, cm, classes: list[str], prep, metrics: dict, 
     """Every picture; the notes on what could not be drawn or was switched off (for the report)."""
     plain = probs["plain"]
     confusion_matrix(cm, classes, paths.CONFUSION_PNG)
+    note_figure("Precision-recall curves per label are drawn for task=multilabel; with one class per image, see "
+                "confusion_matrix.png and per_class.csv", paths.PR_CURVES_PNG)
     wrong, pred = most_confident_mistakes(y, plain), plain.argmax(1)
     misclassified_grid(prep.center_crop(x[wrong]),
                        [f"{classes[y[i]]} → {classes[pred[i]]} ({plain[i].max():.2f})" for i in wrong],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import preprocessing, temperature
+from pipeline.checkpoint import is_multilabel, preprocessing, temperature
 from pipeline.errors import UserError
 from pipeline.export.runtime import (  # noqa: F401  (the card's functions are this module's interface too)
     CPU,
@@ -38,14 +38,36 @@ def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
     """What a user of the exported model needs, from a checkpoint: classes and preprocessing
     (`Preprocessing.from_dict(card)` reads it back)."""
     prep, t = preprocessing(ckpt), temperature(ckpt)
+    if is_multilabel(ckpt):
+        scaled = f" (divided by the temperature {t:g})" if t != 1.0 else ""
+        return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t,
+                "task": "multilabel", "thresholds": list(ckpt["thresholds"]),
+                "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → outputs 'logits'{scaled} and "
+                                 "'probabilities' (a sigmoid per label, calibrated); a label applies where its "
+                                 "probability is at least its threshold"}
     scaled = f" (divided by the temperature {t:g}: softmax gives calibrated probabilities)" if t != 1.0 else ""
     return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t,
             "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'{scaled}"}
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None) -> str:
-    """Write `path` with a dynamic batch axis (input `images`, output `logits`) and `metadata`
-    in the model's metadata_props; the same model gives the same bytes on any machine. Returns
+class WithProbabilities(nn.Module):
+    """task=multilabel's exported graph: the (calibrated) logits and their sigmoid, so that any
+    ONNX Runtime user gets each label's probability without knowing the model's head."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.sigmoid(logits)
+
+
+def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[str, str] | None = None,
+                outputs: tuple[str, ...] = ("logits",)) -> str:
+    """Write `path` with a dynamic batch axis (input `images`, `outputs`: what the model returns,
+    `logits` or for a `WithProbabilities` model also `probabilities`) and `metadata` in the
+    model's metadata_props; the same model gives the same bytes on any machine. Returns
     the exporter that wrote it: `torchscript`, else `dynamo` for a model it cannot translate.
 
     TorchScript's exporter first: it is deprecated in favour of the dynamo exporter, but 15-40×
@@ -55,28 +77,28 @@ def export_onnx(model: nn.Module, image_size: int, path: Path, metadata: dict[st
     below 224 px: an adaptive pooling it cannot express) and once torch drops it."""
     model, example = model.eval(), torch.zeros(2, 3, image_size, image_size)
     try:
-        _torchscript_export(model, example, path)
+        _torchscript_export(model, example, path, outputs)
         exporter = "torchscript"
     except Exception:  # noqa: BLE001 (any op it cannot translate: the dynamo exporter is the fallback)
-        _dynamo_export(model, example, path)
+        _dynamo_export(model, example, path, outputs)
         exporter = "dynamo"
     _with_metadata(path, metadata or {})
     return exporter
 
 
-def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...]) -> None:
     import warnings
 
     with warnings.catch_warnings(), _stdout_discarded():  # its deprecation warning; its graph dump on failure
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          output_names=list(outputs), dynamic_axes={"images": {0: "batch"}} | {o: {0: "batch"} for o in outputs},
                           opset_version=TORCHSCRIPT_OPSET)
 
 
-def _dynamo_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _dynamo_export(model: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...]) -> None:
     onnx_program = torch.onnx.export(
-        model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+        model, (example,), dynamo=True, input_names=["images"], output_names=list(outputs),
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     _reproducible(onnx_program.model)

@@ -55,6 +55,7 @@ class Predictor:
     classes: list[str]
     prep: Preprocessing
     logits: Callable[[np.ndarray], np.ndarray]  # stored uint8 N×3×S×S → N×K float32 (crops, normalises inside)
+    thresholds: np.ndarray | None = None  # task=multilabel: each label's threshold on its sigmoid; None: softmax
 
     @property
     def image_size(self) -> int:
@@ -93,7 +94,12 @@ def _checkpoint_predictor(path: Path) -> Predictor:
 
     raw, ckpt = load_checkpoint(path)
     model, prep = calibrated(raw, ckpt), preprocessing(ckpt)
-    return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep))
+    return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep), _thresholds(ckpt))
+
+
+def _thresholds(card: dict) -> np.ndarray | None:
+    """A multi-label model's thresholds (its checkpoint or model card says task: multilabel)."""
+    return np.asarray(card["thresholds"], dtype=np.float64) if card.get("task") == "multilabel" else None
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -126,7 +132,7 @@ def _onnx_predictor(path: Path) -> Predictor:
     def logits(x: np.ndarray) -> np.ndarray:
         return sess.run(None, {name: prep.model_input(x)})[0]
 
-    return Predictor(list(card["classes"]), prep, logits)
+    return Predictor(list(card["classes"]), prep, logits, _thresholds(card))
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -192,9 +198,10 @@ def probabilities(predictor: Predictor, images: np.ndarray, tta: str = "none") -
     `tta` (`pipeline.preprocess.tta_views`: none, hflip, hflip_crops), as the evaluate stage's
     `evaluate.tta` averages them."""
     from pipeline.preprocess import tta_views
-    from pipeline.probabilities import softmax  # the evaluate stage's own, so probabilities agree
+    from pipeline.probabilities import sigmoid, softmax  # the evaluate stage's own, so probabilities agree
 
-    return np.mean([softmax(predictor.logits(v)) for v in tta_views(images, predictor.image_size, tta)], axis=0)
+    link = softmax if predictor.thresholds is None else sigmoid  # multi-label: a probability per label
+    return np.mean([link(predictor.logits(v)) for v in tta_views(images, predictor.image_size, tta)], axis=0)
 
 
 def predict_probabilities(predictor: Predictor, files: list[Path], max_pixels: int | None = None, tta: str = "none",
@@ -351,6 +358,10 @@ def run(model: Path, images: list[Path], k: int | None = None, as_json: bool = F
     check_out(out)
     files = image_files(images)
     predictor, started = load_predictor(model), time.perf_counter()
+    if predictor.thresholds is not None:
+        from pipeline.export import predict_sets
+
+        return predict_sets.run(predictor, model, files, images, k, as_json, max_pixels, tta, out, started)
     several = len(files) > 1 or any(p.is_dir() for p in images)
     rows = Rows.fit(files, predictor.classes) if several and not as_json else None
     k = min(k or (ROW_TOP_K if rows else TOP_K), len(predictor.classes))

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from pipeline import paths
-from pipeline.checkpoint import calibrated, load_checkpoint, predict_logits, preprocessing
+from pipeline.checkpoint import calibrated, is_multilabel, load_checkpoint, predict_logits, preprocessing
 from pipeline.export.onnx import (
     batch1_latency,
     check_parity,
+    WithProbabilities,
     export_onnx,
     model_card,
     onnx_logits,
@@ -28,7 +29,9 @@ def run() -> dict:
     x, _ = load_split("test", paths.PREPARED_DIR)
     x_float = prep.model_input(torch.from_numpy(np.array(x))).numpy()
     with atomic_path(paths.ONNX_MODEL) as tmp:
-        exporter = export_onnx(model, prep.image_size, tmp, onnx_metadata(card))
+        labels = is_multilabel(ckpt)  # then the graph gives each label's probability too
+        exporter = export_onnx(WithProbabilities(model) if labels else model, prep.image_size, tmp, onnx_metadata(card),
+                               ("logits", "probabilities") if labels else ("logits",))
         ort_logits = onnx_logits(tmp, x_float)
         metrics = parity(predict_logits(model, x, prep), ort_logits)
         check_parity(metrics)

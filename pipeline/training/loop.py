@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training import precision
 from pipeline.training.distributed import cpu_cores, distributed, shard
 from pipeline.training.ema import make_ema
+from pipeline.training.objective import LabelMixer, Objective, positive_weights
 from pipeline.training.recipe import (
     EarlyStopping,
     make_mixer,
@@ -59,9 +59,21 @@ class TrainConfig:
     device: str = "cpu"                                # resolved from train.device
     resume_path: Path | None = None  # checkpoint written after every epoch, resumed from when it matches
     fingerprint: str = ""     # hash of what makes the run (params, data, code): resume only when equal
+    multilabel: bool = False  # task=multilabel: k-hot labels, a sigmoid per label (the prepared data says)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", self.strategy.augment(self.augment))
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.multilabel)
+
+    @property
+    def monitor(self) -> str:
+        """train.monitor, with auto resolved: val_map for labels, else val_accuracy."""
+        if self.train.monitor != "auto":
+            return self.train.monitor
+        return "val_map" if self.multilabel else "val_accuracy"
 
 
 @dataclass
@@ -95,10 +107,13 @@ def set_threads(num_threads: int) -> int:
 
 
 def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: list[str]) -> list[float] | None:
-    """`none` → None; `balanced` → n / (k · count_c) (scikit-learn's definition); a list is
-    checked against the number of classes."""
+    """`none` → None; `balanced` → n / (k · count_c) (scikit-learn's definition), or for k-hot
+    labels each label's negatives / positives (its positive weight); a list is checked against
+    the number of classes."""
     if spec == "none":
         return None
+    if spec == "balanced" and np.asarray(labels).ndim == 2:
+        return positive_weights(labels)
     if spec == "balanced":
         from sklearn.utils.class_weight import compute_class_weight
 
@@ -129,11 +144,6 @@ def head_out_features(model: nn.Module) -> int:
     from pipeline.models import head_of
 
     return head_of(model).out_features
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
-    y = torch.from_numpy(np.asarray(labels))
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
 def _rng_state(gen: torch.Generator, aug_gen: torch.Generator) -> dict:
@@ -172,6 +182,7 @@ class _Optimization:
     grad_clip: float
     amp_dtype: torch.dtype | None
     scaler: object
+    objective: Objective = Objective()
     graphs: bool = False  # the forward is compiled into CUDA graphs: each step tells them a new one begins
 
     def step(self, model: nn.Module, forward: nn.Module, xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -179,7 +190,7 @@ class _Optimization:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(xb.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = forward(xb)
-        loss = F.cross_entropy(logits.float(), target, weight=self.loss_weight, label_smoothing=self.label_smoothing)
+        loss = self.objective.loss(logits.float(), target, self.loss_weight, self.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
@@ -221,10 +232,13 @@ def _optimization(model: nn.Module, cfg: TrainConfig, device: torch.device, step
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     opt = optimizer_for(model, cfg, cfg.lr)
     loss_weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
+    mixer = (LabelMixer(r.mixup_alpha, r.cutmix_alpha) if cfg.multilabel and (r.mixup_alpha or r.cutmix_alpha)
+             else None if cfg.multilabel else make_mixer(r, int(head_out_features(model))))
     return _Optimization(opt, make_scheduler(opt, r, cfg.epochs, steps_per_epoch),
-                         EarlyStopping(r.monitor, r.patience, r.min_delta),
-                         make_mixer(r, int(head_out_features(model))), loss_weight, r.label_smoothing, r.grad_clip,
-                         amp_dtype, scaler, graphs=r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"))
+                         EarlyStopping(cfg.monitor, r.patience, r.min_delta),
+                         mixer, loss_weight, r.label_smoothing, r.grad_clip,
+                         amp_dtype, scaler, graphs=r.compile and r.compile_mode in ("reduce-overhead", "max-autotune"),
+                         objective=cfg.objective)
 
 
 BAR_SECONDS = 2.0  # the progress bar's loss and accuracy are read from the device this often
@@ -238,7 +252,7 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor,
     (the indices reach the device once per epoch, augmentation draws on the device, nothing is
     read back). The weights' moving average `ema`, when kept, follows every step."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
-    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    correct = torch.zeros((), dtype=torch.float64, device=y.device)
     seen, t0 = 0, time.perf_counter()
     shown = t0
     batches = [np.sort(idx) for idx in batches]  # sorted reads are sequential in a memory-mapped array
@@ -251,15 +265,14 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, data, y: torch.Tensor,
         if ema is not None:
             ema.update_parameters(model)
         loss_sum += loss.detach().double() * len(at)
-        hard = target.argmax(1) if target.ndim == 2 else target
-        correct += (logits.argmax(1) == hard).sum()
+        correct += optim.objective.correct(logits.detach(), target)
         seen += len(at)
         bar.update(1)
         if not bar.disable and (now := time.perf_counter()) - shown >= BAR_SECONDS:
             shown = now
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.4f}",
                             img_s=f"{seen / (now - t0):.0f}", refresh=False)
-    return float(loss_sum), int(correct), seen
+    return float(loss_sum), float(correct), seen
 
 
 @dataclass
@@ -340,7 +353,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         raise UserError(f"the training split has {len(y_np)} image(s) for {world} process(es): too few to make a "
                         "batch of 2; add images, or lower data.val_fraction / data.test_fraction or train.nproc")
     forward = _placed(model, cfg, device, world)
-    y_t = torch.from_numpy(y_np).to(device)
+    y_t = cfg.objective.targets(y_np, device)
     amp_dtype, why = precision.resolve(cfg.train.precision, device, model,
                                        precision.sample_batch(data, cfg.batch_size, device))
     amp_dtype = _as_on_rank_0(amp_dtype, device, world)  # a timed probe could differ between processes
@@ -367,14 +380,15 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         loss_sum, correct, seen = _summed_over_ranks(loss_sum, correct, seen, device, world)
         epoch_seconds = time.perf_counter() - t0
         val_logits = data.val_logits(evaluated)
-        val_loss, val_acc = loss_and_accuracy(val_logits, data.val_y)
+        val = cfg.objective.val_metrics(val_logits, data.val_y)
+        val_loss = val["val_loss"]
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "val_loss": val_loss, "val_accuracy": val_acc, "lr": optim.opt.param_groups[-1]["lr"],
+               **val, "lr": optim.opt.param_groups[-1]["lr"],
                "images_per_second": seen / epoch_seconds, "trainable_params": trainable,
                "seconds": epoch_seconds, "images": seen}
         rows.append(row)
         _report_epoch(row, cfg.epochs, bar, progress)
-        if optim.stopper.step(row[cfg.train.monitor], val_loss if cfg.train.monitor == "val_accuracy" else None):
+        if optim.stopper.step(row[cfg.monitor], None if cfg.monitor == "val_loss" else val_loss):
             best = _Best({k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}, epoch,
                          val_logits)
         if on_epoch and rank == 0:
@@ -383,7 +397,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
             save_resume(cfg, epoch, model, optim, rows, best, gen, aug_gen, ema)
         if optim.stopper.should_stop and progress:
             r = cfg.train
-            print(f"train: early stopping after epoch {epoch}: {r.monitor} has not improved by more than "
+            print(f"train: early stopping after epoch {epoch}: {cfg.monitor} has not improved by more than "
                   f"{r.min_delta} for {r.patience} epochs; best epoch {best.epoch}", flush=True)
 
     if world > 1:
@@ -448,12 +462,13 @@ def _summed_over_ranks(loss_sum: float, correct: int, seen: int, device, world: 
         return loss_sum, correct, seen
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(totals)
-    return float(totals[0]), int(totals[1]), int(totals[2])
+    return float(totals[0]), float(totals[1]), int(totals[2])
 
 
 def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:
     summary = {"loss": f"{row['train_loss']:.4f}", "acc": f"{row['train_accuracy']:.4f}",
                "val_loss": f"{row['val_loss']:.4f}", "val_acc": f"{row['val_accuracy']:.4f}",
+               **({"val_map": f"{row['val_map']:.4f}"} if "val_map" in row else {}),
                "img_s": f"{row['images_per_second']:.0f}"}
     if bar.disable and progress:  # not a terminal (CI, a log file): one line per epoch
         print(f"epoch {row['epoch']}/{epochs}: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
@@ -468,6 +483,7 @@ def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainCon
     history = pd.DataFrame(rows)
     kept = history.iloc[best.epoch - 1]
     metrics = {"best_val_accuracy": float(kept["val_accuracy"]), "best_val_loss": float(kept["val_loss"]),
+               **({"best_val_map": float(kept["val_map"])} if "val_map" in kept else {}),
                "best_epoch": best.epoch, "epochs_run": len(rows),
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
     seconds = float(sum(r["seconds"] for r in rows))

@@ -152,7 +152,7 @@ def train_linear_probe(model: nn.Module, train_xy, val_xy, prep: Preprocessing, 
     standardize = lambda f: ((f - mean) / std).astype(np.float32)  # noqa: E731
     fc = head_of(model)
     data = FeatureBatches(standardize(train_f), standardize(val_f), val_y, fc.weight.device)
-    y_all = np.tile(np.asarray(y), passes)
+    y_all = np.tile(np.asarray(y), (passes,) + (1,) * (np.ndim(y) - 1))  # k-hot rows: whole rows repeated
     l2 = cfg.strategy.probe_l2
     l2 = pick_l2(fc, data, y_all, cfg, progress) if l2 == "auto" else float(l2)
     frozen = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in fc.parameters())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import paths, runview, tracking
-from pipeline.calibration import fit_temperature
+from pipeline.calibration import fit_sigmoid_temperature, fit_temperature, scaled, sigmoid
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
 from pipeline.errors import UserError
@@ -23,7 +23,7 @@ from pipeline.models.registry import arch_kwargs
 from pipeline.models.weights import build_transfer_model
 from pipeline.params import Params, stage_keys
 from pipeline.plots import pair_figure, save
-from pipeline.prepared import load_meta, load_split
+from pipeline.prepared import label_text, load_meta, load_split
 from pipeline.preprocess import Preprocessing
 from pipeline.training import trial
 from pipeline.training.augment import augment_batch
@@ -95,7 +95,8 @@ def setup(params: Params, device: str, prepared: Path = paths.PREPARED_DIR) -> S
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=lr, seed=params.seed,
                       train=t, augment=params.augment, strategy=strategy,
                       class_weights=resolve_class_weights(t.class_weights, load_split("train", prepared)[1], classes),
-                      device=device, resume_path=paths.RESUME_CHECKPOINT, fingerprint=fingerprint(params, data_hash))
+                      device=device, resume_path=paths.RESUME_CHECKPOINT, fingerprint=fingerprint(params, data_hash),
+                      multilabel=meta.get("task") == "multilabel")
     return Setup(model, arch_kwargs, prep, classes, cfg, lr_note, data_hash)
 
 
@@ -131,7 +132,7 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
     if s.cfg.augment.resized_crop:
         on = ", ".join(filter(None, [f"resized crop {s.cfg.augment.resized_crop_scale}", on]))
     originals, augmented = np.array(s.prep.center_crop(x[:n])), (aug.numpy() * 255).round().astype(np.uint8)
-    fig = pair_figure(originals, augmented, [s.classes[i] for i in y[:n]], ("original", "augmented"))
+    fig = pair_figure(originals, augmented, label_text(y[:n], s.classes), ("original", "augmented"))
     fig.suptitle(f"Augmented training samples: each image as evaluated (centre crop, left) and as training sees "
                  f"it (right)\n{on or 'no augmentation'}", fontsize=10)
     save(fig, path)
@@ -151,12 +152,28 @@ def _no_augmentation(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def calibrate(s: Setup, result: TrainResult, prepared: Path = paths.PREPARED_DIR) -> float | None:
     """The temperature of the kept weights, fitted on the validation split (`train.calibrate`),
-    from the validation logits training computed anyway (no extra pass); None when off."""
+    from the validation logits training computed anyway (no extra pass); None when off. For
+    labels, one temperature for all of them (sigmoid(logits / T))."""
     if not s.cfg.train.calibrate or result.val_logits is None:
         return None
-    t, note = fit_temperature(result.val_logits, load_split("val", prepared)[1])
+    fit = fit_sigmoid_temperature if s.cfg.multilabel else fit_temperature
+    t, note = fit(result.val_logits, load_split("val", prepared)[1])
     print(f"train: calibration: {note}", flush=True)
     return t
+
+
+def thresholds(s: Setup, result: TrainResult, t: float | None, prepared: Path = paths.PREPARED_DIR) -> list[float] | None:
+    """task=multilabel: each label's threshold on the probabilities export and predict give
+    (calibrated when T was fitted), chosen on the validation split by `train.thresholds`."""
+    if not s.cfg.multilabel or result.val_logits is None:
+        return None
+    from pipeline.evaluation.multilabel import choose_thresholds
+
+    y = load_split("val", prepared)[1]
+    chosen = choose_thresholds(y, sigmoid(scaled(result.val_logits, t or 1.0)), s.cfg.train.thresholds)
+    print(f"train: thresholds per label (train.thresholds={s.cfg.train.thresholds}, on {len(y)} validation images): "
+          + ", ".join(f"{c} {v:.3f}" for c, v in zip(s.classes, chosen)), flush=True)
+    return [float(v) for v in chosen]
 
 
 def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
@@ -166,9 +183,10 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     not retrain.)"""
     n_params = sum(p.numel() for p in s.model.parameters())
     summary = result.metrics | {"parameters": n_params, "lr": s.cfg.lr}
+    t = calibrate(s, result)
     save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
                     classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary,
-                    data_hash=s.data_hash, temperature=calibrate(s, result))
+                    data_hash=s.data_hash, temperature=t, thresholds=thresholds(s, result, t))
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)
@@ -220,7 +238,9 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     speed = (f"features at {result.timing['feature_images_per_second']:.0f} images/s"
              if "feature_images_per_second" in result.timing else
              f"{result.timing['train_images_per_second']:.0f} images/s")
-    print(f"train: best epoch {result.best_epoch}, val accuracy {summary['best_val_accuracy']:.4f}, "
+    score = (f"val mAP {summary['best_val_map']:.4f}" if "best_val_map" in summary
+             else f"val accuracy {summary['best_val_accuracy']:.4f}")
+    print(f"train: best epoch {result.best_epoch}, {score}, "
           f"{speed} → {paths.CHECKPOINT}")
     return summary
 
