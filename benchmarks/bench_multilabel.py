@@ -14,8 +14,7 @@ either). Written as <dir>/images/{train,test}/NNNNN.jpg and <dir>/labels.csv
 (path,labels,split; labels sorted and joined by ";"), seeded.
 
 Runs, each through the real stages (`python -m stages.NAME`: check, prepare, train, evaluate) in a
-temporary copy of the project (git's files as they are in the working tree, and new files under
-pipeline/ and stages/ not yet added to git) with dataset=folder, data_dir=<mosaics>, task=multilabel,
+temporary copy of the project (git's files as they are in the working tree) with dataset=folder, data_dir=<mosaics>, task=multilabel,
 data.labels_csv=labels.csv, data.label_separator=";", model=tf_efficientnet_lite0 on the ImageNet
 weights given by --weights, image_size=--size, augment.hflip (a mirrored mosaic has the same
 labels) and augment.resized_crop off (a random-resized crop can cut tiles out of the picture and
@@ -64,6 +63,7 @@ MAX_CLASSES_PER_MOSAIC = 4
 JPEG_QUALITY = 95
 METRICS = ("map_macro", "map_micro", "f1_micro", "f1_macro", "subset_accuracy")
 STAGES = ("check", "prepare", "train", "evaluate")
+C_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the ceiling's C: wide, so its best is inside
 
 
 # ---------------------------------------------------------------- the mosaics
@@ -212,7 +212,7 @@ def ceiling(project: Path, weights: Path) -> dict:
     scaler = StandardScaler().fit(feats["train"][0])
     f = {s: (scaler.transform(x), y) for s, (x, y) in feats.items()}
     best, by_c = None, {}
-    for c in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+    for c in C_GRID:
         clf = OneVsRestClassifier(LogisticRegression(C=c, max_iter=3000)).fit(*f["train"])
         val = float(average_precision_score(f["val"][1], clf.predict_proba(f["val"][0]), average="macro"))
         by_c[c] = round(val, 4)
@@ -261,14 +261,6 @@ def fresh_project(work: Path, name: str) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     bt.make_project(dest)
-    # the library as it stands: new modules not yet added to git (bt.make_project copies git's files) come too
-    new = subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard", "--", "pipeline", "stages"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, new.split("\0")):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-            print(f"{name}: copied {rel} (not in git yet)", flush=True)
     return dest
 
 

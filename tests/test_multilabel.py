@@ -179,3 +179,62 @@ def test_training_learns_labels_and_the_thresholds_meet_their_target(shapes: Pat
     reached = table["precision"][(table["support"] > 0) & (table["recall"] > 0)]
     assert m["map_macro"] > 0.7 and len(reached) >= 3, table
     assert (reached >= 0.8 - 1e-9).all(), table  # on the split they were chosen on, the precision asked for
+
+
+@pytest.fixture(scope="module")
+def prepared_shapes(shapes: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(load_multilabel(shapes, "labels.csv", ";"), 32, DataParams(duplicate_threshold=1.0), out)
+    return out
+
+
+def _member(prepared: Path, seed: int, path: Path) -> Path:
+    """A small CNN trained 5 epochs on the shapes, saved with its thresholds (as train does)."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.evaluation.multilabel import choose_thresholds
+    from pipeline.io import files_sha256
+    from pipeline.models import build_model
+    from pipeline.prepared import load_preprocessing, load_split
+    from pipeline.probabilities import sigmoid
+    from pipeline.training.loop import TrainConfig, seed_everything, train
+
+    prep = load_preprocessing(prepared)
+    seed_everything(seed)
+    model = build_model("original", num_classes=4, width=8)
+    cfg = TrainConfig(epochs=5, batch_size=16, lr=3e-3, seed=seed, train=TrainParams(num_threads=1), multilabel=True)
+    res = train(model, load_split("train", prepared), load_split("val", prepared), prep, cfg, progress=False)
+    save_checkpoint(path, arch="original", arch_kwargs={"num_classes": 4, "width": 8}, state_dict=res.best_state,
+                    classes=list(SHAPES), prep=prep, params={"dataset": "folder"}, summary={},
+                    data_hash=files_sha256(sorted(prepared.iterdir())), temperature=1.5,
+                    thresholds=choose_thresholds(load_split("val", prepared)[1], sigmoid(res.val_logits / 1.5)).tolist())
+    return path
+
+
+def test_an_ensemble_of_multilabel_models_averages_their_label_probabilities(prepared_shapes: Path, tmp_path: Path):
+    from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
+    from pipeline.ensemble import run
+    from pipeline.export.onnx import onnx_outputs
+    from pipeline.export.predict import load_predictor
+    from pipeline.prepared import load_split
+    from pipeline.probabilities import sigmoid
+
+    a, b = _member(prepared_shapes, 0, tmp_path / "a.pt"), _member(prepared_shapes, 1, tmp_path / "b.pt")
+    result = run([str(a), str(b)], "3,1", tmp_path / "ens.onnx", tmp_path / "ens.json", prepared_shapes, track=False)
+    x, y = load_split("test", prepared_shapes)
+
+    def own(path):  # each member's calibrated probabilities, computed here
+        model, ckpt = load_checkpoint(path)
+        return sigmoid(predict_logits(model, x, preprocessing(ckpt)) / 1.5)
+    expected = 0.75 * own(a) + 0.25 * own(b)
+    assert np.allclose(result.probabilities, expected, atol=1e-9)
+    report = result.report
+    assert "map_macro" in report["ensemble"] and len(report["thresholds"]) == 4
+    assert all("map_macro" in m["test"] for m in report["members"])
+    _, ckpt = load_checkpoint(a)
+    logits, probs = onnx_outputs(tmp_path / "ens.onnx", preprocessing(ckpt).model_input(np.array(x)))
+    assert np.abs(probs - expected).max() < 1e-5 and np.allclose(sigmoid(logits), probs, atol=1e-5)
+    predictor = load_predictor(tmp_path / "ens.onnx")
+    assert predictor.thresholds.tolist() == report["thresholds"]
+    auto = run([str(a), str(b)], "auto", tmp_path / "auto.onnx", tmp_path / "auto.json", prepared_shapes, track=False)
+    assert abs(sum(auto.weights) - 1) < 1e-9 and auto.report["val_log_loss"] <= min(
+        m["val_log_loss"] for m in auto.report["members"]) + 1e-6  # fitted on val: no worse than either member

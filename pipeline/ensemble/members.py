@@ -142,6 +142,9 @@ def check_compatible(members: list[Member], classes: list[str], data_hash: str, 
     first = members[0]
     warnings = []
     for m in members:
+        if m.ckpt.get("task") != first.ckpt.get("task"):
+            raise UserError(f"member {m.name!r} is {m.ckpt.get('task', 'multiclass')}, member {first.name!r} "
+                            f"{first.ckpt.get('task', 'multiclass')}: members must share the task")
         if m.classes != classes:
             raise UserError(f"member {m.name!r} has classes {_short(m.classes)} but {prepared} has {_short(classes)}: "
                             "members must have the classes of the data, in the same order (train them on it)")

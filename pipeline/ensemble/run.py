@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.metrics import evaluation_metrics, probability_metrics
 from pipeline.io import atomic_path, files_sha256, write_json
 from pipeline.prepared import load_meta, load_split
-from pipeline.probabilities import softmax
+from pipeline.probabilities import sigmoid, softmax
 
 ENSEMBLE_ONNX, ENSEMBLE_METRICS = paths.ENSEMBLE_ONNX, paths.ENSEMBLE_METRICS  # its card: ensemble.json beside it
 
@@ -33,8 +33,10 @@ class EnsembleResult:
 
 
 def calibrated(member: Member, x: np.ndarray) -> np.ndarray:
-    """softmax(logits / T): the member's calibrated probabilities (float64) of stored images `x`."""
-    return softmax(predict_logits(member.model, x, member.prep).astype(np.float64) / member.temperature)
+    """softmax(logits / T), or sigmoid(logits / T) per label for a multi-label member: the
+    member's calibrated probabilities (float64) of stored images `x`."""
+    z = predict_logits(member.model, x, member.prep).astype(np.float64) / member.temperature
+    return sigmoid(z) if member.ckpt.get("task") == "multilabel" else softmax(z)
 
 
 def run(specs: list[str], weights: str = "auto", out: Path = ENSEMBLE_ONNX, metrics_path: Path = ENSEMBLE_METRICS,
@@ -55,8 +57,9 @@ def run(specs: list[str], weights: str = "auto", out: Path = ENSEMBLE_ONNX, metr
     val, test = [calibrated(m, x_val) for m in members], [calibrated(m, x_test) for m in members]
     w = given if given is not None else fit_weights(val, y_val)
     probs = sum(wi * p for wi, p in zip(w, test))
-    report = summary(members, w, given is None, val, test, probs, y_val, y_test, classes)
-    card = ensemble_card(members, w)
+    thresholds = ensemble_thresholds(members, w, val, y_val)
+    report = summary(members, w, given is None, val, test, probs, y_val, y_test, classes, thresholds)
+    card = ensemble_card(members, w, thresholds)
     x_float = members[0].prep.model_input(np.array(x_test))
     with atomic_path(out) as tmp:
         report["onnx"] = {"path": str(out)} | export_checked(build(members, w), card, tmp, x_float, probs)
@@ -70,16 +73,47 @@ def run(specs: list[str], weights: str = "auto", out: Path = ENSEMBLE_ONNX, metr
     return EnsembleResult(report, probs, test, w)
 
 
+def ensemble_thresholds(members: list[Member], w: np.ndarray, val: list[np.ndarray], y_val: np.ndarray) -> np.ndarray | None:
+    """Multi-label: the ensemble's own threshold per label, chosen on the validation split by
+    member 0's train.thresholds rule (f1 or a precision); None for one class per image."""
+    if members[0].ckpt.get("task") != "multilabel":
+        return None
+    from pipeline.evaluation.multilabel import choose_thresholds
+
+    rule = ((members[0].ckpt.get("params") or {}).get("train") or {}).get("thresholds", "f1")
+    return choose_thresholds(y_val, sum(wi * p for wi, p in zip(w, val)), rule)
+
+
+def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], thresholds: np.ndarray | None) -> dict:
+    """The evaluate stage's test metrics of these probabilities (multi-label: at `thresholds`)."""
+    if thresholds is None:
+        return evaluation_metrics(y, probs, classes)[0]
+    from pipeline.evaluation.multilabel import multilabel_metrics
+
+    return multilabel_metrics(y, probs, thresholds, classes)[0]
+
+
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    if np.ndim(y) == 2:
+        from pipeline.evaluation.multilabel import probability_log_loss
+
+        return probability_log_loss(y, probs)
+    return probability_metrics(y, probs)["log_loss"]
+
+
 def summary(members: list[Member], w: np.ndarray, fitted: bool, val: list[np.ndarray], test: list[np.ndarray],
-            probs: np.ndarray, y_val: np.ndarray, y_test: np.ndarray, classes: list[str]) -> dict:
-    """The layout of metrics/ensemble.json."""
+            probs: np.ndarray, y_val: np.ndarray, y_test: np.ndarray, classes: list[str],
+            thresholds: np.ndarray | None = None) -> dict:
+    """The layout of metrics/ensemble.json (multi-label: members scored at their own thresholds,
+    the ensemble at its own; `thresholds` beside them)."""
     about = [{"name": m.name, "source": m.source, "commit": m.commit, "arch": m.ckpt["arch"],
               "temperature": m.temperature, "weight": float(wi),
-              "val_log_loss": probability_metrics(y_val, pv)["log_loss"],
-              "test": evaluation_metrics(y_test, pt, classes)[0]}
+              "val_log_loss": log_loss(y_val, pv),
+              "test": scores(y_test, pt, classes, None if thresholds is None else np.asarray(m.ckpt["thresholds"]))}
              for m, wi, pv, pt in zip(members, w, val, test)]
-    return {"ensemble": evaluation_metrics(y_test, probs, classes)[0],
-            "val_log_loss": probability_metrics(y_val, sum(wi * p for wi, p in zip(w, val)))["log_loss"],
+    extra = {} if thresholds is None else {"thresholds": [float(t) for t in thresholds]}
+    return {"ensemble": scores(y_test, probs, classes, thresholds), **extra,
+            "val_log_loss": log_loss(y_val, sum(wi * p for wi, p in zip(w, val))),
             "weights": [float(wi) for wi in w],
             "weights_from": "auto: fitted on the val split (least log loss)" if fitted else "given (--weights)",
             "n_val": len(y_val),
@@ -91,8 +125,9 @@ def table(report: dict) -> str:
     rows = [(m["name"], m["test"], f"{m['weight']:.4f}") for m in report["members"]]
     rows.append(("ensemble", report["ensemble"], "1"))
     width = max(8, *(len(name) for name, _, _ in rows))
-    lines = [f"{'member':<{width}}  {'accuracy':>8}  {'log_loss':>8}  {'ece':>6}  {'weight':>6}"]
-    lines += [f"{name:<{width}}  {t['accuracy']:>8.4f}  {t['log_loss']:>8.4f}  {t['ece']:>6.4f}  {weight:>6}"
+    head = "map_macro" if "map_macro" in report["ensemble"] else "accuracy"
+    lines = [f"{'member':<{width}}  {head:>9}  {'log_loss':>8}  {'ece':>6}  {'weight':>6}"]
+    lines += [f"{name:<{width}}  {t[head]:>9.4f}  {t['log_loss']:>8.4f}  {t['ece']:>6.4f}  {weight:>6}"
               for name, t, weight in rows]
     n = report["ensemble"]["n_test"]
     return "\n".join(lines + [f"(test split, {n} images; weights {report['weights_from']})"])

@@ -34,7 +34,11 @@ def parse_weights(text: str, n: int) -> np.ndarray | None:
 
 
 def true_class_probabilities(probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
-    """N×M: each member's probability of each image's true class."""
+    """N×M: each member's probability of each image's true class; for k-hot labels (N×C) and
+    per-label probabilities, (N·C)×M: each member's probability of each entry's truth (p where
+    the label is on, 1 − p where it is off), so the same loss is the mean binary log loss."""
+    if np.ndim(y) == 2:
+        return np.stack([np.where(y.astype(bool), p, 1.0 - p).reshape(-1) for p in probs], axis=1)
     return np.stack([p[np.arange(len(y)), y] for p in probs], axis=1)
 
 

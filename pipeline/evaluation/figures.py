@@ -135,13 +135,13 @@ def confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path) -> None
     save(confusion_figure(cm, classes), path)
 
 
-def misclassified_grid(images: np.ndarray, titles: Sequence[str], path: Path, n_test: int, cols: int = 6) -> None:
+def misclassified_grid(images: np.ndarray, titles: Sequence[str], path: Path, n_test: int, cols: int = 6,
+                       legend: str = "true → predicted (confidence)") -> None:
     """The given misclassified images (uint8 N×3×H×W) with their titles, in a grid no wider
     than they need; with none, a figure that says so (the file always exists, so DVC and
-    MLflow always have it)."""
+    MLflow always have it). `legend`: how to read a title."""
     if len(images):
-        image_grid(images, titles, path,
-                   f"Most confident mistakes ({len(images)} shown)\ntrue → predicted (confidence)", cols=cols)
+        image_grid(images, titles, path, f"Most confident mistakes ({len(images)} shown)\n{legend}", cols=cols)
     else:
         note_figure(f"No misclassified images\n(all {n_test} test images are correct)", path)
 
@@ -158,10 +158,10 @@ def heat_overlay(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
 
 
 def gradcam_grid_figure(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], mistakes: np.ndarray,
-                        per_row: int = 4) -> plt.Figure:
+                        per_row: int = 4, caption: str | None = None) -> plt.Figure:
     """Each image (uint8 N×3×H×W) beside its Grad-CAM overlay; the mistakes (a boolean per
     image, listed after the correct ones) start a new row and have red titles; one caption
-    and one colour bar for the figure."""
+    (`caption`, or one for classes) and one colour bar for the figure."""
     n_right = int((~mistakes).sum())
     first_wrong = -(-n_right // per_row) * per_row  # the mistakes start a row of their own
     slots = [i if i < n_right else first_wrong + i - n_right for i in range(len(images))]
@@ -174,16 +174,16 @@ def gradcam_grid_figure(images: np.ndarray, heatmaps: np.ndarray, titles: Sequen
     n_wrong = len(images) - n_right
     wrong = (f"then the {n_wrong} most confident mistakes (red: true → predicted (confidence))." if n_wrong
              else "no mistakes among the test images.")
-    fig.suptitle(textwrap.fill(
-        "Grad-CAM: where the model finds the evidence for the class it predicted; each test image (left) beside "
-        f"its heat map over it in grey (right). {n_right} correct (black: class ✓ confidence), {wrong}",
-        width=int(14 * per_row * 2.5)), fontsize=10)
+    caption = caption or ("Grad-CAM: where the model finds the evidence for the class it predicted; each test image "
+                          f"(left) beside its heat map over it in grey (right). {n_right} correct (black: class ✓ "
+                          f"confidence), {wrong}")
+    fig.suptitle(textwrap.fill(caption, width=int(14 * per_row * 2.5)), fontsize=10)
     return fig
 
 
 def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], mistakes: np.ndarray,
-                 path: Path, per_row: int = 4) -> None:
-    save(gradcam_grid_figure(images, heatmaps, titles, mistakes, per_row), path)
+                 path: Path, per_row: int = 4, caption: str | None = None) -> None:
+    save(gradcam_grid_figure(images, heatmaps, titles, mistakes, per_row, caption), path)
 
 
 RELIABILITY_SIZE = (10.0, 4.4)  # inches, two panels
@@ -201,7 +201,8 @@ def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.nd
     return acc, mean_conf, count
 
 
-def reliability_diagram(y: np.ndarray, panels: list[tuple[str, np.ndarray, float]], path: Path, bins: int) -> None:
+def reliability_diagram(y: np.ndarray, panels: list[tuple[str, np.ndarray, float]], path: Path, bins: int,
+                        unit: str = "images") -> None:
     """Accuracy against confidence per bin, one panel per (title, probabilities, ECE): bars on
     the diagonal are calibrated; below it the model is over-confident. Each bar's width grows
     with its share of the images, so near-empty bins do not look important."""
@@ -219,7 +220,7 @@ def reliability_diagram(y: np.ndarray, panels: list[tuple[str, np.ndarray, float
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("accuracy")
     axes.flat[0].legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"Reliability on the test split ({len(y):,} images, {bins} bins; bar width ∝ images in the bin)",
+    fig.suptitle(f"Reliability on the test split ({len(y):,} {unit}, {bins} bins; bar width ∝ {unit} in the bin)",
                  fontsize=10)
     fig.tight_layout()
     save(fig, path)

@@ -226,3 +226,29 @@ def pr_curves_figure(y: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, c
     cut = f": the {len(shown)} labels with most positives of {len(classes)}" if len(shown) < len(classes) else ""
     fig.suptitle(f"Precision-recall per label{cut} (dot: at its threshold)", fontsize=10)
     save(fig, path)
+
+
+def error_cooccurrence_figure(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """`error_cooccurrence` as a heat map of counts: a row per missed label, a column per label
+    said instead; the diagonal (outlined) counts misses with nothing said instead."""
+    from pipeline.plots import plt, save
+
+    k = len(classes)
+    size = min(14.0, 2.5 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    shown = np.ma.masked_equal(cm, 0)
+    image = ax.imshow(shown, cmap="Reds", vmin=0, vmax=max(1, int(cm.max())))
+    ax.set_xticks(range(k), classes, rotation=90 if k > 6 else 0, fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("label said instead (a false positive on the same image)")
+    ax.set_ylabel("missed label (a false negative)")
+    for i in range(k):
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="grey", lw=0.8))
+    if k <= 20:
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > 0.6 * cm.max() else "black")
+    fig.colorbar(image, ax=ax, shrink=0.7, label="images")
+    ax.set_title(f"Errors together (test, {int(cm.sum())} counts): row missed, column said instead;\n"
+                 "diagonal: missed with nothing said instead", fontsize=9)
+    save(fig, path)

@@ -24,7 +24,7 @@ from pipeline.calibration import scaled, sigmoid
 from pipeline.checkpoint import predict_logits, preprocessing, temperature
 from pipeline.evaluation import multilabel as ml
 from pipeline.evaluation import pictures
-from pipeline.evaluation.figures import confusion_matrix, gradcam_grid, misclassified_grid, reliability_diagram
+from pipeline.evaluation.figures import gradcam_grid, misclassified_grid, reliability_diagram
 from pipeline.evaluation.metrics import ECE_BINS, expected_calibration_error
 from pipeline.io import atomic_path, write_json
 from pipeline.prepared import label_text, leaked_test, load_split
@@ -97,14 +97,15 @@ def write_tables(metrics: dict, per_label: pd.DataFrame, y: np.ndarray, pred: np
 def draw(model, x, y, plain, calibrated, thresholds, classes: list[str], prep, metrics: dict, params) -> list[str]:
     """Every picture; the notes on what could not be drawn or was switched off."""
     pred = ml.predict(calibrated, thresholds)
-    confusion_matrix(ml.error_cooccurrence(y, pred), classes, paths.CONFUSION_PNG)
+    ml.error_cooccurrence_figure(ml.error_cooccurrence(y, pred), classes, paths.CONFUSION_PNG)
     ml.pr_curves_figure(y, calibrated, thresholds, classes, paths.PR_CURVES_PNG)
     errors = ml.most_confident_errors(y, calibrated, thresholds)
     kind = {"false positive": "said", "false negative": "missed"}
     misclassified_grid(prep.center_crop(x[errors["image"].to_numpy()]),
                        [f"{kind[k]} {classes[c]} ({p:.2f})" for k, c, p in
                         errors[["kind", "label", "probability"]].itertuples(index=False)],
-                       paths.MISCLASSIFIED_PNG, n_test=len(y))
+                       paths.MISCLASSIFIED_PNG, n_test=len(y),
+                       legend="said: a label over its threshold that is not true; missed: a true label under it")
     notes = [gradcam_labels(model, x, y, calibrated, thresholds, classes, prep),
              pictures.training_curves(params.plots.smoothing)]
     reliability(y, plain, calibrated, metrics["temperature"])
@@ -127,7 +128,7 @@ def reliability(y: np.ndarray, plain: np.ndarray, calibrated: np.ndarray, t: flo
     if t != 1.0:
         panels.append((f"after temperature scaling (T = {t:g}, one for all labels)", pooled(calibrated),
                        expected_calibration_error(pooled(calibrated), truth)))
-    reliability_diagram(truth, panels, paths.RELIABILITY_PNG, ECE_BINS)
+    reliability_diagram(truth, panels, paths.RELIABILITY_PNG, ECE_BINS, unit="image × label decisions")
 
 
 def gradcam_labels(model, x, y, probs, thresholds, classes: list[str], prep) -> str | None:
@@ -156,7 +157,10 @@ def gradcam_labels(model, x, y, probs, thresholds, classes: list[str], prep) -> 
     heat, _ = grad_cam(model, prep.normalize(torch.from_numpy(picked).to(device)), torch.from_numpy(labels), split)
     wrong = np.array([not y[i, c] for i, c in pairs])
     titles = [f"{classes[c]} ({probs[i, c]:.2f}) · #{i}" for i, c in pairs]
-    gradcam_grid(picked, heat.numpy(), titles, wrong, paths.GRADCAM_PNG)
+    gradcam_grid(picked, heat.numpy(), titles, wrong, paths.GRADCAM_PNG, caption=(
+        f"Grad-CAM per predicted label: where the model finds the evidence for each label over its threshold "
+        f"(label (probability) · test image #), for the {len(images)} test images with the most labels; each image "
+        "(left) beside its heat map (right); red: a label the image does not have (a false positive)."))
     return None
 
 

@@ -22,7 +22,7 @@ from pipeline import paths
 
 # The params shown in the report (dotted keys into the checkpoint's params); the rest are in
 # params.yaml / the MLflow run.
-KEY_PARAMS = ("dataset", "data_dir", "model", "pretrained", "weights", "finetune", "image_size", "epochs", "batch_size", "lr",
+KEY_PARAMS = ("dataset", "data_dir", "task", "model", "pretrained", "weights", "finetune", "image_size", "epochs", "batch_size", "lr",
               "seed", "train.optimizer", "train.scheduler", "train.weight_decay", "train.label_smoothing",
               "train.mixup_alpha", "train.cutmix_alpha", "train.class_weights", "train.sampler")
 

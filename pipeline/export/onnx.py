@@ -146,9 +146,15 @@ def _reproducible(model) -> None:
 def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """ONNX Runtime's logits of normalised images on the CPU (the parity check compares them
     with PyTorch's on the CPU)."""
+    return onnx_outputs(path, x, batch_size)[0]
+
+
+def onnx_outputs(path: Path, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+    """Every output of the model (logits first) for normalised images, on the CPU."""
     sess = onnx_session(path, [CPU])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    runs = [sess.run(None, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
 def parity(torch_logits: np.ndarray, ort_logits: np.ndarray) -> dict:
