@@ -3,7 +3,7 @@
 Every DVC experiment of the repository (of every baseline commit), those baselines and the
 workspace, one row each, at most 100 columns: name, data set, model, strategy (scratch or the
 fine-tuning strategy), test accuracy (metrics/eval.json), best validation accuracy
-(metrics/train.json), training time and the params it changed from its commit (as the MLflow
+(metrics/train.json; a multi-label data set's rows: test and validation mAP), training time and the params it changed from its commit (as the MLflow
 run's name says them). Rows are grouped by data set, best test accuracy first; the best row of
 each data set is marked `*`.
 
@@ -36,6 +36,7 @@ SHOWN = ("dataset", "data_dir", "model", "finetune", "pretrained", "weights")  #
 KINDS = ("experiment", "baseline", "workspace")  # on equal metrics, the one `dvc exp apply` takes first
 HEADLINE = ("metrics/eval.json", "accuracy")          # test accuracy: what "best" means
 VALIDATION = ("metrics/train.json", "best_val_accuracy")
+MULTILABEL = ("map_macro", "best_val_map")  # what a multi-label data set's rows show instead (test, val)
 MLFLOW_TIME = "train/seconds"
 MLFLOW_MAX_RUNS = 5000  # the most recent runs searched for training times (one query)
 
@@ -136,9 +137,10 @@ def _rows(state) -> list[Run]:
 def _row(name: str, kind: str, rev: str | None, baseline: str | None, data) -> Run:
     params = _flatten(_file_data(data.params, paths.PARAMS.as_posix())) if data else {}
     metrics = data.metrics if data else {}
+    test, val = _file_data(metrics, HEADLINE[0]), _file_data(metrics, VALIDATION[0])
     return Run(name, kind, rev, baseline, _dataset(params), str(params.get("model", "?")), _strategy(params), params,
-               _number(_file_data(metrics, HEADLINE[0]).get(HEADLINE[1])),
-               _number(_file_data(metrics, VALIDATION[0]).get(VALIDATION[1])))
+               _number(test.get(HEADLINE[1], test.get(MULTILABEL[0]))),  # task=multilabel: its mAP
+               _number(val.get(VALIDATION[1]) if MULTILABEL[1] not in val else val.get(MULTILABEL[1])))
 
 
 def _file_data(results: dict[str, Any], path: str) -> dict[str, Any]:

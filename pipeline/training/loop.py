@@ -66,7 +66,7 @@ class TrainConfig:
 
     @property
     def objective(self) -> Objective:
-        return Objective(self.multilabel)
+        return Objective(self.multilabel, self.multilabel and self.train.asymmetric_loss)
 
     @property
     def monitor(self) -> str:

@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+ASL_GAMMA_NEG, ASL_GAMMA_POS, ASL_CLIP = 4.0, 0.0, 0.05  # the asymmetric loss's settings (the paper's defaults)
+
+
 @dataclass(frozen=True)
 class Objective:
     multilabel: bool = False
+    asymmetric: bool = False  # multilabel: the asymmetric loss instead of binary cross-entropy
 
     def targets(self, y: np.ndarray, device) -> torch.Tensor:
         """The labels on the device: class indices (int64), or k-hot rows as float32."""
@@ -28,6 +32,8 @@ class Objective:
             return F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
         if smoothing:
             target = target * (1.0 - smoothing) + smoothing / 2.0
+        if self.asymmetric:
+            return asymmetric_loss(logits, target, weight)
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
 
     def correct(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,6 +55,22 @@ class Objective:
         return {"val_loss": float(F.binary_cross_entropy_with_logits(logits, t)),
                 "val_accuracy": float(((logits > 0) == (t >= 0.5)).float().mean()),
                 "val_map": mean_average_precision(np.asarray(y), logits.numpy())}
+
+
+def asymmetric_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The asymmetric loss (Ridnik et al. 2021, "Asymmetric Loss For Multi-Label Classification"):
+    positives' log-likelihood weighted by (1 − p)^γ+, negatives' by p_m^γ− with the shifted
+    probability p_m = max(p − clip, 0), so easy negatives (most of them, with many labels) count
+    less and the easiest not at all; `pos_weight` scales the positives' term as BCE's does."""
+    p = torch.sigmoid(logits)
+    p_m = (p - ASL_CLIP).clamp(min=0)
+    pos = target * F.logsigmoid(logits)
+    if ASL_GAMMA_POS:
+        pos = pos * (1 - p).pow(ASL_GAMMA_POS)
+    if pos_weight is not None:
+        pos = pos * pos_weight
+    neg = (1 - target) * p_m.pow(ASL_GAMMA_NEG) * torch.log((1 - p_m).clamp(min=1e-8))
+    return -(pos + neg).mean()
 
 
 def mean_average_precision(y: np.ndarray, scores: np.ndarray) -> float:
