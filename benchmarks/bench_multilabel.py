@@ -36,7 +36,7 @@ Needs the CIFAR-10 JPEG archive (--archive) and the ImageNet weights (--weights)
 message where they are absent (--only mosaics needs the archive alone). CIFAR_DIR=<dir> reuses an
 unpacked archive (<dir>/{train,test}/<class>/*.jpg).
 Run: python benchmarks/bench_multilabel.py [--size 128] [--epochs 3] [--train 5000] [--test 1000]
-         [--seed 0] [--only probe|partial|ceiling|mosaics] [--keep DIR]
+         [--seed 0] [--only probe|partial|probe-asl|partial-asl|ceiling|mosaics] [--asl] [--keep DIR]
 """
 from __future__ import annotations
 

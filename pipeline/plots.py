@@ -104,9 +104,12 @@ def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path, smoothin
                 ax.plot(history["epoch"], raw, "o-", color=color, alpha=0.25, ms=2, lw=1)
             ax.plot(history["epoch"], smooth(raw, smoothing), "-" if smoothing else "o-", color=color, ms=3,
                     label=split + (f" (smoothed {smoothing:g})" if smoothing else ""))
+        if metric == "accuracy" and "val_map" in history:  # task=multilabel: its accuracy is per label
+            ax.plot(history["epoch"], smooth(history["val_map"], smoothing), "s-", color="tab:green", ms=3,
+                    label="val mAP (picks the epoch)")
         ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+        ax.set_ylabel("accuracy (per label) and mAP" if metric == "accuracy" and "val_map" in history else metric)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Learning curves" + (" (faint: raw values)" if smoothing else ""))

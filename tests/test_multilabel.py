@@ -238,3 +238,81 @@ def test_an_ensemble_of_multilabel_models_averages_their_label_probabilities(pre
     auto = run([str(a), str(b)], "auto", tmp_path / "auto.onnx", tmp_path / "auto.json", prepared_shapes, track=False)
     assert abs(sum(auto.weights) - 1) < 1e-9 and auto.report["val_log_loss"] <= min(
         m["val_log_loss"] for m in auto.report["members"]) + 1e-6  # fitted on val: no worse than either member
+
+
+def test_the_asymmetric_loss_is_ridniks_formula():
+    from pipeline.training.objective import asymmetric_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.1], [-3.0, 0.5, 4.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    p = torch.sigmoid(logits)
+    p_m = (p - 0.05).clamp(min=0)
+    by_hand = -(y * torch.log(p) + (1 - y) * p_m ** 4 * torch.log(1 - p_m)).mean()
+    assert torch.allclose(asymmetric_loss(logits, y), by_hand)
+    easy = asymmetric_loss(torch.tensor([[-3.5]]), torch.tensor([[0.0]]))  # p = 0.029: inside the 0.05 margin
+    assert float(easy) == 0.0
+    assert float(Objective(True, True).loss(logits, y, None, 0.0)) == pytest.approx(float(by_hand))
+    with pytest.raises(UserError, match="train.asymmetric_loss weighs each label's negatives"):
+        parse_params({"train": {"asymmetric_loss": True}}, check_models=False)
+
+
+@pytest.mark.slow
+def test_cross_validation_of_labels_scores_folds_by_map(shapes: Path, tmp_path: Path, monkeypatch):
+    """The train stage with crossval.folds: 3 on the shapes: each held-out fold scored by its mAP,
+    folds stratified per label, out-of-fold label sets in oof_predictions.csv."""
+    import json
+
+    from pipeline import paths
+    from stages import check, download, prepare as prepare_stage, train
+    from tests.conftest import ROOT, TINY, set_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(tmp_path, **(TINY | {"dataset": "folder", "data_dir": str(shapes), "task": "multilabel",
+                                    "image_size": 32, "epochs": 3, "crossval.folds": 3}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    for stage in (check, download, prepare_stage):
+        stage.main()
+    summary = train.main()
+    cv = json.loads(paths.CROSSVAL_METRICS.read_text())
+    assert cv["folds"] == 3 and len(cv["map_macro"]["per_fold"]) == 3 and 0.3 < cv["map_macro"]["mean"] <= 1
+    oof = pd.read_csv(paths.OOF_PREDICTIONS, keep_default_na=False)
+    assert len(oof) == sum(json.loads(paths.PREPARED_META.read_text())["counts"][s] for s in ("train", "val"))
+    assert set(oof["label"]) <= {";".join(c) for c in _subsets(SHAPES)} and oof["fold"].nunique() == 3
+    assert "best_val_map" in summary
+
+
+def _subsets(items):
+    from itertools import combinations
+
+    return [c for k in range(len(items) + 1) for c in combinations(items, k)]
+
+
+def test_tune_objective_follows_the_task():
+    from pipeline.tune import objective_name
+
+    base = {"dataset": "folder", "data_dir": "x", "task": "multilabel"}
+    assert objective_name(parse_params(base, check_models=False)) == "best_val_map"
+    assert objective_name(parse_params(base | {"crossval": {"folds": 3}}, check_models=False)) == "crossval_map"
+    with pytest.raises(UserError, match="tune.objective=best_val_accuracy does not fit task=multilabel"):
+        objective_name(parse_params(base | {"tune": {"objective": "best_val_accuracy"}}, check_models=False))
+    assert objective_name(parse_params({}, check_models=False)) == "best_val_accuracy"
+
+
+def test_mixup_cutmix_and_positive_weights_train_on_labels(prepared_shapes: Path):
+    from pipeline.models import build_model
+    from pipeline.prepared import load_preprocessing, load_split
+    from pipeline.training.loop import TrainConfig, resolve_class_weights, seed_everything, train
+
+    train_xy = load_split("train", prepared_shapes)
+    weights = resolve_class_weights("balanced", train_xy[1], list(SHAPES))
+    assert weights == positive_weights(train_xy[1])
+    seed_everything(0)
+    model = build_model("original", num_classes=4, width=8)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, seed=0, multilabel=True, class_weights=weights,
+                      train=TrainParams(num_threads=1, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1,
+                                        ema_decay=0.9))
+    result = train(model, train_xy, load_split("val", prepared_shapes), load_preprocessing(prepared_shapes), cfg,
+                   progress=False)
+    assert np.isfinite(result.history[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
+    assert 0 <= result.history["train_accuracy"].min() and result.history["train_accuracy"].max() <= 1

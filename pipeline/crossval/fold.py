@@ -18,10 +18,13 @@ def assignments(y: np.ndarray, k: int, seed: int, classes: list[str], groups: np
     proportion), seeded; each group (near-duplicates, data.group_by) in one fold."""
     from pipeline.data.groups import fold_assignments
 
-    counts = np.bincount(y, minlength=len(classes))
+    from pipeline.data.prepare import label_counts
+
+    counts = label_counts(y, len(classes))  # images per class, or positives per label
     if (small := np.flatnonzero((counts > 0) & (counts < k))).size:
-        raise UserError(f"crossval.folds={k}: class {classes[small[0]]!r} has only {counts[small[0]]} train+val images; "
-                        "use fewer folds (each fold needs one image of every class)")
+        what = "label" if y.ndim == 2 else "class"
+        raise UserError(f"crossval.folds={k}: {what} {classes[small[0]]!r} has only {counts[small[0]]} train+val "
+                        f"images; use fewer folds (each fold needs one image of every {what})")
     return fold_assignments(y, groups, k, seed)
 
 
