@@ -204,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
                                    "(photos/<class>/x.jpg, photos/test/<class>/x.jpg) the accuracy against them. "
                                    "Unreadable files are reported on stderr, one line each; the others are still "
                                    "predicted and the exit status is 1. A .onnx model runs on ONNX Runtime without "
-                                   "importing torch.")
+                                   "importing torch. A multi-label model (task: multilabel) gives each image its label "
+                                   "set: the labels whose probability reaches the threshold chosen for them.")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE|FOLDER",
                    help="image files of any size and mode, or folders of them (the older form `predict "
                         "MODEL.onnx|MODEL.pt IMAGE...` also works)")
@@ -212,13 +213,16 @@ def parser() -> argparse.ArgumentParser:
                    help=f"an exported model (.onnx) or a checkpoint (models/model.pt); default {paths.ONNX_MODEL}, "
                         "which `dvc repro export` writes")
     p.add_argument("-k", "--top-k", type=_positive, default=None,
-                   help="classes shown per image (default 5; 3 on the one-line-per-image table of several images)")
+                   help="classes shown per image (default 5; 3 on the one-line-per-image table of several images); "
+                        "multi-label: also the k most probable labels beside each set (default: the set alone)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.csv",
                    help="also write one row per image: image, predicted, probability, label (its class folder, "
-                        "if any), error, and p_<class> for every class; an unreadable image gets a row with "
-                        "empty prediction and probabilities and its reason in `error`")
+                        "if any), error, and p_<class> for every class (multi-label: image, labels joined by ';', "
+                        "error, p_<label>); an unreadable image gets a row with empty prediction and probabilities "
+                        "and its reason in `error`")
     p.add_argument("--json", action="store_true",
-                   help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}')
+                   help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}; '
+                        'multi-label: {"image": ..., "labels": [...], "scores": [{"label", "probability", "threshold"}]}')
     p.add_argument("--max-pixels", type=_positive, default=None,
                    help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
     p.add_argument("--tta", choices=choices(EvaluateParams, "tta"), default="none",

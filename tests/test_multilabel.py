@@ -280,6 +280,11 @@ def test_cross_validation_of_labels_scores_folds_by_map(shapes: Path, tmp_path: 
     assert len(oof) == sum(json.loads(paths.PREPARED_META.read_text())["counts"][s] for s in ("train", "val"))
     assert set(oof["label"]) <= {";".join(c) for c in _subsets(SHAPES)} and oof["fold"].nunique() == 3
     assert "best_val_map" in summary
+    from pipeline.params import load_params
+    from pipeline.training.lr import find_lr
+
+    lrs, losses, best, _ = find_lr(load_params(), "cpu", steps=30)  # the range test trains on the labels' loss
+    assert len(lrs) >= 10 and np.isfinite(losses).all() and lrs[0] <= best <= lrs[-1]
 
 
 def _subsets(items):

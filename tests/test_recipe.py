@@ -99,3 +99,13 @@ def test_grad_clip_bounds_the_update():
         train(model, (x, y), (x[:2], y[:2]), plain(x), cfg, progress=False)
         deltas[clip] = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert deltas[1e-3] <= 1e-3 * 1.0001 < deltas[0.0]
+
+
+def test_lr_suggestion_is_the_steepest_fall_past_the_noisy_start():
+    from pipeline.training.lr import suggest
+
+    lrs = np.logspace(-6, 0, 100)
+    losses = 0.8 - 0.5 / (1 + np.exp(-(np.log10(lrs) + 2.5) * 2))  # falls fastest at 10^-2.5
+    losses[:8] += np.array([0.05, -0.04, 0.03, -0.03, 0.02, -0.02, 0.01, -0.01])  # the first steps' noise
+    losses[-10:] += np.linspace(0, 2, 10)  # divergence past the minimum
+    assert 10 ** -2.8 < suggest(lrs, losses) < 10 ** -2.2

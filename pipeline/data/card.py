@@ -194,14 +194,18 @@ def to_markdown(report: dict, manifest: pd.DataFrame, max_files: int = 100) -> s
              + (f" Content hash `{about['hash'][:16]}` (sha256 of every used image's path, label and bytes or "
                 "pixels)." if about.get("hash") else ""), ""] if about.get("source") else []
     loud = [f"**{leakage_line(report)}**", ""] if leakage_line(report) else []
-    lines = [title, "", *where, *loud, f"{summary_line(report)}.", "", "## Images per class and split", "",
-             "| class | train | val | test | total |", "|---|---:|---:|---:|---:|"]
+    labels = "multilabel" in report  # task=multilabel: a row per label, counting the images that carry it
+    lines = [title, "", *where, *loud, f"{summary_line(report)}.", "",
+             "## Images per label and split" if labels else "## Images per class and split", "",
+             f"| {'label' if labels else 'class'} | train | val | test | total |", "|---|---:|---:|---:|---:|"]
     for c, row in report["per_class"].items():
         lines.append(f"| {c} | {row['train']} | {row['val']} | {row['test']} | {row['total']} |")
     per_split = report["per_split"]
     lines += [f"| **all** | {per_split['train']} | {per_split['val']} | {per_split['test']} | {report['images_used']} |", "",
-              f"Imbalance ratio (largest / smallest class, train split): {report['imbalance_ratio']:.2f}. "
-              "With a large ratio, consider `train.class_weights: balanced` or `train.sampler: balanced`.", ""]
+              f"Imbalance ratio (largest / smallest {'label' if labels else 'class'}, train split): "
+              f"{report['imbalance_ratio']:.2f}. With a large ratio, consider `train.class_weights: balanced`"
+              + (" (each label's positives weighed by its negatives)." if labels else " or `train.sampler: balanced`."),
+              ""]
     lines += _multilabel_md(report.get("multilabel") or {})
     lines += _sizes_md(report.get("images") or {}) + _duplicates_md(report.get("duplicates") or {})
     skipped = manifest[manifest["status"] == "skipped"]

@@ -38,6 +38,9 @@ def range_test(model: nn.Module, opt: torch.optim.Optimizer, batches, loss_fn, s
     return np.array(lrs), np.array(losses)
 
 
+SKIP_START = 10  # range-test steps whose slope `suggest` ignores
+
+
 def suggest(lrs: np.ndarray, losses: np.ndarray) -> float:
     """The lr where the smoothed loss falls fastest (steepest negative slope in log lr), looked
     for before the loss's minimum; fastai's 'steep' suggestion."""
@@ -45,7 +48,8 @@ def suggest(lrs: np.ndarray, losses: np.ndarray) -> float:
     if end < 3:
         return float(lrs[max(0, end - 1)])
     slope = np.gradient(losses[:end], np.log(lrs[:end]))
-    return float(lrs[int(np.argmin(slope))])
+    skip = min(SKIP_START, end // 3)  # the first steps' average is noise: its wiggles are no slope (fastai skips them too)
+    return float(lrs[skip + int(np.argmin(slope[skip:]))])
 
 
 def plot(lrs: np.ndarray, losses: np.ndarray, chosen: float, path: Path, title: str) -> None:
@@ -58,8 +62,6 @@ def plot(lrs: np.ndarray, losses: np.ndarray, chosen: float, path: Path, title: 
 def find_lr(params, device: str = "cpu", steps: int = 100) -> tuple[np.ndarray, np.ndarray, float, str]:
     """The range test on the prepared training split with the model, weights, optimizer and
     augmentation the train stage would use: (lrs, smoothed losses, suggested lr, what ran)."""
-    import torch.nn.functional as F
-
     from pipeline.prepared import load_split
     from pipeline.training.batches import split_batches
     from pipeline.training.loop import (
@@ -77,7 +79,7 @@ def find_lr(params, device: str = "cpu", steps: int = 100) -> tuple[np.ndarray, 
     set_threads(cfg.train.num_threads)
     data = image_batches(load_split("train"), load_split("val"), s.prep, cfg)
     gen = seed_everything(cfg.seed)
-    y = torch.from_numpy(np.asarray(data.y))
+    y = cfg.objective.targets(data.y, "cpu")  # class indices, or k-hot rows as floats (task=multilabel)
 
     def batches():
         while True:
@@ -87,7 +89,7 @@ def find_lr(params, device: str = "cpu", steps: int = 100) -> tuple[np.ndarray, 
 
     opt = optimizer_for(model, cfg, 1.0)  # the range test sets the lr; the groups keep their ratios
     set_epoch_mode(model, cfg, cfg.strategy.unfrozen_from)  # everything that will train
-    loss_fn = lambda logits, target: F.cross_entropy(logits, target, label_smoothing=cfg.train.label_smoothing)  # noqa: E731
+    loss_fn = lambda logits, target: cfg.objective.loss(logits.float(), target, None, cfg.train.label_smoothing)  # noqa: E731
     lrs, losses = range_test(model, opt, batches(), loss_fn, steps=steps)
     what = f"{params.model}, {cfg.strategy.name}, {cfg.train.optimizer}, batch {cfg.batch_size}"
     return lrs, losses, suggest(lrs, losses), what
