@@ -89,6 +89,10 @@ def check(params: Params) -> dict:
 
     check_files(params)
     k = class_count(params.dataset, Path(params.data_dir), params.data if params.task == "multilabel" else None)
+    if k < 2:  # prepare would refuse it only after DVC removed its outputs
+        raise UserError(f"{Path(params.data_dir) / params.data.labels_csv} names {k} label(s); task=multilabel needs at "
+                        "least 2 (labels joined by data.label_separator="
+                        f"{params.data.label_separator!r})")
     check_training(params, k)
     mlstore.usable(params.mlflow.required, params.experiment_name())  # an unusable store stops here
     prep = resolve_preprocessing(params.model, params.pretrained, params.weights, params.image_size,

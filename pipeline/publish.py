@@ -90,7 +90,7 @@ def identity(params, done: Outputs) -> runview.RunIdentity:
     return runview.run_identity(
         params, lr=float(done.training["lr"]), n_params=int(done.training["parameters"]),
         n_classes=len(done.card["classes"]), n_train=int(done.meta["counts"]["train"]),
-        image_size=int(done.card["image_size"]), data_hash="")
+        image_size=int(done.card["image_size"]), data_hash="", multilabel=done.card.get("task") == "multilabel")
 
 
 def execution_run(tracker: tracking.Tracker, done: Outputs) -> tuple[str | None, bool]:

@@ -59,14 +59,16 @@ def test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 SHARED_VIEW = "best-first"  # the experiment's saved view of its runs table (`shared_view`)
 
 
-def shared_view() -> dict[str, Any]:
+def shared_view(multilabel: bool = False) -> dict[str, Any]:
     """The runs table as the pipeline's experiments open at `?viewStateShareKey=best-first`
     (MLflow's shared views: an experiment tag `mlflow.sharedViewState.<key>`): best test accuracy
-    first, with the columns that answer "which run is best, and what was it"."""
-    columns = (["attributes.`Dataset`"] + [f"metrics.`{m}`" for m in ("test/accuracy", "test/f1_macro",
-                                                                        *TRAIN_HEADLINE.values(), *TRAIN_SPEED.values())]
+    first (a multi-label data set's: best test mAP), with the columns that answer "which run is
+    best, and what was it"."""
+    tests = ("test/map_macro", "test/f1_micro") if multilabel else ("test/accuracy", "test/f1_macro")
+    trains = [v for k, v in TRAIN_HEADLINE.items() if (k == "best_val_map") == multilabel]
+    columns = (["attributes.`Dataset`"] + [f"metrics.`{m}`" for m in (*tests, *trains, *TRAIN_SPEED.values())]
                + ["tags.`model`", "tags.`strategy`"])
-    return {"searchFilter": "", "orderByKey": "metrics.`test/accuracy`", "orderByAsc": False,
+    return {"searchFilter": "", "orderByKey": f"metrics.`{tests[0]}`", "orderByAsc": False,
             "selectedColumns": columns}
 
 
@@ -131,7 +133,7 @@ class RunIdentity:
 
 
 def run_identity(params, *, lr: float, n_params: int, n_classes: int, n_train: int, image_size: int,
-                 data_hash: str) -> RunIdentity:
+                 data_hash: str, multilabel: bool = False) -> RunIdentity:
     """`params`: this execution's params (`Params` or a stage's view of them: read as a record)."""
     from pipeline.data.registry import display_name
     from pipeline.tracking import run_tags
@@ -151,7 +153,7 @@ def run_identity(params, *, lr: float, n_params: int, n_classes: int, n_train: i
     from pipeline.tracking import NOTE
 
     experiment_tags = {NOTE: experiment_note(dataset, record),
-                       f"mlflow.sharedViewState.{SHARED_VIEW}": json.dumps(shared_view())}
+                       f"mlflow.sharedViewState.{SHARED_VIEW}": json.dumps(shared_view(multilabel))}
     return RunIdentity(params.experiment_name(), run_name(record["model"], dataset, changed), logged, tags,
                        note, experiment_tags)
 

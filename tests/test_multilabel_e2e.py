@@ -42,6 +42,16 @@ def test_multilabel_folder_end_to_end(project: Path):
     assert ev["map_macro"] > 0.85, ev                    # the shapes are learned (0.5 would be chance-level AP ~0.4)
     assert ev["f1_micro"] > 0.75 and 0 <= ev["hamming_loss"] < 0.2
     assert {"map_macro_tta", "ece_calibrated", "subset_accuracy"} <= set(ev)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shapes")
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    assert mlrun.data.metrics["test/map_macro"] == pytest.approx(ev["map_macro"], abs=1e-4)
+    assert "map/val" in mlrun.data.metrics and "train/best_val_map" in mlrun.data.metrics
+    view = json.loads(exp.tags["mlflow.sharedViewState.best-first"])
+    assert view["orderByKey"] == "metrics.`test/map_macro`"
+
     ckpt = torch.load(project / "models/model.pt", weights_only=True)
     assert ckpt["task"] == "multilabel" and len(ckpt["thresholds"]) == 4
     assert all(0 < t < 1 for t in ckpt["thresholds"])
@@ -79,9 +89,11 @@ def test_multilabel_folder_end_to_end(project: Path):
     before = {p: p.read_bytes() for p in (project / "metrics/eval.json", project / "models/model.pt")}
     run(["dvc", "repro", "-f", "-s", "train"], project)
     assert (project / "models/model.pt").read_bytes() == before[project / "models/model.pt"]
-    (project / "shapes/labels.csv").write_text("file,tags\nimages/0000.png,circle\n")
-    bad = run(["dvc", "repro"], project, check=False)
-    assert bad.returncode != 0
-    assert "has no path or labels column (its columns: file, tags)" in bad.stdout + bad.stderr
-    assert "Traceback" not in bad.stdout + bad.stderr
-    assert all(p.read_bytes() == b for p, b in before.items())
+    for text, message in (("file,tags\nimages/0000.png,circle\n", "has no path or labels column (its columns: file, tags)"),
+                          ("path,labels\nimages/0000.png,circle\nimages/0001.png,\n", "names 1 label(s)")):
+        (project / "shapes/labels.csv").write_text(text)
+        bad = run(["dvc", "repro"], project, check=False)
+        assert bad.returncode != 0
+        assert message in bad.stdout + bad.stderr and "Traceback" not in bad.stdout + bad.stderr
+        assert all(p.read_bytes() == b for p, b in before.items())
+        assert (project / "data/prepared/meta.json").exists()  # refused by check, before DVC removed prepare's outputs

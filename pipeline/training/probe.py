@@ -124,7 +124,7 @@ def pick_l2(fc: nn.Linear, data: FeatureBatches, y: np.ndarray, cfg: TrainConfig
     """The λ of L2_GRID whose head has the lowest validation log loss; for labels
     (task=multilabel), the highest validation mAP: the log loss of a head trained with the
     asymmetric loss is not what it optimised (measured on CIFAR mosaics: λ by log loss gave that
-    head a test mAP of 0.678, by mAP 0.735; BCE heads: 0.730 either way)."""
+    head a test mAP of 0.678, by mAP 0.734; a BCE head: 0.730 either way)."""
     by_map = cfg.multilabel
     key, what = ("best_val_map", "val mAP") if by_map else ("best_val_loss", "val log loss")
     scores = {l2: fit_head(fc, data, y, cfg, l2).metrics[key] for l2 in L2_GRID}

@@ -207,7 +207,7 @@ def run(params: Params, device: str, rank: int) -> dict | None:
     n_params = sum(p.numel() for p in s.model.parameters())
     n_train = len(load_split("train")[1])
     who = runview.run_identity(params, lr=s.cfg.lr, n_params=n_params, n_classes=len(s.classes), n_train=n_train,
-                               image_size=s.prep.image_size, data_hash=s.data_hash)
+                               image_size=s.prep.image_size, data_hash=s.data_hash, multilabel=s.cfg.multilabel)
     resumed = resume_epoch(s.cfg) if not s.cfg.strategy.cached_features else 0
     before = tracking.recorded_run(paths.MLFLOW_RUN).get("run_id")
     run_id = tracker.start_run(who.experiment, who.name, who.params,
