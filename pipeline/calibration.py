@@ -25,19 +25,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str]
     exact as L-BFGS on one variable and never diverging), rounded to 4 significant digits so
     the checkpoint is the same bytes on any machine. With no mistakes on the split, the log loss
     falls forever as T → 0 (sharper is always better): T = 1 then, and the note says why."""
-    from scipy.optimize import minimize_scalar
-
     labels = np.asarray(labels)
     if len(labels) == 0:
         return 1.0, "no validation images: not calibrated (T = 1)"
     if (logits.argmax(axis=1) == labels).all():
         return 1.0, "no mistakes on the validation split to calibrate against: T = 1"
-    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
-    res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=(lo, hi),
-                          method="bounded", options={"xatol": 1e-5})
-    t = float(f"{np.exp(res.x):.4g}")
+    t = _best_temperature(lambda t: nll(logits, labels, t))
     before, after = nll(logits, labels, 1.0), nll(logits, labels, t)
     return t, f"temperature {t:g} fitted on {len(labels):,} validation images (log loss {before:.4f} → {after:.4f})"
+
+
+def _best_temperature(loss) -> float:
+    """The T in T_BOUNDS minimising `loss(T)`, by a bounded 1-D search over log T, rounded to 4
+    significant digits."""
+    from scipy.optimize import minimize_scalar
+
+    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
+    res = minimize_scalar(lambda log_t: loss(float(np.exp(log_t))), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-5})
+    return float(f"{np.exp(res.x):.4g}")
 
 
 def scaled(logits: np.ndarray, t: float) -> np.ndarray:
@@ -48,11 +54,7 @@ def scaled(logits: np.ndarray, t: float) -> np.ndarray:
 # Multi-label (task: multilabel): C independent yes/no answers per image, probabilities
 # sigmoid(logits / T) with ONE temperature shared by all labels, fitted on the validation split.
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """1 / (1 + e^-z) in float64, without overflow at any z (scipy's expit)."""
-    from scipy.special import expit
-
-    return expit(np.asarray(z, dtype=np.float64))
+from pipeline.probabilities import sigmoid  # noqa: E402, F401  (one sigmoid, numpy only: predict's too)
 
 
 def binary_nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
@@ -69,17 +71,12 @@ def fit_sigmoid_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, s
     significant digits). With no mistake at threshold 0.5 (every entry's logit on the side of its
     target; a logit of exactly 0 is no mistake, as no T moves it), the loss falls forever as
     T → 0: T = 1 then, and the note says why."""
-    from scipy.optimize import minimize_scalar
-
     logits, y = np.asarray(logits), np.asarray(y).astype(bool)
     if len(y) == 0:
         return 1.0, "no validation images: not calibrated (T = 1)"
     if not (((logits < 0) & y) | ((logits > 0) & ~y)).any():
         return 1.0, "no mistakes on the validation split to calibrate against: T = 1"
-    lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
-    res = minimize_scalar(lambda log_t: binary_nll(logits, y, float(np.exp(log_t))), bounds=(lo, hi),
-                          method="bounded", options={"xatol": 1e-5})
-    t = float(f"{np.exp(res.x):.4g}")
+    t = _best_temperature(lambda t: binary_nll(logits, y, t))
     before, after = binary_nll(logits, y, 1.0), binary_nll(logits, y, t)
     c = y.shape[1]
     return t, (f"temperature {t:g} fitted on {len(y):,} validation images, one for all {c} label{'s' * (c != 1)} "

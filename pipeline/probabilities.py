@@ -11,7 +11,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Element-wise logistic function in float64 (task=multilabel: a probability per label),
-    stable for large |logits|."""
-    z = logits.astype(np.float64)
+    """Element-wise 1 / (1 + e^-z) in float64 (task=multilabel: a probability per label), without
+    overflow at any z."""
+    z = np.asarray(logits, dtype=np.float64)
     return np.exp(-np.logaddexp(0.0, -z))

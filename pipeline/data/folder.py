@@ -174,6 +174,26 @@ def scan(root: Path) -> dict[str, int]:
     return counts
 
 
+def byte_copies(files: list[tuple[str, str, str, str]]) -> tuple[dict[int, str], int]:
+    """Files (split, path, label, sha256) with the same bytes: with the same label all but the
+    first (train before val before test, then by path) are duplicates; with different labels
+    every copy conflicts. Returns ({position: why it is dropped}, how many conflicting pictures)."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, (*_, digest) in enumerate(files):
+        by_hash[digest].append(i)
+    drop: dict[int, str] = {}
+    conflicts = 0
+    for idx in by_hash.values():
+        labels = sorted({files[i][2] for i in idx})
+        if len(labels) > 1:
+            conflicts += 1
+            drop.update({i: f"conflicting labels: {', '.join(lb or '(none)' for lb in labels)}" for i in idx})
+        elif len(idx) > 1:
+            first = min(idx, key=lambda i: (SPLIT_ORDER[files[i][0]], files[i][1]))
+            drop.update({i: f"duplicate of {files[first][1]}" for i in idx if i != first})
+    return drop, conflicts
+
+
 def scan_folder(root: Path) -> Source:
     """Find every candidate image under `root`, hash it, and set aside what cannot be used
     before decoding: hidden files, other extensions, empty files, duplicates, conflicts."""
@@ -195,20 +215,7 @@ def scan_folder(root: Path) -> Source:
                     reason = f"unreadable: {exc.strerror}"
             skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": ""})
 
-    # Duplicates (same bytes, same class): keep the first; conflicts (same bytes, other classes): skip all.
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, (_, _, _, digest) in enumerate(candidates):
-        by_hash[digest].append(i)
-    drop: dict[int, str] = {}
-    conflicts = 0
-    for digest, idx in by_hash.items():
-        labels = sorted({candidates[i][1] for i in idx})
-        if len(labels) > 1:
-            conflicts += 1
-            drop.update({i: f"conflicting labels: {', '.join(labels)}" for i in idx})
-        elif len(idx) > 1:
-            first = min(idx, key=lambda i: (SPLIT_ORDER[candidates[i][0]], candidates[i][2]))
-            drop.update({i: f"duplicate of {candidates[first][2]}" for i in idx if i != first})
+    drop, conflicts = byte_copies([(split, rel, cls, digest) for split, cls, rel, digest in candidates])
     for i, reason in drop.items():
         split, cls, rel, digest = candidates[i]
         skipped.append({"path": rel, "class": cls, "split": split, "reason": reason, "hash": digest})

@@ -14,13 +14,12 @@ file, and copies with different labels), as the class-folder layout reports its 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.data.folder import SPLIT_NAMES, SPLIT_ORDER, _read_hash, file_problem, walk_files
+from pipeline.data.folder import SPLIT_NAMES, _read_hash, byte_copies, file_problem, walk_files
 from pipeline.data.source import Source
 from pipeline.errors import UserError
 from pipeline.images import decode_image
@@ -95,9 +94,10 @@ def load_multilabel(root: Path, csv_name: str, sep: str, classes: list[str] | No
             skipped.append({"path": rel, "class": sep.join(labels), "split": split, "reason": reason, "hash": digest})
         else:
             rows.append((split, rel, labels, digest))
-    rows, dropped, conflicts = _drop_copies(rows)
-    skipped += [{"path": rel, "class": sep.join(labels), "split": split, "reason": why, "hash": digest}
-                for (split, rel, labels, digest), why in dropped]
+    drop, conflicts = byte_copies([(split, rel, sep.join(labels), digest) for split, rel, labels, digest in rows])
+    skipped += [{"path": rows[i][1], "class": sep.join(rows[i][2]), "split": rows[i][0], "reason": why,
+                 "hash": rows[i][3]} for i, why in sorted(drop.items())]
+    rows = [r for i, r in enumerate(rows) if i not in drop]
     names = classes if classes is not None else sorted({t for _, _, labels, _ in rows for t in labels})
     if len(names) < 2:
         raise UserError(f"{root / csv_name} names {len(names)} label(s) on usable images ({', '.join(names) or 'none'}); "
@@ -114,28 +114,9 @@ def load_multilabel(root: Path, csv_name: str, sep: str, classes: list[str] | No
                   splits=[split for split, _, _, _ in rows] if presplit else None,
                   names=[rel for _, rel, _, _ in rows], hashes=[digest for *_, digest in rows], skipped=skipped,
                   notes={"layout": f"labels CSV ({csv_name}){', pre-split' if presplit else ''}",
-                         "duplicates": sum(why.startswith("duplicate") for _, why in dropped),
+                         "duplicates": sum(why.startswith("duplicate") for why in drop.values()),
                          "conflicting_images": conflicts, "images_not_in_labels_csv": len(unlisted),
                          "label_separator": sep})
-
-
-def _drop_copies(rows: list[tuple]) -> tuple[list[tuple], list[tuple[tuple, str]], int]:
-    """Byte-identical files: with the same labels the first is kept (train before val before
-    test, then by path), with different labels all are dropped (conflicting labels)."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_hash[row[3]].append(i)
-    drop: dict[int, str] = {}
-    conflicts = 0
-    for idx in by_hash.values():
-        sets = sorted({";".join(rows[i][2]) for i in idx})
-        if len(sets) > 1:
-            conflicts += 1
-            drop.update({i: f"conflicting labels: {' | '.join(s or '(none)' for s in sets)}" for i in idx})
-        elif len(idx) > 1:
-            first = min(idx, key=lambda i: (SPLIT_ORDER[rows[i][0]], rows[i][1]))
-            drop.update({i: f"duplicate of {rows[first][1]}" for i in idx if i != first})
-    return [r for i, r in enumerate(rows) if i not in drop], [(rows[i], why) for i, why in sorted(drop.items())], conflicts
 
 
 def label_count(root: Path, csv_name: str, sep: str, classes: list[str] | None = None) -> int:
