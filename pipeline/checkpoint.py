@@ -27,11 +27,13 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
                     classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any],
                     data_hash: str = "", temperature: float | None = None,
-                    thresholds: list[float] | None = None) -> None:
+                    thresholds: list[float] | None = None, conformal_scores: list[float] | None = None) -> None:
     """`data_hash`: the prepared data it was trained on (an ensemble refuses members trained on
     another split); `temperature`: fitted on the validation split (None: not calibrated);
     `thresholds`: task=multilabel, each label's threshold on its calibrated probability (the
-    checkpoint then says `task: multilabel`; a one-class-per-image checkpoint has neither key)."""
+    checkpoint then says `task: multilabel`; a one-class-per-image checkpoint has neither key);
+    `conformal_scores`: the validation images' conformal scores (`pipeline.conformal`), from which
+    any α's prediction-set threshold follows."""
     assert prep.complete, "a checkpoint needs the mean/std its model was trained with"
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -47,6 +49,8 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
     }
     if thresholds is not None:
         ckpt |= {"task": "multilabel", "thresholds": [float(v) for v in thresholds]}
+    if conformal_scores is not None:
+        ckpt["conformal_scores"] = [float(v) for v in conformal_scores]
     save_torch(ckpt, path)  # the same checkpoint, the same bytes
 
 
@@ -68,6 +72,15 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def preprocessing(ckpt: dict[str, Any]) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def conformal_threshold(ckpt: dict[str, Any], alpha: float) -> float | None:
+    """q̂ of the prediction sets at level α from the checkpoint's validation scores; None when
+    α is 0 or the checkpoint has no scores (multi-label, or made before prediction sets)."""
+    from pipeline.conformal import threshold
+
+    scores = ckpt.get("conformal_scores")
+    return None if not alpha or not scores else threshold(np.asarray(scores), alpha)
 
 
 def is_multilabel(ckpt: dict[str, Any]) -> bool:

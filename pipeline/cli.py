@@ -115,7 +115,7 @@ def _predict(args: argparse.Namespace) -> None:
     from pipeline.export.predict import EXIT_SOME_FAILED, model_and_images, run
 
     model, images = model_and_images(args.model, args.images)
-    if run(model, images, args.top_k, args.json, args.max_pixels, args.tta, args.out):
+    if run(model, images, args.top_k, args.json, args.max_pixels, args.tta, args.out, args.alpha, args.abstain):
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -223,6 +223,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"image": ..., "top_k": [{"label": ..., "probability": ...}]}; '
                         'multi-label: {"image": ..., "labels": [...], "scores": [{"label", "probability", "threshold"}]}')
+    p.add_argument("--alpha", type=float, default=None, metavar="A",
+                   help="the prediction sets' level: each image's set of classes holds the true one with probability "
+                        "≥ 1 − A (default: the ONNX model's card, as export wrote it from evaluate.conformal_alpha; for "
+                        "a checkpoint, params.yaml's default); 0: no sets")
+    p.add_argument("--abstain", action="store_true",
+                   help="answer 'unsure' (naming the candidates) for an image whose prediction set holds more than "
+                        "one class, instead of its most probable class")
     p.add_argument("--max-pixels", type=_positive, default=None,
                    help="refuse larger images as decompression bombs (default: Pillow's limit, 89,478,485)")
     p.add_argument("--tta", choices=choices(EvaluateParams, "tta"), default="none",

@@ -305,6 +305,10 @@ class EvaluateParams(_Section):
     label_issues: bool = Field(True, description="metrics/label_issues.csv (+ .png): images whose label the model "
                                "doubts (cleanlab), on out-of-fold probabilities when crossval ran, else on the "
                                "validation split")
+    conformal_alpha: float = Field(0.1, ge=0, lt=0.5, description="prediction sets (split conformal, APS): each "
+                                   "image's set of classes holds the true one with probability ≥ 1 − α, calibrated on "
+                                   "the validation split; evaluate reports coverage and set sizes "
+                                   "(metrics/prediction_sets.png), export and predict carry the sets; 0 = off")
 
 
 class PlotsParams(_Section):

@@ -48,6 +48,7 @@ CONFUSION_JSON = METRICS_DIR / "confusion_matrix.json"
 CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
 MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
 PR_CURVES_PNG = METRICS_DIR / "pr_curves.png"           # task=multilabel: precision-recall per label
+PREDICTION_SETS_PNG = METRICS_DIR / "prediction_sets.png"  # conformal sets, coverage, abstention
 GRADCAM_PNG = METRICS_DIR / "gradcam.png"
 RELIABILITY_PNG = METRICS_DIR / "reliability.png"    # calibration before and after temperature scaling
 ACTIVATIONS_PNG = METRICS_DIR / "activations.png"    # inner feature maps, a test image per class

@@ -24,7 +24,7 @@ CURVES = {"train_loss": "loss/train", "val_loss": "loss/val", "train_accuracy": 
           "val_accuracy": "accuracy/val", "val_map": "map/val", "lr": "schedule/lr"}
 # the one-value figures logged as metrics: what runs are sorted and compared by
 TEST_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "log_loss", "ece_calibrated", "accuracy_tta",
-                 "accuracy_clean",
+                 "accuracy_clean", "coverage", "set_size_mean",  # prediction sets (evaluate.conformal_alpha)
                  "map_macro", "map_micro", "f1_micro", "subset_accuracy", "hamming_loss", "map_macro_clean")  # multilabel
 TRAIN_HEADLINE = {"best_val_accuracy": "train/best_val_accuracy", "best_val_map": "train/best_val_map"}
 TRAIN_SPEED = {"train_seconds": "train/seconds"}

@@ -287,7 +287,8 @@ def test_the_older_form_model_first_still_works_and_one_image_gets_its_top_k(exp
     assert older == predict(work, "checkpoint", [test_pngs[0]]).stdout
     lines = older.splitlines()
     assert lines[0] == str(test_pngs[0]) and lines[1].split() == ["rank", "label", "probability"]
-    assert len(lines) == 2 + 5  # the default top 5
+    assert len(lines) == 2 + 5 + 1  # the default top 5, then the prediction set (evaluate.conformal_alpha: 0.1)
+    assert lines[-1].startswith("  set at α = 0.1 (holds the true class 90% of the time): ")
     stray = run(cmd[:4] + [str(test_pngs[0]), str(work / paths.ONNX_MODEL)], work, check=False)
     assert stray.returncode == 2 and stray.stderr.splitlines() == [
         f"error: {work / paths.ONNX_MODEL} looks like a model, not an image; give one model, first or with -m/--model"]
@@ -312,7 +313,7 @@ def test_a_folder_is_one_line_per_image_then_a_summary_per_class_and_the_accurac
                                                                                   tmp_path):
     work = exported_pipeline[0]
     placed = class_folders(work, test_pngs, tmp_path / "photos")
-    proc = predict(work, "onnx", [tmp_path / "photos"])
+    proc = predict(work, "onnx", [tmp_path / "photos"], "--alpha", "0")  # the table alone: sets in test_conformal.py
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
     evaluated = pd.read_csv(work / paths.PREDICTIONS)["predicted"].astype(str).tolist()
     rows = table_rows(proc.stdout)
@@ -347,7 +348,7 @@ def test_out_writes_one_csv_row_per_image_with_every_probability(exported_pipeli
     broken = tmp_path / "photos" / "test" / "3" / "broken.jpg"
     broken.write_text("not a jpeg\n")
     out = tmp_path / "preds.csv"
-    proc = predict(work, "onnx", [tmp_path / "photos"], "--out", out, check=False)
+    proc = predict(work, "onnx", [tmp_path / "photos"], "--out", out, "--alpha", "0", check=False)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {broken}: not an image (cannot identify)", f"predict: wrote {out} (24 rows, one per image)"]
     assert "24 images: 23 predicted, 1 failed (on stderr)" in proc.stdout

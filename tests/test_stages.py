@@ -51,7 +51,9 @@ def test_outputs_and_returned_metrics_agree(pipeline_run):
     assert set(results["evaluate"]) == {  # 10 classes: top-5 is reported
         "accuracy", "balanced_accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
         "precision_weighted", "recall_weighted", "f1_weighted", "log_loss", "ece", "n_test",
-        "temperature", "log_loss_calibrated", "ece_calibrated"}  # evaluate.tta: none (the default)
+        "temperature", "log_loss_calibrated", "ece_calibrated",  # evaluate.tta: none (the default)
+        "conformal_alpha", "conformal_threshold", "coverage", "set_size_mean", "set_size_median", "singleton_share",
+        "singleton_accuracy"}  # evaluate.conformal_alpha: 0.1 (the default)
     assert read_json(work / paths.TRAIN_METRICS) == results["train"]
     assert read_json(work / paths.EXPORT_METRICS) | read_json(work / paths.EXPORT_TIMING) == results["export"]
     assert results["evaluate"]["accuracy"] > 0.8  # 2 epochs at 16 px: it learns
@@ -84,6 +86,19 @@ def test_checkpoint_describes_itself_and_reproduces_evaluation(pipeline_run):
     predictions = pd.read_csv(work / paths.PREDICTIONS)
     assert list(predictions.columns) == ["actual", "predicted"] and len(predictions) == len(y)
     assert (predictions["actual"] == predictions["predicted"]).mean() == pytest.approx(results["evaluate"]["accuracy"])
+    # the prediction sets: the checkpoint's validation scores give q̂; the card carries it; coverage recomputed
+    from pipeline.calibration import scaled
+    from pipeline.checkpoint import conformal_threshold, temperature
+    from pipeline.conformal import prediction_sets
+    from pipeline.probabilities import softmax
+
+    qhat = conformal_threshold(ckpt, 0.1)
+    assert len(ckpt["conformal_scores"]) == read_json(work / paths.PREPARED_META)["counts"]["val"]
+    assert read_json(work / paths.ONNX_META)["conformal_threshold"] == pytest.approx(min(qhat, 1.0), abs=1e-6)
+    probs = softmax(scaled(predict_logits(model, x, preprocessing(ckpt)), temperature(ckpt)))
+    sets = prediction_sets(probs, qhat)
+    assert sets[np.arange(len(y)), y].mean() == pytest.approx(results["evaluate"]["coverage"])
+    assert "coverage" in pd.read_csv(work / paths.PER_CLASS) and (work / paths.PREDICTION_SETS_PNG).stat().st_size > 0
 
 
 def ckpt_arch(work) -> str:
@@ -117,7 +132,7 @@ def test_one_mlflow_run_holds_everything(pipeline_run):
     assert {k.split("/")[0] for k in run.data.metrics} == {"accuracy", "loss", "schedule", "test", "train"}
     assert set(run.data.metrics) - set(CURVES) == {
         "test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/log_loss", "test/ece_calibrated",
-        "train/best_val_accuracy", "train/seconds"}
+        "test/coverage", "test/set_size_mean", "train/best_val_accuracy", "train/seconds"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv", "learning_curves.png",
             "augmented_samples.png", "eval.json", "per_class.csv", "onnx", "misclassified.png", "gradcam.png",

@@ -99,6 +99,10 @@ def draw(model, x, y, plain, calibrated, thresholds, classes: list[str], prep, m
     pred = ml.predict(calibrated, thresholds)
     ml.error_cooccurrence_figure(ml.error_cooccurrence(y, pred), classes, paths.CONFUSION_PNG)
     ml.pr_curves_figure(y, calibrated, thresholds, classes, paths.PR_CURVES_PNG)
+    from pipeline.plots import note_figure
+
+    note_figure("Conformal prediction sets are for one class per image; a multi-label model's answer is already a "
+                "set: the labels over their thresholds (see pr_curves.png)", paths.PREDICTION_SETS_PNG)
     errors = ml.most_confident_errors(y, calibrated, thresholds)
     kind = {"false positive": "said", "false negative": "missed"}
     misclassified_grid(prep.center_crop(x[errors["image"].to_numpy()]),

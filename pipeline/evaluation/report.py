@@ -56,7 +56,10 @@ SHORT_NAMES = {"balanced_accuracy": "balanced accuracy", "top5_accuracy": "top-5
                "precision_micro": "precision, micro", "recall_micro": "recall, micro",
                "subset_accuracy": "subset accuracy", "hamming_loss": "Hamming loss",
                "labels_per_image": "labels per image", "predicted_labels_per_image": "predicted per image",
-               "map_macro_clean": "mAP, clean test", "map_macro_leaked": "mAP, leaked test"}
+               "map_macro_clean": "mAP, clean test", "map_macro_leaked": "mAP, leaked test",
+               "conformal_alpha": "sets: α", "conformal_threshold": "sets: q̂", "coverage": "sets: coverage",
+               "set_size_mean": "sets: mean size", "set_size_median": "sets: median size",
+               "singleton_share": "sets: one class", "singleton_accuracy": "accuracy, one-class sets"}
 TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss": "best validation loss",
                "best_val_map": "best validation mAP", "best_epoch": "best epoch", "epochs_run": "epochs run", "stopped_early": "stopped early",
                "parameters": "parameters", "lr": "learning rate"}
@@ -65,7 +68,8 @@ TRAIN_NAMES = {"best_val_accuracy": "best validation accuracy", "best_val_loss":
 # (title, file): the report's pictures, in order
 PICTURES = [("Learning curves", paths.LEARNING_CURVES_PNG), ("Confusion matrix", paths.CONFUSION_PNG),
             ("Most confidently misclassified", paths.MISCLASSIFIED_PNG),
-            ("Precision-recall per label", paths.PR_CURVES_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
+            ("Precision-recall per label", paths.PR_CURVES_PNG),
+            ("Prediction sets and abstention", paths.PREDICTION_SETS_PNG), ("Grad-CAM", paths.GRADCAM_PNG),
             ("Reliability (calibration)", paths.RELIABILITY_PNG), ("Inner activations", paths.ACTIVATIONS_PNG),
             ("Filters and what deeper channels respond to", paths.FILTERS_PNG),
             ("Embedding of the test split", paths.EMBEDDING_PNG), ("Suspected label issues", paths.LABEL_ISSUES_PNG),

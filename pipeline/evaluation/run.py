@@ -14,6 +14,7 @@ from pipeline.checkpoint import is_multilabel, load_checkpoint, predict_logits, 
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
 from pipeline.evaluation.gradcam import gradcam_figure
+from pipeline.evaluation.sets import evaluate_sets, sets_figure, with_set_columns
 from pipeline.evaluation.metrics import (
     calibration_metrics,
     evaluation_metrics,
@@ -29,7 +30,7 @@ from pipeline.preprocess import tta_views
 
 # DVC outputs (dvc.yaml declares exactly these)
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
-           paths.MISCLASSIFIED_PNG, paths.PR_CURVES_PNG, paths.GRADCAM_PNG, paths.LEARNING_CURVES_PNG, paths.RELIABILITY_PNG,
+           paths.MISCLASSIFIED_PNG, paths.PR_CURVES_PNG, paths.PREDICTION_SETS_PNG, paths.GRADCAM_PNG, paths.LEARNING_CURVES_PNG, paths.RELIABILITY_PNG,
            paths.ACTIVATIONS_PNG, paths.FILTERS_PNG, paths.EMBEDDING_PNG, paths.LABEL_ISSUES, paths.LABEL_ISSUES_PNG,
            paths.EVAL_NOTES]
 
@@ -82,11 +83,28 @@ def run(params) -> dict:
         return multilabel_run.run(model, ckpt, x, y, params)
     metrics, per_class, cm, probs = score(model, ckpt, x, y, params.evaluate.tta)
     metrics |= clean_metrics(y, probs["plain"].argmax(1), leaked_test(paths.PREPARED_DIR))
+    set_metrics, sets = evaluate_sets(ckpt, probs["calibrated"], y, params.evaluate.conformal_alpha)
+    metrics |= set_metrics
+    per_class = with_set_columns(per_class, sets, y)
+    draw_sets(sets, probs["calibrated"], y, classes, metrics, params.evaluate.conformal_alpha)
     write_tables(metrics, per_class, cm, y, probs["plain"].argmax(1), classes)
     write_json(paths.EVAL_NOTES, draw(model, x, y, probs, cm, classes, prep, metrics, params))
     print(metrics_table(metrics))
     print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return metrics
+
+
+def draw_sets(sets, probs, y, classes: list[str], metrics: dict, alpha: float) -> None:
+    """metrics/prediction_sets.png, or a note saying why there are no sets."""
+    if sets is not None:
+        sets_figure(sets, probs, y, classes, metrics, paths.PREDICTION_SETS_PNG)
+    elif not alpha:
+        note_figure("Prediction sets switched off: evaluate.conformal_alpha: 0 (dvc exp run -S "
+                    "evaluate.conformal_alpha=0.1 gives sets that hold the true class 90 % of the time)",
+                    paths.PREDICTION_SETS_PNG)
+    else:
+        note_figure(f"No prediction sets: {paths.CHECKPOINT} holds no validation scores to calibrate them "
+                    "(made before prediction sets): re-run train", paths.PREDICTION_SETS_PNG)
 
 
 def metrics_table(metrics: dict, columns: int = 2) -> str:

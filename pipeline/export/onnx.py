@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoint import is_multilabel, preprocessing, temperature
+from pipeline.checkpoint import conformal_threshold, is_multilabel, preprocessing, temperature
 from pipeline.errors import UserError
 from pipeline.export.runtime import (  # noqa: F401  (the card's functions are this module's interface too)
     CPU,
@@ -34,10 +34,13 @@ MAX_ABS_DIFF = 1e-4
 TORCHSCRIPT_OPSET = 20  # the newest the TorchScript exporter writes (the dynamo exporter's default too)
 
 
-def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
+def model_card(ckpt: dict[str, Any], conformal_alpha: float = 0.0) -> dict[str, Any]:
     """What a user of the exported model needs, from a checkpoint: classes and preprocessing
-    (`Preprocessing.from_dict(card)` reads it back)."""
+    (`Preprocessing.from_dict(card)` reads it back); with `conformal_alpha`, the prediction sets'
+    level and threshold q̂ (`pipeline.conformal`)."""
     prep, t = preprocessing(ckpt), temperature(ckpt)
+    qhat = conformal_threshold(ckpt, conformal_alpha)
+    sets = {} if qhat is None else {"conformal_alpha": conformal_alpha, "conformal_threshold": round(min(qhat, 1.0), 6)}
     if is_multilabel(ckpt):
         scaled = f" (divided by the temperature {t:g})" if t != 1.0 else ""
         return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t,
@@ -46,8 +49,10 @@ def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
                                  "'probabilities' (a sigmoid per label, calibrated); a label applies where its "
                                  "probability is at least its threshold"}
     scaled = f" (divided by the temperature {t:g}: softmax gives calibrated probabilities)" if t != 1.0 else ""
-    return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t,
-            "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'{scaled}"}
+    how_sets = (f"; the prediction set at α = {conformal_alpha:g}: the classes, most probable first, while the "
+                f"probability of those before is at most conformal_threshold") if sets else ""
+    return {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), **prep.to_dict(), "temperature": t, **sets,
+            "preprocessing": f"{prep.describe()}; float32 NCHW input 'images' → output 'logits'{scaled}{how_sets}"}
 
 
 class WithProbabilities(nn.Module):

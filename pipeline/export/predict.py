@@ -56,6 +56,16 @@ class Predictor:
     prep: Preprocessing
     logits: Callable[[np.ndarray], np.ndarray]  # stored uint8 N×3×S×S → N×K float32 (crops, normalises inside)
     thresholds: np.ndarray | None = None  # task=multilabel: each label's threshold on its sigmoid; None: softmax
+    sets: tuple[float, float] | None = None  # (α, q̂) of the prediction sets (pipeline.conformal); None: no sets
+
+    def prediction_set(self, p: np.ndarray) -> list[str] | None:
+        """The classes of this image's prediction set, most probable first; None without sets."""
+        if self.sets is None:
+            return None
+        from pipeline.conformal import prediction_sets
+
+        keep = prediction_sets(p[None], self.sets[1])[0]
+        return [self.classes[i] for i in np.argsort(-p, kind="stable") if keep[i]]
 
     @property
     def image_size(self) -> int:
@@ -81,20 +91,28 @@ def model_and_images(model: Path | None, images: list[Path]) -> tuple[Path, list
     return model or paths.ONNX_MODEL, images
 
 
-def load_predictor(path: Path) -> Predictor:
-    """An ONNX model (`.onnx`) or one of our checkpoints (anything else)."""
+def load_predictor(path: Path, alpha: float | None = None) -> Predictor:
+    """An ONNX model (`.onnx`) or one of our checkpoints (anything else); `alpha`: the level of
+    its prediction sets (None: the ONNX card's, or for a checkpoint params' default; 0: none)."""
     if not path.is_file():
         raise UserError(f"model {str(path)!r} is not a file; give models/model.onnx (dvc repro export) "
                         "or models/model.pt (dvc repro train)")
-    return _onnx_predictor(path) if path.suffix.lower() == ".onnx" else _checkpoint_predictor(path)
+    if alpha is not None and not 0 <= alpha < 1:
+        raise UserError(f"--alpha {alpha:g}: give a level in [0, 1), e.g. 0.1 for sets that hold the true class "
+                        "90 % of the time (0: no sets)")
+    return _onnx_predictor(path, alpha) if path.suffix.lower() == ".onnx" else _checkpoint_predictor(path, alpha)
 
 
-def _checkpoint_predictor(path: Path) -> Predictor:
-    from pipeline.checkpoint import calibrated, load_checkpoint, predict_logits, preprocessing
+def _checkpoint_predictor(path: Path, alpha: float | None) -> Predictor:
+    from pipeline.checkpoint import calibrated, conformal_threshold, load_checkpoint, predict_logits, preprocessing
+    from pipeline.params import EvaluateParams
 
     raw, ckpt = load_checkpoint(path)
     model, prep = calibrated(raw, ckpt), preprocessing(ckpt)
-    return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep), _thresholds(ckpt))
+    alpha = EvaluateParams().conformal_alpha if alpha is None else alpha
+    qhat = conformal_threshold(ckpt, alpha)
+    return Predictor(list(ckpt["classes"]), prep, lambda x: predict_logits(model, x, prep), _thresholds(ckpt),
+                     None if qhat is None else (alpha, min(qhat, 1.0)))
 
 
 def _thresholds(card: dict) -> np.ndarray | None:
@@ -102,7 +120,7 @@ def _thresholds(card: dict) -> np.ndarray | None:
     return np.asarray(card["thresholds"], dtype=np.float64) if card.get("task") == "multilabel" else None
 
 
-def _onnx_predictor(path: Path) -> Predictor:
+def _onnx_predictor(path: Path, alpha: float | None) -> Predictor:
     """Torch-free: ONNX Runtime, and the preprocessing on numpy arrays."""
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         Fail,
@@ -132,7 +150,18 @@ def _onnx_predictor(path: Path) -> Predictor:
     def logits(x: np.ndarray) -> np.ndarray:
         return sess.run(None, {name: prep.model_input(x)})[0]
 
-    return Predictor(list(card["classes"]), prep, logits, _thresholds(card))
+    return Predictor(list(card["classes"]), prep, logits, _thresholds(card), _card_sets(card, alpha))
+
+
+def _card_sets(card: dict, alpha: float | None) -> tuple[float, float] | None:
+    """The card's prediction sets, when it has them and `alpha` (if given) is theirs."""
+    if "conformal_threshold" not in card or alpha == 0:
+        return None
+    if alpha is not None and alpha != card["conformal_alpha"]:
+        raise UserError(f"--alpha {alpha:g}: this ONNX model's sets are calibrated at α = {card['conformal_alpha']:g} "
+                        "(evaluate.conformal_alpha at export); re-export at another level, or pass the checkpoint "
+                        "(-m models/model.pt), which holds what any level needs")
+    return float(card["conformal_alpha"]), float(card["conformal_threshold"])
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -241,12 +270,29 @@ def folder_label(path: Path, classes: list[str]) -> str | None:
     return path.parent.name if path.parent.name in classes else None
 
 
-def format_table(path: Path, top: list[tuple[str, float]]) -> str:
-    """One image: its top-k as a ranked table under its path."""
+def format_table(path: Path, top: list[tuple[str, float]], answer: Answer | None = None) -> str:
+    """One image: its top-k as a ranked table under its path; its prediction set below."""
     width = max(5, *(len(label) for label, _ in top))
     rows = [f"{path}", f"  {'rank':>4}  {'label':<{width}}  probability"]
     rows += [f"  {i:>4}  {label:<{width}}  {p:11.4f}" for i, (label, p) in enumerate(top, 1)]
+    if answer is not None and answer.set is not None:
+        rows.append(f"  set at α = {answer.alpha:g} (holds the true class {1 - answer.alpha:.0%} of the time): "
+                    + ", ".join(answer.set) + ("  → unsure" if answer.unsure else ""))
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An image's prediction set (None without sets) and whether the model abstains on it."""
+    set: list[str] | None
+    alpha: float = 0.0
+    unsure: bool = False  # --abstain and more than one class in the set
+
+    @classmethod
+    def of(cls, predictor: Predictor, p: np.ndarray, abstain: bool) -> "Answer":
+        chosen = predictor.prediction_set(p)
+        alpha = predictor.sets[0] if predictor.sets else 0.0
+        return cls(chosen, alpha, bool(abstain and chosen is not None and len(chosen) > 1))
 
 
 @dataclass(frozen=True)
@@ -263,10 +309,12 @@ class Rows:
     def header(self) -> str:
         return f"{'image':<{self.path_width}}  {'class':<{self.label_width}}  {'prob':>5}  next"
 
-    def line(self, path: Path, top: list[tuple[str, float]], label: str | None) -> str:
+    def line(self, path: Path, top: list[tuple[str, float]], label: str | None, answer: Answer | None = None) -> str:
         (best, p), others = top[0], "  ".join(f"{c} {q:.2f}" for c, q in top[1:])
         wrong = f"  (folder: {label})" if label is not None and label != best else ""
-        return f"{str(path):<{self.path_width}}  {best:<{self.label_width}}  {p:5.3f}  {others}{wrong}".rstrip()
+        shown = "unsure" if answer is not None and answer.unsure else best
+        sets = f"  set: {' | '.join(answer.set)}" if answer is not None and answer.set and len(answer.set) > 1 else ""
+        return f"{str(path):<{self.path_width}}  {shown:<{self.label_width}}  {p:5.3f}  {others}{wrong}{sets}".rstrip()
 
 
 @dataclass
@@ -277,6 +325,8 @@ class Tally:
     confidence: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # the class folder's index, -1 outside class folders
     failed: int = 0
+    set_sizes: list[int] = field(default_factory=list)  # each image's prediction set, when there are sets
+    unsure: int = 0   # --abstain: images answered "unsure"
 
     def add(self, p: np.ndarray | None, label: str | None) -> None:
         if p is None:
@@ -306,12 +356,18 @@ def summary(t: Tally, model: Path, seconds: float) -> str:
         outside = f"; {len(pred) - n} not in a class folder" if n < len(pred) else ""
         lines.append(f"accuracy against the class folders: {right / n:.1%} ({right} of {n} right, {n - right} wrong"
                      f"{outside})")
+    if t.set_sizes:
+        sizes = np.array(t.set_sizes)
+        lines.append(f"prediction sets: mean size {sizes.mean():.2f}, one class for {(sizes == 1).mean():.0%} of the images"
+                     + (f"; {t.unsure} answered unsure (--abstain)" if t.unsure else ""))
     return "\n".join(lines)
 
 
-def write_csv(out: Path, results: list[tuple[Path, np.ndarray | None, str | None, str]], classes: list[str]) -> None:
-    """One row per image: image, predicted, probability, label (its class folder), error, p_<class>...;
-    an unreadable image has an empty prediction and probabilities, and its reason in `error`."""
+def write_csv(out: Path, results: list[tuple[Path, np.ndarray | None, str | None, str]], classes: list[str],
+              answers: list[Answer | None] | None = None) -> None:
+    """One row per image: image, predicted, probability, label (its class folder), error (with sets
+    also `set`, its classes by ';', and `unsure`), p_<class>...; an unreadable image has an empty
+    prediction and probabilities, and its reason in `error`."""
     import pandas as pd
 
     from pipeline.io import atomic_path
@@ -319,6 +375,9 @@ def write_csv(out: Path, results: list[tuple[Path, np.ndarray | None, str | None
     rows = [{"image": str(f), "predicted": "" if p is None else classes[int(np.argmax(p))],
              "probability": np.nan if p is None else float(np.max(p)), "label": label or "", "error": reason}
             for f, p, label, reason in results]
+    if answers and any(a is not None and a.set is not None for a in answers):
+        for row, a in zip(rows, answers):
+            row |= {"set": ";".join(a.set) if a is not None else "", "unsure": bool(a is not None and a.unsure)}
     probs = np.stack([np.full(len(classes), np.nan) if p is None else p for _, p, _, _ in results])
     frame = pd.concat([pd.DataFrame(rows), pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
     with atomic_path(out) as tmp:
@@ -352,12 +411,16 @@ def check_out(out: Path | None) -> None:
 
 
 def run(model: Path, images: list[Path], k: int | None = None, as_json: bool = False, max_pixels: int | None = None,
-        tta: str = "none", out: Path | None = None) -> int:
+        tta: str = "none", out: Path | None = None, alpha: float | None = None, abstain: bool = False) -> int:
     """Print predictions for `images` (files and folders): a table and a summary when there are
-    several; write `out` (CSV) when given; return how many could not be read."""
+    several; write `out` (CSV) when given; return how many could not be read. `alpha`: the
+    prediction sets' level (None: the model's); `abstain`: "unsure" where a set has several classes."""
     check_out(out)
     files = image_files(images)
-    predictor, started = load_predictor(model), time.perf_counter()
+    predictor, started = load_predictor(model, alpha), time.perf_counter()
+    if abstain and predictor.sets is None and predictor.thresholds is None:
+        raise UserError(f"--abstain answers unsure where the prediction set holds several classes, but {model} has no "
+                        "sets (α 0, or a model made before them): give --alpha 0.1 with models/model.pt, or re-export")
     if predictor.thresholds is not None:
         from pipeline.export import predict_sets
 
@@ -365,29 +428,38 @@ def run(model: Path, images: list[Path], k: int | None = None, as_json: bool = F
     several = len(files) > 1 or any(p.is_dir() for p in images)
     rows = Rows.fit(files, predictor.classes) if several and not as_json else None
     k = min(k or (ROW_TOP_K if rows else TOP_K), len(predictor.classes))
-    tally, results = Tally(predictor.classes), []
+    tally, results, answers = Tally(predictor.classes), [], []
     if rows:
         print(rows.header())
     with progress_bar(len(files), several) as bar:
         for path, p, reason in predict_probabilities(predictor, files, max_pixels, tta, bar and bar.update):
             label = folder_label(path, predictor.classes)
             tally.add(p, label)
+            answer = None if p is None else Answer.of(predictor, p, abstain)
+            if answer is not None and answer.set is not None:
+                tally.set_sizes.append(len(answer.set))
+                tally.unsure += answer.unsure
             results += [(path, p, label, reason)] if out else []
+            answers += [answer] if out else []
             if p is None:
                 sys.stdout.flush()  # keep the error next to its neighbours in a terminal
                 say(f"error: {path}: {reason}", bar, sys.stderr)
             else:
-                say(display(path, top_k(predictor.classes, p, k), label, as_json, rows), bar)
+                say(display(path, top_k(predictor.classes, p, k), label, as_json, rows, answer), bar)
     if rows:
         print("\n" + summary(tally, model, time.perf_counter() - started))
     if out:
-        write_csv(out, results, predictor.classes)
+        write_csv(out, results, predictor.classes, answers)
         print(f"predict: wrote {out} ({len(results)} rows, one per image)", file=sys.stderr)
     return tally.failed
 
 
-def display(path: Path, top: list[tuple[str, float]], label: str | None, as_json: bool, rows: Rows | None) -> str:
+def display(path: Path, top: list[tuple[str, float]], label: str | None, as_json: bool, rows: Rows | None,
+            answer: Answer | None = None) -> str:
     """One image's output: a JSON line, a line of the table of several images, or its own table."""
     if as_json:
-        return json.dumps({"image": str(path), "top_k": [{"label": lb, "probability": q} for lb, q in top]})
-    return rows.line(path, top, label) if rows else format_table(path, top)
+        line = {"image": str(path), "top_k": [{"label": lb, "probability": q} for lb, q in top]}
+        if answer is not None and answer.set is not None:
+            line |= {"set": answer.set, "alpha": answer.alpha, "answer": "unsure" if answer.unsure else top[0][0]}
+        return json.dumps(line)
+    return rows.line(path, top, label, answer) if rows else format_table(path, top, answer)

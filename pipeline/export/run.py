@@ -21,11 +21,12 @@ from pipeline.io import atomic_path, write_json
 from pipeline.prepared import load_split
 
 
-def run() -> dict:
-    """Export models/model.pt to ONNX, check it, time it; return the metrics."""
+def run(conformal_alpha: float = 0.0) -> dict:
+    """Export models/model.pt to ONNX, check it, time it; return the metrics. `conformal_alpha`:
+    the level of the prediction sets whose threshold the card carries (0: none)."""
     raw, ckpt = load_checkpoint(paths.CHECKPOINT)
     model = calibrated(raw, ckpt)  # logits / T: the exported model's softmax is calibrated
-    card, prep = model_card(ckpt), preprocessing(ckpt)
+    card, prep = model_card(ckpt, conformal_alpha), preprocessing(ckpt)
     x, _ = load_split("test", paths.PREPARED_DIR)
     x_float = prep.model_input(torch.from_numpy(np.array(x))).numpy()
     with atomic_path(paths.ONNX_MODEL) as tmp:

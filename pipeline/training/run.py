@@ -176,6 +176,18 @@ def thresholds(s: Setup, result: TrainResult, t: float | None, prepared: Path = 
     return [float(v) for v in chosen]
 
 
+def conformal_scores(s: Setup, result: TrainResult, t: float | None,
+                     prepared: Path = paths.PREPARED_DIR) -> list[float] | None:
+    """One class per image: the validation images' conformal scores under the calibrated
+    probabilities (`pipeline.conformal`), for prediction sets at any α; None for labels."""
+    if s.cfg.multilabel or result.val_logits is None:
+        return None
+    from pipeline.conformal import calibration_scores
+    from pipeline.probabilities import softmax
+
+    return calibration_scores(softmax(scaled(result.val_logits, t or 1.0)), load_split("val", prepared)[1])
+
+
 def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     """models/model.pt (with its temperature), the history and metrics/train.json: the same
     bytes for the same inputs. Timings go to metrics/train_timing.json, which no stage uses.
@@ -186,7 +198,8 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     t = calibrate(s, result)
     save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
                     classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary,
-                    data_hash=s.data_hash, temperature=t, thresholds=thresholds(s, result, t))
+                    data_hash=s.data_hash, temperature=t, thresholds=thresholds(s, result, t),
+                    conformal_scores=conformal_scores(s, result, t))
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)
