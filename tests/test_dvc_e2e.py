@@ -130,7 +130,7 @@ def test_parallel_queue_records_every_run_in_the_main_store(project: Path):
         time.sleep(3)
     logs = "\n".join(run(["dvc", "queue", "logs", f"q-lr-{lr[2:]}"], project, check=False).stdout for lr in lrs)
     run(["dvc", "queue", "stop", "--kill"], project, check=False)
-    assert "Failed" not in status and "locked" not in logs, status + logs[-4000:]
+    assert "Failed" not in status and "database is locked" not in logs, status + logs[-4000:]
     client, runs = runs_by_exp(project)
     by_name = {r.data.tags.get("dvc_exp_name"): r for r in runs}
     assert len(runs) == len(lrs) and set(by_name) == {f"q-lr-{lr[2:]}" for lr in lrs}, status
