@@ -26,8 +26,10 @@ def test_multilabel_folder_end_to_end(project: Path):
     make_shapes(project / "shapes", n=300)
     set_params(project, **{"dataset": "folder", "data_dir": "shapes", "task": "multilabel", "epochs": 12,
                            "image_size": 32, "evaluate.tta": "hflip"})
-    out = run(["dvc", "repro"], project).stdout
+    done = run(["dvc", "repro"], project)
+    out = done.stdout
     assert "test mAP" in out, out[-2000:]
+    assert "nanobind" not in out + done.stderr  # no leak report at a stage's exit
 
     meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert meta["task"] == "multilabel" and meta["classes"] == list(SHAPES)
