@@ -1,5 +1,6 @@
-"""Prediction sets on real photos with real ImageNet weights: does the coverage the sets promise
-hold on test images, and how large are the sets, for a linear probe and a fine-tune?
+"""Prediction sets and the INT8 export on real photos with real ImageNet weights: does the
+coverage the sets promise hold on test images, how large are the sets, and what does INT8 cost
+in accuracy and buy in size and speed, for a linear probe and a fine-tune?
 
 CIFAR-10 subset (500 train + 200 test photos per class, val carved out of train: the split the
 sets are calibrated on), `tf_efficientnet_lite0` on its ImageNet weights (--weights) at --size
@@ -10,11 +11,14 @@ For each, evaluate runs at evaluate.conformal_alpha = 0.1 and again at 0.05 (onl
 re-runs: the checkpoint holds the validation scores every α needs). Reported per run and α:
 test accuracy, coverage (the share of test images whose set holds the true class; the promise is
 ≥ 1 − α), mean and median set size, the share of one-class sets and the accuracy on them (the
-images `pipeline predict --abstain` answers).
+images `pipeline predict --abstain` answers). Then export runs with export.int8 (on_drop:
+keep_fp32, so a loss is reported rather than refused): FP32 against INT8 test accuracy, top-1
+agreement, file size, batch-1 and batch-32 ONNX Runtime latency. `--int8-only` does that part
+alone on the projects a `--keep` folder holds.
 
 Needs the CIFAR-10 JPEG archive (--archive) and the weights (--weights); skips with a message
 where they are absent. CIFAR_DIR=<dir> reuses an unpacked archive.
-Run: python benchmarks/bench_conformal.py [--size 128] [--epochs 3] [--only probe|partial] [--keep DIR]
+Run: python benchmarks/bench_conformal.py [--size 128] [--epochs 3] [--only probe|partial] [--keep DIR] [--int8-only]
 """
 from __future__ import annotations
 
@@ -55,6 +59,40 @@ def one_run(work: Path, data: Path, name: str, size: int, epochs: int) -> list[d
     return rows
 
 
+def int8_run(project: Path, name: str) -> dict:
+    """export with export.int8 on a trained project (its library brought up to this checkout's,
+    for a project kept from an earlier run): the INT8 figures beside the FP32 ones."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-z", "pipeline", "stages"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, project / rel)
+    bt.set_params(project, {"export.int8": True, "export.int8_on_drop": "keep_fp32"})
+    seconds = bt.stages(project, ("export",))["export"]
+    m = json.loads((project / "metrics/export.json").read_text())
+    t = json.loads((project / "metrics/export_timing.json").read_text())
+    row = {"run": name, **{k: m[k] for k in ("fp32_accuracy", "int8_accuracy", "int8_accuracy_drop",
+                                             "int8_top1_agreement", "onnx_bytes", "int8_bytes", "int8_kept")},
+           **{k: round(v, 2) for k, v in t.items() if k.startswith(("fp32_latency", "int8_latency"))},
+           "export_seconds": round(seconds, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def int8_table(rows: list[dict]) -> str:
+    lines = ["| run | FP32 accuracy | INT8 accuracy | drop | top-1 agreement | size FP32 → INT8 | batch-1 ms FP32 → INT8 | "
+             "batch-32 ms FP32 → INT8 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['fp32_accuracy']:.4f} | {r['int8_accuracy']:.4f} | {r['int8_accuracy_drop']:+.4f} | "
+              f"{r['int8_top1_agreement']:.4f} | {r['onnx_bytes'] / 1e6:.2f} → {r['int8_bytes'] / 1e6:.2f} MB | "
+              f"{r.get('fp32_latency_ms_batch1', float('nan')):.1f} → {r.get('int8_latency_ms_batch1', float('nan')):.1f} | "
+              f"{r.get('fp32_latency_ms_batch32', float('nan')):.1f} → {r.get('int8_latency_ms_batch32', float('nan')):.1f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| run | α | test accuracy | coverage (promise ≥ 1 − α) | mean set size | median | one-class sets | "
              "accuracy on them |", "|---|---|---|---|---|---|---|---|"]
@@ -71,6 +109,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the partial fine-tune (default %(default)s)")
     ap.add_argument("--only", choices=list(RUNS), help="one of the runs")
     ap.add_argument("--keep", type=Path, help="work here and keep it instead of a temporary folder")
+    ap.add_argument("--int8-only", action="store_true", help="only the INT8 export, on the trained projects in --keep")
     args = ap.parse_args()
     if not bt.use_inputs(args):
         return
@@ -81,9 +120,13 @@ def main() -> None:
         data = work / "cifar-subset"
         if not data.exists():
             bt.subset(cifar, data, 500, 200)
-        rows = [r for name in RUNS if args.only in (None, name) for r in one_run(work, data, name, args.size, args.epochs)]
+        names = [name for name in RUNS if args.only in (None, name)]
+        rows = [] if args.int8_only else [r for name in names for r in one_run(work, data, name, args.size, args.epochs)]
+        int8_rows = [int8_run(work / f"project-{name}", name) for name in names]
         print()
-        print(table(rows))
+        if rows:
+            print(table(rows) + "\n")
+        print(int8_table(int8_rows))
 
 
 if __name__ == "__main__":

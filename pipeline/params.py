@@ -311,6 +311,20 @@ class EvaluateParams(_Section):
                                    "(metrics/prediction_sets.png), export and predict carry the sets; 0 = off")
 
 
+class ExportParams(_Section):
+    """export stage: the INT8 model beside the FP32 one"""
+    int8: bool = Field(False, description="also models/int8/model.onnx: ONNX Runtime static quantization (int8 "
+                       "weights per channel, int8 activations calibrated on training images), checked on the whole "
+                       "test split against the FP32 model; smaller and faster on a CPU")
+    int8_max_drop: float = Field(0.01, ge=0, le=1, description="the most test accuracy the INT8 model may lose "
+                                 "against the FP32 one (0.01 = 1 point)")
+    int8_on_drop: Literal["fail", "keep_fp32"] = Field("fail", description="when it loses more: fail (the stage "
+                                                       "stops with one line) | keep_fp32 (no INT8 model, a note in "
+                                                       "models/int8/)")
+    int8_calibration_images: int = Field(256, ge=8, le=100_000, description="training images that calibrate the "
+                                         "activations' ranges")
+
+
 class PlotsParams(_Section):
     """evaluate stage: how the learning curves are drawn"""
     smoothing: float = Field(0, ge=0, lt=1, description="learning curves: exponential moving average of noisy curves "
@@ -437,6 +451,7 @@ class Params(_Section):
     transfer: TransferParams = TransferParams()
     mlflow: MlflowParams = MlflowParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     plots: PlotsParams = PlotsParams()
     crossval: CrossvalParams = CrossvalParams()
     tune: TuneParams = TuneParams()

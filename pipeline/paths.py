@@ -26,6 +26,7 @@ CHECKPOINT = MODELS_DIR / "model.pt"
 MLFLOW_RUN = MODELS_DIR / "mlflow_run.json"  # this execution's MLflow run (not a DVC output: a new id each run)
 PUBLISHED = MODELS_DIR / "report.json"  # the report stage's record of what it published (DVC-cached, not in git)
 ONNX_MODEL = MODELS_DIR / "model.onnx"
+INT8_DIR = MODELS_DIR / "int8"  # export.int8: the INT8 model and its card (else a note)
 ONNX_META = MODELS_DIR / "model.json"  # classes and preprocessing beside the ONNX model
 ENSEMBLE_ONNX = MODELS_DIR / "ensemble.onnx"  # `pipeline ensemble`: members and weighted average in one graph
 RESUME_CHECKPOINT = Path("checkpoints/last.pt")

@@ -1,7 +1,7 @@
 """Stage `export`: models/model.onnx, checked against PyTorch with ONNX Runtime on the test split.
 
 Reads: models/model.pt, data/prepared/; params: evaluate.conformal_alpha (the prediction sets' level, carried
-in the card). Writes: models/model.onnx (classes and
+in the card), export (the INT8 model: models/int8/). Writes: models/model.onnx (classes and
 preprocessing in its metadata), models/model.json (the same, beside it), metrics/export.json (top-1 agreement, max |logit
 diff|, batch-1 CPU latency p50/p95 of PyTorch eager and ONNX Runtime, file size). Fails,
 writing nothing, when the agreement is below 100% or the difference above 1e-4. (The report
@@ -13,7 +13,8 @@ from pipeline.params import load_params
 
 
 def main() -> dict:
-    return run(load_params(stage="export").evaluate.conformal_alpha)
+    params = load_params(stage="export")
+    return run(params.evaluate.conformal_alpha, params.export)
 
 
 if __name__ == "__main__":

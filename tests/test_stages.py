@@ -24,7 +24,7 @@ def pipeline_run(tmp_path_factory):
     """Run every stage once in a temporary working directory."""
     work = tmp_path_factory.mktemp("work")
     (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    set_params(work, **TINY)
+    set_params(work, **TINY, **{"export.int8": True, "export.int8_max_drop": 0.05})  # 2 epochs at 16 px: a loose gate
     mp = pytest.MonkeyPatch()
     mp.chdir(work)
     uri = f"sqlite:///{work / 'store.db'}"
@@ -60,6 +60,28 @@ def test_outputs_and_returned_metrics_agree(pipeline_run):
     assert results["export"]["top1_agreement"] == 1.0 and results["export"]["max_abs_logit_diff"] <= MAX_ABS_DIFF
     assert results["export"]["onnx_latency_ms_p50"] > 0 and results["export"]["torch_latency_ms_p95"] > 0
     assert not list(work.rglob("*.tmp*"))  # no temporary files left behind
+
+
+def test_the_int8_model_is_checked_on_the_whole_test_split_and_predicts(pipeline_run):
+    from pipeline.export.onnx import onnx_logits, read_onnx_metadata
+    from pipeline.export.predict import load_predictor
+    from pipeline.export.runtime import onnx_session
+
+    work, _, results = pipeline_run
+    exported = results["export"]
+    int8 = work / paths.INT8_DIR / "model.onnx"
+    assert exported["int8_kept"] and exported["int8_bytes"] == int8.stat().st_size
+    assert exported["int8_bytes"] < 0.4 * exported["onnx_bytes"]  # int8 weights: about a quarter
+    x, y = load_split("test", work / paths.PREPARED_DIR)
+    _, ckpt = load_checkpoint(work / paths.CHECKPOINT)
+    logits = onnx_logits(int8, preprocessing(ckpt).model_input(torch.from_numpy(np.array(x))).numpy())
+    assert (logits.argmax(1) == y).mean() == pytest.approx(exported["int8_accuracy"])
+    assert exported["fp32_accuracy"] == pytest.approx(results["evaluate"]["accuracy"], abs=1e-6)
+    assert exported["int8_accuracy_drop"] <= 0.05 and exported["int8_top1_agreement"] > 0.9
+    card = read_onnx_metadata(onnx_session(int8).get_modelmeta().custom_metadata_map)
+    assert card["precision"] == "int8" and card["classes"] == ckpt["classes"]
+    assert load_predictor(int8).sets is not None  # predict runs it like the FP32 model, sets and all
+    assert {"int8_latency_ms_batch1", "int8_latency_ms_batch32", "fp32_latency_ms_batch32"} <= set(exported)
 
 
 def test_history_and_best_epoch(pipeline_run):

@@ -126,10 +126,14 @@ def _stdout_discarded():
             os.close(saved)
 
 
-def _with_metadata(path: Path, metadata: dict[str, str]) -> None:
+def _with_metadata(path: Path, metadata: dict[str, str], replace: bool = False) -> None:
+    """Add `metadata` to the model's metadata_props (`replace`: instead of what is there, e.g. what
+    ONNX Runtime's quantizer copied and added)."""
     import onnx
 
     model = onnx.load(str(path))
+    if replace:
+        del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     model.producer_version = torch.__version__.split("+")[0]

@@ -17,13 +17,16 @@ from pipeline.export.onnx import (
     onnx_metadata,
     parity,
 )
-from pipeline.io import atomic_path, write_json
+from pipeline.export.runtime import CPU
+from pipeline.io import atomic_dir, atomic_path, write_json
+from pipeline.params import ExportParams
 from pipeline.prepared import load_split
 
 
-def run(conformal_alpha: float = 0.0) -> dict:
+def run(conformal_alpha: float = 0.0, export: ExportParams = ExportParams()) -> dict:
     """Export models/model.pt to ONNX, check it, time it; return the metrics. `conformal_alpha`:
-    the level of the prediction sets whose threshold the card carries (0: none)."""
+    the level of the prediction sets whose threshold the card carries (0: none); `export`: the
+    INT8 model's params (models/int8/)."""
     raw, ckpt = load_checkpoint(paths.CHECKPOINT)
     model = calibrated(raw, ckpt)  # logits / T: the exported model's softmax is calibrated
     card, prep = model_card(ckpt, conformal_alpha), preprocessing(ckpt)
@@ -39,6 +42,9 @@ def run(conformal_alpha: float = 0.0) -> dict:
         timing = batch1_latency(model, tmp, x_float[:1])
         write_json(paths.ONNX_META, card)
     metrics |= {"onnx_bytes": paths.ONNX_MODEL.stat().st_size, "exporter": exporter}
+    int8_metrics, int8_timing = export_int8(export, card, prep, x_float, ort_logits)
+    metrics |= int8_metrics
+    timing |= int8_timing
     write_json(paths.EXPORT_METRICS, metrics)  # the same for the same model
     write_json(paths.EXPORT_TIMING, timing)    # latencies vary run to run: not a DVC output
     result = metrics | timing
@@ -47,3 +53,39 @@ def run(conformal_alpha: float = 0.0) -> dict:
           f"on {result['n_checked']} test images; batch-1 CPU latency p50 torch "
           f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms")
     return result
+
+
+def export_int8(export: ExportParams, card: dict, prep, x_test: np.ndarray, fp32_logits: np.ndarray) -> tuple[dict, dict]:
+    """models/int8/: the INT8 model and its card, checked and gated (`pipeline.export.int8`), or a
+    note saying why there is none. Returns (metrics: the same for the same model; timings)."""
+    from pipeline.export import int8
+    from pipeline.export.onnx import _with_metadata, latency_ms, onnx_session
+
+    with atomic_dir(paths.INT8_DIR) as tmp:
+        if not export.int8:
+            int8.note(tmp, "No INT8 model: export.int8: false (dvc exp run -S export.int8=true makes one here).")
+            return {}, {}
+        x_train, _ = load_split("train", paths.PREPARED_DIR)
+        calib = prep.model_input(torch.from_numpy(int8.calibration_images(x_train, export.int8_calibration_images)))
+        path = tmp / "model.onnx"
+        int8.quantize(paths.ONNX_MODEL, path, calib.numpy())
+        _with_metadata(path, onnx_metadata(card | {"precision": "int8"}), replace=True)
+        result = int8.compare(fp32_logits, onnx_logits(path, x_test), load_split("test", paths.PREPARED_DIR)[1])
+        result["int8_bytes"] = path.stat().st_size
+        if not int8.gate(result, export.int8_max_drop, export.int8_on_drop):
+            path.unlink()
+            int8.note(tmp, f"No INT8 model: it lost {result['int8_accuracy_drop']:.2%} test accuracy, more than "
+                      f"export.int8_max_drop={export.int8_max_drop:g} (export.int8_on_drop: keep_fp32).")
+            return result | {"int8_kept": False}, {}
+        write_json(tmp / "model.json", card | {"precision": "int8"})
+        timing = {}
+        for name, model in (("fp32", paths.ONNX_MODEL), ("int8", path)):
+            sess = onnx_session(model, [CPU])
+            for batch in (1, 32):
+                xb = x_test[:batch] if len(x_test) >= batch else np.repeat(x_test[:1], batch, axis=0)
+                timing[f"{name}_latency_ms_batch{batch}"] = latency_ms(lambda: sess.run(None, {"images": xb}))["p50"]
+    print(f"export: {paths.INT8_DIR / 'model.onnx'} ({result['int8_bytes'] / 1e6:.2f} MB, FP32 "
+          f"{paths.ONNX_MODEL.stat().st_size / 1e6:.2f} MB): test accuracy {result['int8_accuracy']:.4f} against FP32 "
+          f"{result['fp32_accuracy']:.4f}, top-1 agreement {result['int8_top1_agreement']:.2%}; batch-32 latency "
+          f"{timing['int8_latency_ms_batch32']:.1f} ms against {timing['fp32_latency_ms_batch32']:.1f} ms", flush=True)
+    return result | {"int8_kept": True}, timing

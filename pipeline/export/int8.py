@@ -1,0 +1,73 @@
+"""INT8 export (`export.int8`): the FP32 ONNX model quantized statically with ONNX Runtime
+(`quantize_static`: QDQ format, per-channel int8 weights, int8 activations whose ranges are
+calibrated on training images, MinMax), then checked the way the FP32 export is: top-1
+agreement with the FP32 model and accuracy on the whole test split, batch-1 and batch-32
+latency, file size. A gate: when the INT8 model's test accuracy is more than
+`export.int8_max_drop` below the FP32 model's, the stage stops with one line
+(`export.int8_on_drop: fail`) or keeps the FP32 model only (`keep_fp32`).
+
+The INT8 files live in models/int8/ (`model.onnx` and its card `model.json`), a folder DVC
+tracks whatever the params say: with `export.int8: false` (or a refused model) it holds only a
+note saying why, as DVC outputs must exist.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+NOTE = "README.txt"  # models/int8/ without an INT8 model: why
+
+
+def quantize(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 32) -> None:
+    """Write the INT8 model of `fp32` to `out`, its activation ranges calibrated on the
+    normalised float32 images `calibration` (N×3×S×S)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([calibration[i:i + batch] for i in range(0, len(calibration), batch)])
+
+        def get_next(self):
+            nxt = next(self.batches, None)
+            return None if nxt is None else {"images": nxt}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # shapes and folding, as ORT advises
+        quantize_static(str(prepared), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def calibration_images(x_train: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """`n` training images (a seeded pick, in index order) as stored: the INT8 calibration set."""
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:n])
+    return np.asarray(x_train[pick])
+
+
+def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, y: np.ndarray) -> dict:
+    """Top-1 agreement and test accuracy of both models, and the drop."""
+    fp32_acc = float((fp32_logits.argmax(1) == y).mean())
+    int8_acc = float((int8_logits.argmax(1) == y).mean())
+    return {"int8_top1_agreement": float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean()),
+            "int8_accuracy": int8_acc, "fp32_accuracy": fp32_acc, "int8_accuracy_drop": fp32_acc - int8_acc}
+
+
+def gate(result: dict, max_drop: float, on_drop: str) -> bool:
+    """True when the INT8 model is kept; a UserError when it lost too much and `on_drop` is fail."""
+    if result["int8_accuracy_drop"] <= max_drop:
+        return True
+    what = (f"INT8 export loses {result['int8_accuracy_drop']:.2%} test accuracy ({result['fp32_accuracy']:.4f} → "
+            f"{result['int8_accuracy']:.4f}), more than export.int8_max_drop={max_drop:g}")
+    if on_drop == "fail":
+        raise UserError(f"{what}; raise export.int8_max_drop, set export.int8_on_drop: keep_fp32, or export.int8: false")
+    print(f"export: {what}: keeping the FP32 model only (export.int8_on_drop: keep_fp32)", flush=True)
+    return False
+
+
+def note(folder: Path, text: str) -> None:
+    (folder / NOTE).write_text(text.rstrip() + "\n")
