@@ -61,3 +61,13 @@ def test_quantizing_is_the_same_bytes_twice(tmp_path):
     int8.quantize(tmp_path / "fp32.onnx", tmp_path / "a.onnx", calib)
     int8.quantize(tmp_path / "fp32.onnx", tmp_path / "b.onnx", calib)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_multilabel_models_int8_check_is_by_map():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    good = np.array([[3.0, -3.0], [-3.0, 3.0], [3.0, 3.0], [-3.0, -3.0]])
+    bad = -good
+    same = int8.compare(good, good + 0.01, y, np.array([0.5, 0.5]))
+    assert same["int8_accuracy"] == same["fp32_accuracy"] == 1.0 and same["int8_top1_agreement"] == 1.0
+    worse = int8.compare(good, bad, y, np.array([0.5, 0.5]))
+    assert worse["int8_accuracy_drop"] > 0.3 and worse["int8_top1_agreement"] == 0.0

@@ -25,7 +25,8 @@ def _predict(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_multilabel_folder_end_to_end(project: Path):
     make_shapes(project / "shapes", n=300)
     set_params(project, **{"dataset": "folder", "data_dir": "shapes", "task": "multilabel", "epochs": 12,
-                           "image_size": 32, "evaluate.tta": "hflip"})
+                           "image_size": 32, "evaluate.tta": "hflip", "export.int8": True,
+                           "export.int8_max_drop": 0.05})
     done = run(["dvc", "repro"], project)
     out = done.stdout
     assert "test mAP" in out, out[-2000:]
@@ -67,7 +68,10 @@ def test_multilabel_folder_end_to_end(project: Path):
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     logits, probs = sess.run(None, {"images": x})
     assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
-    assert json.loads((project / "metrics/export.json").read_text())["max_abs_logit_diff"] < 1e-4
+    exported = json.loads((project / "metrics/export.json").read_text())
+    assert exported["max_abs_logit_diff"] < 1e-4
+    assert exported["fp32_accuracy"] == pytest.approx(ev["map_macro"], abs=1e-6)  # INT8 checked by mAP
+    assert exported["int8_kept"] and exported["int8_top1_agreement"] > 0.9
 
     # predict: the sets, from the ONNX model and the checkpoint alike
     one = _predict(project, "shapes/images/0001.png", "--json")

@@ -49,12 +49,23 @@ def calibration_images(x_train: np.ndarray, n: int, seed: int = 0) -> np.ndarray
     return np.asarray(x_train[pick])
 
 
-def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, y: np.ndarray) -> dict:
-    """Top-1 agreement and test accuracy of both models, and the drop."""
-    fp32_acc = float((fp32_logits.argmax(1) == y).mean())
-    int8_acc = float((int8_logits.argmax(1) == y).mean())
-    return {"int8_top1_agreement": float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean()),
-            "int8_accuracy": int8_acc, "fp32_accuracy": fp32_acc, "int8_accuracy_drop": fp32_acc - int8_acc}
+def compare(fp32_logits: np.ndarray, int8_logits: np.ndarray, y: np.ndarray,
+            thresholds: np.ndarray | None = None) -> dict:
+    """Top-1 agreement and test accuracy of both models, and the drop. Multi-label (k-hot `y`,
+    the labels' `thresholds` on sigmoid(logits)): the macro mAP stands for the accuracy, and the
+    agreement is the share of image × label decisions both make alike."""
+    if thresholds is not None:
+        from pipeline.evaluation.multilabel import average_precisions
+        from pipeline.probabilities import sigmoid
+
+        p32, p8 = sigmoid(fp32_logits), sigmoid(int8_logits)
+        fp32_acc, int8_acc = (float(np.nanmean(average_precisions(y, p))) for p in (p32, p8))
+        agree = float(((p32 >= thresholds) == (p8 >= thresholds)).mean())
+    else:
+        fp32_acc, int8_acc = float((fp32_logits.argmax(1) == y).mean()), float((int8_logits.argmax(1) == y).mean())
+        agree = float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())
+    return {"int8_top1_agreement": agree, "int8_accuracy": int8_acc, "fp32_accuracy": fp32_acc,
+            "int8_accuracy_drop": fp32_acc - int8_acc}
 
 
 def gate(result: dict, max_drop: float, on_drop: str) -> bool:

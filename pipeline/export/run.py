@@ -70,7 +70,9 @@ def export_int8(export: ExportParams, card: dict, prep, x_test: np.ndarray, fp32
         path = tmp / "model.onnx"
         int8.quantize(paths.ONNX_MODEL, path, calib.numpy())
         _with_metadata(path, onnx_metadata(card | {"precision": "int8"}), replace=True)
-        result = int8.compare(fp32_logits, onnx_logits(path, x_test), load_split("test", paths.PREPARED_DIR)[1])
+        thresholds = np.asarray(card["thresholds"]) if card.get("task") == "multilabel" else None  # mAP instead
+        result = int8.compare(fp32_logits, onnx_logits(path, x_test), load_split("test", paths.PREPARED_DIR)[1],
+                              thresholds)
         result["int8_bytes"] = path.stat().st_size
         if not int8.gate(result, export.int8_max_drop, export.int8_on_drop):
             path.unlink()
