@@ -70,7 +70,7 @@ def test_multilabel_folder_end_to_end(project: Path):
     assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
     exported = json.loads((project / "metrics/export.json").read_text())
     assert exported["max_abs_logit_diff"] < 1e-4
-    assert exported["fp32_accuracy"] == pytest.approx(ev["map_macro"], abs=1e-6)  # INT8 checked by mAP
+    assert exported["fp32_accuracy"] == pytest.approx(ev["map_macro"], abs=1e-3)  # INT8 checked by mAP
     assert exported["int8_kept"] and exported["int8_top1_agreement"] > 0.9
 
     # predict: the sets, from the ONNX model and the checkpoint alike
