@@ -70,6 +70,10 @@ def int8_run(project: Path, name: str) -> dict:
     for rel in filter(None, files.split("\0")):
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, project / rel)
+    shutil.copy2(ROOT / "dvc.yaml", project / "dvc.yaml")
+    params = project / "params.yaml"
+    if "\nexport:" not in params.read_text():  # a project from before export's params: the section added
+        params.write_text(params.read_text() + "\nexport:\n  int8: true\n  int8_on_drop: keep_fp32\n")
     bt.set_params(project, {"export.int8": True, "export.int8_on_drop": "keep_fp32"})
     seconds = bt.stages(project, ("export",))["export"]
     m = json.loads((project / "metrics/export.json").read_text())
