@@ -47,7 +47,7 @@ def test_onnx_metadata_and_json_beside_it_round_trip(exported_pipeline):
     assert ckpt["preprocessing"]["resize"] == read_json(work / paths.PREPARED_META)["preprocessing"]["resize"]  # train records it
     # the same card, read back through ONNX Runtime's API and from the JSON beside the model
     card = read_onnx_metadata(onnx_session(work / paths.ONNX_MODEL).get_modelmeta().custom_metadata_map)
-    assert card == read_json(work / paths.ONNX_META) == model_card(ckpt)
+    assert card == read_json(work / paths.ONNX_META) == model_card(ckpt, 0.1)  # evaluate.conformal_alpha: 0.1
 
 
 def test_export_metrics_have_parity_latency_and_size(exported_pipeline):
