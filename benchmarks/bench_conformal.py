@@ -109,8 +109,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.input_args(ap)
-    ap.add_argument("--size", type=int, default=128, help="image_size (default %(default)s)")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the partial fine-tune (default %(default)s)")
+    bt.finetune_args(ap)
     ap.add_argument("--only", choices=list(RUNS), help="one of the runs")
     ap.add_argument("--keep", type=Path, help="work here and keep it instead of a temporary folder")
     ap.add_argument("--int8-only", action="store_true", help="only the INT8 export, on the trained projects in --keep")

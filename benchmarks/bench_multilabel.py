@@ -349,8 +349,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bt.input_args(ap)
-    ap.add_argument("--size", type=int, default=128, help="image_size of the runs (default %(default)s)")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the partial fine-tune (default %(default)s)")
+    bt.finetune_args(ap)
     ap.add_argument("--train", type=int, default=5000, help="train mosaics, from CIFAR's train photos; the pipeline "
                     "carves val out of them (default %(default)s)")
     ap.add_argument("--test", type=int, default=1000, help="test mosaics, from CIFAR's test photos (default %(default)s)")

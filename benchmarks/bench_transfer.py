@@ -50,6 +50,12 @@ def input_args(ap: argparse.ArgumentParser, weights: bool = True) -> None:
                         help=f"ImageNet weights of {MODEL} (a timm state dict; default: %(default)s)")
 
 
+def finetune_args(ap: argparse.ArgumentParser, epochs: int = 3) -> None:
+    """--size (the runs' image_size) and --epochs (of the fine-tune), as the transfer benchmarks take them."""
+    ap.add_argument("--size", type=int, default=128, help="image_size of the runs (default %(default)s)")
+    ap.add_argument("--epochs", type=int, default=epochs, help="epochs of the fine-tune (default %(default)s)")
+
+
 def use_inputs(args: argparse.Namespace) -> bool:
     """Take the paths from the arguments; False (with a line saying what is missing) when absent."""
     global ARCHIVE, WEIGHTS
