@@ -149,3 +149,22 @@ def test_each_exporter_writes_the_same_checked_file_twice(tmp_path, arch, size, 
     proto = onnx.load(first)
     assert {p.key: p.value for p in proto.metadata_props} == {"arch": arch}
     assert proto.producer_version == torch.__version__.split("+")[0] and b"site-packages" not in first.read_bytes()
+
+
+def test_int8_export_keeps_the_signed_weights_when_they_hold_and_says_so(exported_pipeline, tmp_path, monkeypatch):
+    from pipeline.export import run as export_run
+    from pipeline.params import ExportParams
+
+    work, uri, _ = exported_pipeline
+    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.PARAMS):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / rel, tmp_path / rel)
+    shutil.copytree(work / paths.PREPARED_DIR, tmp_path / paths.PREPARED_DIR)
+    monkeypatch.chdir(tmp_path)
+    result = export_run.run(0.1, ExportParams(int8=True, int8_max_drop=1.0))
+    card = read_json(tmp_path / paths.INT8_DIR / "model.json")
+    assert result["int8_kept"] and result["int8_weights"] == card["int8_weights"] == "int8" and card["precision"] == "int8"
+    props = read_onnx_metadata(onnx_session(tmp_path / paths.INT8_DIR / "model.onnx").get_modelmeta().custom_metadata_map)
+    assert props == card
+    assert sorted(p.name for p in (tmp_path / paths.INT8_DIR).iterdir()) == ["model.json", "model.onnx"]
+    assert result["int8_top1_agreement"] > 0.9 and result["int8_bytes"] < result["onnx_bytes"]

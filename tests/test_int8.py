@@ -71,3 +71,31 @@ def test_a_multilabel_models_int8_check_is_by_map():
     assert same["int8_accuracy"] == same["fp32_accuracy"] == 1.0 and same["int8_top1_agreement"] == 1.0
     worse = int8.compare(good, bad, y, np.array([0.5, 0.5]))
     assert worse["int8_accuracy_drop"] > 0.3 and worse["int8_top1_agreement"] == 0.0
+
+
+class SamePadding(nn.Module):
+    """TensorFlow-style "same" padded, strided convolutions (as in timm's tf_* models): their
+    padding is computed from the input's shape inside the graph. Returns the feature map."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import create_conv2d
+
+        torch.manual_seed(0)
+        self.conv1 = create_conv2d(3, 8, 3, stride=2, padding="same")
+        self.conv2 = create_conv2d(8, 8, 5, stride=2, padding="same", depthwise=True)
+
+    def forward(self, x):
+        return torch.clamp(self.conv2(torch.clamp(self.conv1(x), 0, 6)), 0, 6)
+
+
+def test_a_shape_computed_padding_stays_float_and_the_int8_model_matches(tmp_path):
+    # with the padding's arithmetic quantized too, the pads came out as 0: a 3×3 map instead of 4×4
+    export_onnx(SamePadding().eval(), 16, tmp_path / "fp32.onnx")
+    skipped = int8.shape_nodes(tmp_path / "fp32.onnx")
+    assert any("Shape" in name for name in skipped) and not any("Conv" in name for name in skipped)
+    x = np.random.default_rng(0).random((64, 3, 16, 16)).astype(np.float32)
+    int8.quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", x[:32])
+    fp32, q8 = onnx_logits(tmp_path / "fp32.onnx", x), onnx_logits(tmp_path / "int8.onnx", x)
+    assert fp32.shape == q8.shape == (64, 8, 4, 4)
+    assert np.linalg.norm(q8 - fp32) / np.linalg.norm(fp32) < 0.05
