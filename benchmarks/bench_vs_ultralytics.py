@@ -17,7 +17,7 @@ with the YOLO classification head, built without pretrained weights).
 
 Prints one JSON line per tool and the ratios (ours ÷ theirs): whole-run wall time, training time,
 test accuracy. Run on a quiet machine: python benchmarks/bench_vs_ultralytics.py
-[--epochs 10] [--image-size 64] [--batch 64] [--only ours|ultralytics]
+[--epochs 10] [--image-size 64] [--batch 64] [--only ours|ultralytics] [--set KEY=VALUE]
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_transfer as bt  # the CIFAR archive, project copies and runners
@@ -67,14 +69,16 @@ def split_once(cifar: Path, out: Path, classes: list[str], n_train: int, n_val: 
 def run_ours(data: Path, work: Path, args) -> dict:
     project = bt.make_project(work / "project")
     bt.set_params(project, {"dataset": "folder", "data_dir": str(data), "model": "resnet18", "pretrained": False,
-                            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch})
+                            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch}
+                  | {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     bt.run(["git", "commit", "-qam", "benchmark params"], project)
     wall = bt.run(["dvc", "exp", "run", "--name", "vs-ultralytics"], project)
     timing = json.loads((project / "metrics/train_timing.json").read_text())
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     return {"tool": "this project", "wall_s": round(wall, 1), "train_s": round(timing["train_seconds"], 1),
             "test_accuracy": round(evaluation["accuracy"], 4), "n_test": evaluation["n_test"],
-            "first_epoch_s": round(timing["first_epoch_seconds"], 1), "later_epoch_s": round(timing["later_epoch_seconds"], 1)}
+            "first_epoch_s": round(timing["first_epoch_seconds"], 1), "later_epoch_s": round(timing["later_epoch_seconds"], 1),
+            "precision": timing["precision"]}
 
 
 # ---------------------------------------------------------------- Ultralytics
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "ultralytics-venv",
                     help="Ultralytics' own virtual environment (made when missing; default: %(default)s)")
     ap.add_argument("--only", choices=["ours", "ultralytics"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a param of this project's run, as `dvc exp run -S` takes it (e.g. train.precision=fp32)")
     bt.input_args(ap, weights=False)
     args = ap.parse_args()
     if not bt.use_inputs(args):

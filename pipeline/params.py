@@ -193,7 +193,8 @@ class TrainParams(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="the training step's autocast: "
                                                                "auto: on a GPU bf16 where supported, else fp16; on a "
                                                                "CPU bf16 where it is native (AMX, AVX-512 BF16) and a "
-                                                               "probe of the run's model finds it 1.2× as fast, else "
+                                                               "probe of the run's model finds it 1.2× as fast (its "
+                                                               "answer remembered on the machine), else "
                                                                "fp32 | bf16 | fp16 (GPUs) | fp32; evaluation and "
                                                                "export run in fp32")
     compile: bool = Field(False, description="torch.compile the model's forward (and its backward): faster steps, a "

@@ -1,11 +1,13 @@
 """Shared fixtures: a copy of the project in a temporary git repo, tiny params, prepared digits."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,10 @@ import pytest
 # stages' they start (clean_env passes it on). Two torch threads per process on two busy cores wait
 # on each other: a training step took 2× as long as with one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The bf16 probe's remembered answers (pipeline.training.precision) of the tests' tiny models stay
+# out of the user's cache: one folder per test process, removed at its exit.
+os.environ.setdefault("PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="pipeline-test-cache-"))
+atexit.register(shutil.rmtree, os.environ["PIPELINE_CACHE_DIR"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)

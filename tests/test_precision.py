@@ -1,5 +1,7 @@
 """train.precision on a CPU: bf16 autocast only where the CPU has native bf16 and a probe finds
 it faster (auto), or on request; deterministic either way; the probe touches nothing."""
+import json
+
 import numpy as np
 import torch
 
@@ -64,3 +66,42 @@ def test_bf16_training_on_a_cpu_is_deterministic_and_is_bf16():
     assert not all(torch.equal(a.best_state[k], full.best_state[k]) for k in a.best_state)
     assert np.array_equal(a.history["train_loss"], b.history["train_loss"])
     assert a.metrics["best_val_accuracy"] > 0.9  # dark vs bright: learnt in bf16 too
+
+
+def test_the_probes_answer_is_remembered_per_machine_model_and_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path / "cache"))
+    model, batch = build_model("original", num_classes=2, width=8), torch.rand(8, 3, 16, 16)
+    gain, remembered = precision.remembered_gain(model, batch)
+    assert gain > 0 and not remembered
+    assert precision.remembered_gain(model, batch) == (gain, True)  # the next run decides as the first
+    other = precision.remembered_gain(model, torch.rand(4, 3, 16, 16))  # another batch: probed on its own
+    assert not other[1] and len(json.loads(precision.cache_file().read_text())) == 2
+    precision.cache_file().write_text("{not json")  # a damaged cache: probed again, and rewritten
+    assert not precision.remembered_gain(model, batch)[1] and precision.remembered_gain(model, batch)[1]
+
+
+def test_auto_says_when_it_decided_as_an_earlier_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path))
+    model = build_model("original", num_classes=2, width=8)
+    sample = lambda: torch.rand(8, 3, 16, 16)  # noqa: E731
+    first, second = (precision.resolve("auto", CPU, model, sample) for _ in range(2))
+    if not precision.cpu_bf16_native():  # no probe at all on this CPU: nothing remembered
+        assert first == second == (None, precision.NO_NATIVE) and not precision.cache_file().exists()
+        return
+    assert first[0] == second[0] and "as first measured on this machine" in second[1] and "first" not in first[1]
+
+
+def test_the_probe_times_what_the_strategy_trains_on_a_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path))
+    model, batch = build_model("original", num_classes=2, width=8), torch.rand(8, 3, 16, 16)
+    total = sum(p.numel() for p in model.parameters())
+
+    def only_the_last_layer(m):
+        *rest, last = list(m.parameters())
+        for p in rest:
+            p.requires_grad_(False)
+    precision.remembered_gain(model, batch, only_the_last_layer)
+    [key] = json.loads(precision.cache_file().read_text())
+    last = list(model.parameters())[-1].numel()
+    assert f"{total} parameters, {last} trainable" in key
+    assert all(p.requires_grad for p in model.parameters())  # the run's model is as it was

@@ -31,10 +31,10 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, weights: str = "int
     weights, unsigned 8-bit activations whose ranges are calibrated on the normalised float32
     images `calibration` (N×3×S×S).
 
-    Signed weights (ONNX Runtime's default) run faster than FP32 on x86 (tf_efficientnet_lite0,
-    128 px, 2-core AVX2 EPYC, batch 1: 2.0 ms against 2.4 ms) and lost 0.75 points of a CIFAR-10
-    linear probe's accuracy; unsigned weights lost none but ran 5× slower there (no u8u8 fast path
-    without VNNI). Hence the order of WEIGHT_TYPES."""
+    Signed weights (ONNX Runtime's default) ran faster than FP32 (tf_efficientnet_lite0, 128 px,
+    2-core Xeon with VNNI, batch 1: 2.0 ms against 2.4 ms) and lost 0.75 points of a CIFAR-10
+    linear probe's accuracy; unsigned weights lost none but ran 5.5× slower there (ONNX Runtime's
+    fast integer path takes signed weights). Hence the order of WEIGHT_TYPES."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -355,7 +355,9 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     forward = _placed(model, cfg, device, world)
     y_t = cfg.objective.targets(y_np, device)
     amp_dtype, why = precision.resolve(cfg.train.precision, device, model,
-                                       precision.sample_batch(data, cfg.batch_size, device))
+                                       precision.sample_batch(data, cfg.batch_size, device),
+                                       lambda m: set_epoch_mode(m, cfg, cfg.epochs))  # the last phase's
+    # parameters: two_phase spends most epochs there; full and partial train the same ones throughout
     amp_dtype = _as_on_rank_0(amp_dtype, device, world)  # a timed probe could differ between processes
     if progress and why != precision.NO_NATIVE:
         print(f"train: precision {why}", flush=True)
