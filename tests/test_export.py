@@ -64,13 +64,18 @@ def test_export_metrics_have_parity_latency_and_size(exported_pipeline):
     assert metrics["onnx_bytes"] == (work / paths.ONNX_MODEL).stat().st_size
 
 
-def test_failed_parity_check_writes_nothing(exported_pipeline, tmp_path, monkeypatch):
-    work, uri, _ = exported_pipeline
+def trained_copy(work: Path, tmp_path: Path, monkeypatch) -> None:
+    """What export reads of the trained pipeline, copied to `tmp_path`, the working folder."""
     for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.PARAMS):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(work / rel, tmp_path / rel)
     shutil.copytree(work / paths.PREPARED_DIR, tmp_path / paths.PREPARED_DIR)
     monkeypatch.chdir(tmp_path)
+
+
+def test_failed_parity_check_writes_nothing(exported_pipeline, tmp_path, monkeypatch):
+    work, uri, _ = exported_pipeline
+    trained_copy(work, tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr("pipeline.export.onnx.MAX_ABS_DIFF", 0.0)  # the real ~1e-6 difference now fails the check
     with pytest.raises(UserError, match="ONNX export disagrees"):
@@ -155,12 +160,7 @@ def test_int8_export_keeps_the_signed_weights_when_they_hold_and_says_so(exporte
     from pipeline.export import run as export_run
     from pipeline.params import ExportParams
 
-    work, uri, _ = exported_pipeline
-    for rel in (paths.CHECKPOINT, paths.MLFLOW_RUN, paths.PARAMS):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(work / rel, tmp_path / rel)
-    shutil.copytree(work / paths.PREPARED_DIR, tmp_path / paths.PREPARED_DIR)
-    monkeypatch.chdir(tmp_path)
+    trained_copy(exported_pipeline[0], tmp_path, monkeypatch)
     result = export_run.run(0.1, ExportParams(int8=True, int8_max_drop=1.0))
     card = read_json(tmp_path / paths.INT8_DIR / "model.json")
     assert result["int8_kept"] and result["int8_weights"] == card["int8_weights"] == "int8" and card["precision"] == "int8"
