@@ -42,17 +42,16 @@ def run(conformal_alpha: float = 0.0, export: ExportParams = ExportParams()) -> 
         timing = batch1_latency(model, tmp, x_float[:1])
         write_json(paths.ONNX_META, card)
     metrics |= {"onnx_bytes": paths.ONNX_MODEL.stat().st_size, "exporter": exporter}
-    int8_metrics, int8_timing = export_int8(export, card, prep, x_float, ort_logits)
+    print(f"export: {paths.ONNX_MODEL} ({metrics['onnx_bytes'] / 1e6:.2f} MB, {exporter} exporter); top-1 agreement "
+          f"{metrics['top1_agreement']:.2%}, max |logit diff| {metrics['max_abs_logit_diff']:.2e} "
+          f"on {metrics['n_checked']} test images; batch-1 CPU latency p50 torch "
+          f"{timing['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {timing['onnx_latency_ms_p50']:.2f} ms", flush=True)
+    int8_metrics, int8_timing = export_int8(export, card, prep, x_float, ort_logits)  # then the INT8 model's line
     metrics |= int8_metrics
     timing |= int8_timing
     write_json(paths.EXPORT_METRICS, metrics)  # the same for the same model
     write_json(paths.EXPORT_TIMING, timing)    # latencies vary run to run: not a DVC output
-    result = metrics | timing
-    print(f"export: {paths.ONNX_MODEL} ({result['onnx_bytes'] / 1e6:.2f} MB, {exporter} exporter); top-1 agreement "
-          f"{result['top1_agreement']:.2%}, max |logit diff| {result['max_abs_logit_diff']:.2e} "
-          f"on {result['n_checked']} test images; batch-1 CPU latency p50 torch "
-          f"{result['torch_latency_ms_p50']:.2f} ms, ONNX Runtime {result['onnx_latency_ms_p50']:.2f} ms")
-    return result
+    return metrics | timing
 
 
 def export_int8(export: ExportParams, card: dict, prep, x_test: np.ndarray, fp32_logits: np.ndarray) -> tuple[dict, dict]:
