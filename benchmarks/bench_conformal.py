@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     if not bt.use_inputs(args):
         return
-    with tempfile.TemporaryDirectory(prefix="bench-conformal-") as t:
-        work = args.keep.resolve() if args.keep else Path(t)
-        work.mkdir(parents=True, exist_ok=True)
-        cifar = bt.unpack(Path(os.environ.get("CIFAR_DIR", work / "cifar10")))
+    with bt.workspace("bench-conformal-", args.keep) as (work, cifar):
         data = work / "cifar-subset"
         if not data.exists():
             bt.subset(cifar, data, 500, 200)

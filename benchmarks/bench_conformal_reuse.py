@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +102,7 @@ def main() -> None:
         return
     from sklearn.linear_model import LogisticRegression
 
-    with tempfile.TemporaryDirectory(prefix="bench-reuse-") as t:
-        cifar = bt.unpack(Path(os.environ.get("CIFAR_DIR", Path(t) / "cifar10")))
+    with bt.workspace("bench-reuse-") as (_, cifar):
         f, y, f_test, y_test = features(cifar, args.size, args.train + args.val, args.test)
     probes = {c: LogisticRegression(C=c, max_iter=3000).fit(f[:args.train], y[:args.train]) for c in CS}
     val = {c: p.decision_function(f[args.train:]) for c, p in probes.items()}

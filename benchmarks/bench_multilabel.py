@@ -47,7 +47,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -365,10 +364,7 @@ def main() -> None:
         del args.weights  # only the archive is needed
     if not bt.use_inputs(args):
         return
-    with tempfile.TemporaryDirectory(prefix="bench-multilabel-") as t:
-        work = args.keep.resolve() if args.keep else Path(t)
-        work.mkdir(parents=True, exist_ok=True)
-        cifar = bt.unpack(Path(os.environ.get("CIFAR_DIR", work / "cifar10")))
+    with bt.workspace("bench-multilabel-", args.keep) as (work, cifar):
         mosaics, summary = mosaics_in(work, cifar, args.train, args.test, args.seed)
         result: dict = {"mosaics": summary | {"dir": str(mosaics)}, "runs": []}
         print(json.dumps({"mosaics": {s: {k: summary[s][k] for k in ("mosaics", "label_set_sizes", "mean_labels")}

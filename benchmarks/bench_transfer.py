@@ -23,6 +23,7 @@ Run: python benchmarks/bench_transfer.py [--size 128] [--epochs 4] [--only A|B]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -68,6 +69,16 @@ def use_inputs(args: argparse.Namespace) -> bool:
 
 
 # ---------------------------------------------------------------- data
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, keep: Path | None = None):
+    """(the benchmark's work folder, the unpacked CIFAR-10 JPEGs): `keep` when given (left in place),
+    else a temporary folder; the archive is unpacked into it unless CIFAR_DIR names an unpacked one."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as t:
+        work = keep.resolve() if keep else Path(t)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work, unpack(Path(os.environ.get("CIFAR_DIR", work / "cifar10")))
 
 
 def unpack(dest: Path) -> Path:
@@ -239,9 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     if not use_inputs(args):
         return
-    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as t:
-        tmp = Path(t)
-        cifar = unpack(Path(os.environ.get("CIFAR_DIR", tmp / "cifar10")))
+    with workspace("bench-transfer-") as (tmp, cifar):
         result = {}
         if args.only in (None, "A"):
             result["A"] = part_a(cifar, tmp, args.size, args.epochs, args.runs)

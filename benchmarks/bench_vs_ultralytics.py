@@ -151,9 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     if not bt.use_inputs(args):
         return
-    with tempfile.TemporaryDirectory(prefix="bench-vs-ultralytics-") as t:
-        work = Path(t)
-        cifar = bt.unpack(Path(os.environ.get("CIFAR_DIR", work / "cifar10")))
+    with bt.workspace("bench-vs-ultralytics-") as (work, cifar):
         data = split_once(cifar, work / "data", CLASSES, args.train, args.val, args.test)
         print(json.dumps({"data": str(data), "classes": CLASSES, "per_class": [args.train, args.val, args.test],
                           "epochs": args.epochs, "image_size": args.image_size, "batch": args.batch,
