@@ -66,7 +66,7 @@ def remembered_gain(model: nn.Module, batch: torch.Tensor, prepare=None) -> tupl
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
         return float(known[key]), True
-    gain = round(probe_speedup(model, batch), 3)  # as kept: this run decides as the later ones will
+    gain = round(probe_speedup(model, batch, copy_model=False), 3)  # as kept: this run decides as the later ones will
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -84,12 +84,11 @@ def _cpuinfo() -> str:
         return ""
 
 
-def probe_speedup(model: nn.Module, batch: torch.Tensor, steps: int = PROBE_STEPS) -> float:
+def probe_speedup(model: nn.Module, batch: torch.Tensor, steps: int = PROBE_STEPS, copy_model: bool = True) -> float:
     """fp32 time / bf16-autocast time of a forward+backward pass of a copy of `model` on `batch`
-    (the best of `steps` each): above 1, bf16 is faster. The model itself is not touched."""
-    probe = copy.deepcopy(model)  # batch-norm statistics move in the copy only
-    if not probe.training:
-        probe.train()
+    (the best of `steps` each): above 1, bf16 is faster. The model itself is not touched
+    (`copy_model=False`: `model` is a copy already, in the mode it trains in)."""
+    probe = copy.deepcopy(model).train() if copy_model else model  # batch-norm statistics move in the copy only
 
     def best(dtype: torch.dtype | None) -> float:
         times = []
