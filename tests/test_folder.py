@@ -310,3 +310,28 @@ def test_an_image_above_the_pixel_limit_is_refused_by_prepare_and_predict_alike(
     with pytest.raises(BadImage) as err:
         preprocess(big, Preprocessing(8, 8))
     assert str(err.value) == reason
+
+
+def test_decode_workers_end_quietly_under_the_stages_sigterm_handler(tmp_path: Path, monkeypatch, capfd):
+    """The stages turn SIGTERM into an unwinding KeyboardInterrupt (`run_cli`); the decode
+    workers, forked from the stage, must not inherit that: the pool ends them with SIGTERM, and
+    each printed a KeyboardInterrupt traceback at the end of every large prepare."""
+    import signal
+
+    from pipeline.data import prepare as data
+    from pipeline.errors import _terminate
+
+    root = tmp_path / "images"
+    build_messy(root)
+    monkeypatch.setattr(data, "_PARALLEL_FROM", 1)
+    monkeypatch.setattr(data, "_DECODE_CHUNK", 3)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for run_ in range(3):
+            prepare(scan_folder(root), 16, DataParams(val_fraction=0.15, test_fraction=0.15, split_seed=0),
+                    tmp_path / f"out{run_}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,10 @@ def _decode_all(source: Source, prep: Preprocessing, out_path: Path, thumb_path:
     _WORK = (source, prep, out_path, thumb_path)
     try:
         if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # workers end with SIGTERM when the pool closes: not the stage's handler, which would
+            # print a KeyboardInterrupt traceback from each (a kill of the stage still ends them)
+            with multiprocessing.get_context("fork").Pool(workers, signal.signal,
+                                                          (signal.SIGTERM, signal.SIG_DFL)) as pool:
                 results = []
                 for part in pool.imap(_decode_range, chunks):  # in order: results line up with items
                     results.append(part)
