@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.errors import UserError
 
@@ -45,6 +44,8 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
         return group_split(labels, groups, {s: val_fraction if s == "val" else test_fraction for s in need}, seed)
     if labels.ndim == 2:
         return multilabel_split(labels, val_fraction, test_fraction, seed, need)
+    from sklearn.model_selection import train_test_split  # here: a pre-split folder's prepare never imports it (1.4 s)
+
     idx = np.arange(len(labels))
     out: dict[str, np.ndarray] = {}
     try:
