@@ -369,6 +369,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
         if on_epoch and rank == 0:
             on_epoch(row["epoch"], {k: v for k, v in row.items() if k not in ("seconds", "images")})
 
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         if optim.stopper.should_stop:
             break
@@ -402,11 +403,12 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
             print(f"train: early stopping after epoch {epoch}: {cfg.monitor} has not improved by more than "
                   f"{r.min_delta} for {r.patience} epochs; best epoch {best.epoch}", flush=True)
 
+    loop_seconds = time.perf_counter() - loop_start
     if world > 1:
         torch.distributed.barrier()  # no rank may still be reading the resume checkpoint
     if cfg.resume_path and rank == 0:
         cfg.resume_path.unlink(missing_ok=True)  # done: a forced re-run starts from scratch
-    result = _result(rows, best, optim.stopper, cfg, threads, world, amp_dtype)
+    result = _result(rows, best, optim.stopper, cfg, threads, world, amp_dtype, loop_seconds)
     if cfg.train.compile and progress and "first_epoch_excess_seconds" in result.timing:
         t = result.timing
         print(f"train: torch.compile ({cfg.train.compile_mode}) cost about {t['first_epoch_excess_seconds']:.1f} s: the first "
@@ -479,7 +481,7 @@ def _report_epoch(row: dict, epochs: int, bar, progress: bool) -> None:
 
 
 def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainConfig, threads: int,
-            world: int, amp_dtype: torch.dtype | None = None) -> TrainResult:
+            world: int, amp_dtype: torch.dtype | None = None, loop_seconds: float = 0.0) -> TrainResult:
     """The summary splits in two: `metrics`, the same for the same inputs (a DVC metric), and
     `timing`, which differs from run to run (kept out of DVC's outputs)."""
     history = pd.DataFrame(rows)
@@ -490,6 +492,7 @@ def _result(rows: list[dict], best: _Best, stopper: EarlyStopping, cfg: TrainCon
                "stopped_early": bool(stopper.should_stop and len(rows) < cfg.epochs)}
     seconds = float(sum(r["seconds"] for r in rows))
     timing = {"train_seconds": seconds, "train_images_per_second": sum(r["images"] for r in rows) / seconds,
+              "loop_seconds": loop_seconds,  # the epochs with their validation, logging and resume checkpoints
               "threads": threads, "processes": world,
               "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")}
     if rows:
