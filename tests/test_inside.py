@@ -88,6 +88,26 @@ def test_tsne_of_a_trained_model_separates_the_classes(digits, trained_cnn):
     assert (y[dist.argmin(1)] == y).mean() > 0.9  # a point's nearest neighbour is of its class
 
 
+@pytest.mark.parametrize("name", ["original", "alexnet", "resnet18", "tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_one_pass_gives_the_logits_and_the_penultimate_features(name, digits, trained_cnn):
+    """evaluate scores the test split and catches the head's input on the way: the same logits
+    as `predict_logits`, the same features as `pre_logits` (the embedding's second pass, before)."""
+    from pipeline.checkpoint import predict_logits, predict_logits_and_features
+
+    x, _, _, prep = digits
+    if name == "original":
+        model, images = trained_cnn, x[:70]
+    else:
+        torch.manual_seed(0)
+        size = 224 if name.startswith("vit") else 64
+        model = build_model(name, num_classes=10, **({"img_size": size} if name.startswith("vit") else {})).eval()
+        images = np.random.default_rng(0).integers(0, 256, (5, 3, size, size), dtype=np.uint8)
+        prep = Preprocessing(image_size=size, stored_size=size, mean=(0.5,) * 3, std=(0.25,) * 3, reason="test")
+    logits, features = predict_logits_and_features(model, images, prep, batch_size=32)
+    np.testing.assert_array_equal(logits, predict_logits(model, images, prep, batch_size=32))
+    np.testing.assert_allclose(features, inside.penultimate(model, images, prep, batch_size=32), rtol=1e-5, atol=1e-5)
+
+
 def test_filters_figure_leaves_the_model_as_it_was(tmp_path, digits, trained_cnn):
     _, _, _, prep = digits
     model = trained_cnn.train()  # in training mode, the head frozen: both must survive

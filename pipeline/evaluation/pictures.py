@@ -47,15 +47,17 @@ def _off(path: Path, key: str) -> str:
     return note
 
 
-def inside(model, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prep, switches) -> list[str]:
-    """activations.png, filters.png and embedding.png (or notes why not); the notes."""
+def inside(model, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prep, switches,
+           features: np.ndarray | None = None) -> list[str]:
+    """activations.png, filters.png and embedding.png (or notes why not); the notes. `features`:
+    the test images' penultimate features where the scoring pass caught them."""
     from pipeline.evaluation import inside as draw
 
     notes = [draw.activations_figure(model, x, y, classes, prep, paths.ACTIVATIONS_PNG)
              if switches.activations else _off(paths.ACTIVATIONS_PNG, "activations"),
              draw.filters_figure(model, prep, paths.FILTERS_PNG)
              if switches.filters else _off(paths.FILTERS_PNG, "filters"),
-             draw.embedding_figure(model, x, y, probs, classes, prep, paths.EMBEDDING_PNG)
+             draw.embedding_figure(model, x, y, probs, classes, prep, paths.EMBEDDING_PNG, features=features)
              if switches.embedding else _off(paths.EMBEDDING_PNG, "embedding")]
     return [n for n in notes if n]
 

@@ -10,7 +10,14 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.calibration import scaled
-from pipeline.checkpoint import is_multilabel, load_checkpoint, predict_logits, preprocessing, temperature
+from pipeline.checkpoint import (
+    is_multilabel,
+    load_checkpoint,
+    predict_logits,
+    predict_logits_and_features,
+    preprocessing,
+    temperature,
+)
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
 from pipeline.evaluation.gradcam import gradcam_figure
@@ -49,16 +56,17 @@ def tta_probabilities(views: list[np.ndarray], t: float = 1.0) -> np.ndarray:
 
 
 def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[dict, pd.DataFrame, np.ndarray, dict]:
-    """(metrics, per-class table, confusion counts, probabilities: plain and calibrated)."""
+    """(metrics, per-class table, confusion counts, {"plain", "calibrated": probabilities; "features":
+    the penultimate features from the same pass, or None})."""
     prep, classes, t = preprocessing(ckpt), ckpt["classes"], temperature(ckpt)
-    logits = predict_logits(model, x, prep)
+    logits, features = predict_logits_and_features(model, x, prep)  # the features: the embedding's
     probs = softmax(logits)
     metrics, per_class, cm = evaluation_metrics(y, probs, classes)
     metrics |= calibration_metrics(y, logits, t)
     if tta != "none":
         views = tta_logits(model, x, prep, tta, centre=logits)
         metrics |= tta_metrics(y, tta_probabilities(views), classes) | {"tta_views": len(views)}
-    return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t))}
+    return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t)), "features": features}
 
 
 def clean_metrics(y: np.ndarray, pred: np.ndarray, leaked: np.ndarray) -> dict:
@@ -141,7 +149,7 @@ def draw(model, x, y, probs: dict, cm, classes: list[str], prep, metrics: dict, 
     notes = [gradcam_figure(model, x, y, plain, classes, prep, paths.GRADCAM_PNG),
              pictures.training_curves(params.plots.smoothing)]
     pictures.reliability(y, plain, probs["calibrated"], metrics)
-    notes += pictures.inside(model, x, y, plain, classes, prep, params.evaluate)
+    notes += pictures.inside(model, x, y, plain, classes, prep, params.evaluate, probs["features"])
     notes.append(pictures.label_issues(model, prep, classes, metrics["temperature"], params.evaluate.label_issues))
     for note in filter(None, notes):
         print(f"evaluate: {note}")

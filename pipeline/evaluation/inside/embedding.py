@@ -68,16 +68,20 @@ def tsne_2d(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
 
 
 def embedding_figure(model: nn.Module, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                     prep: Preprocessing, path: Path, seed: int = 0, max_points: int = 2000) -> str | None:
+                     prep: Preprocessing, path: Path, seed: int = 0, max_points: int = 2000,
+                     features: np.ndarray | None = None) -> str | None:
     """Draw into `path` the test images' penultimate features in 2-D (`tsne_2d`), coloured by
     true class, the model's mistakes (argmax of `probs` ≠ y) ringed in black; at most `max_points`
-    images (a seeded sample). Fewer than MIN_POINTS images: a note, also returned; else None."""
+    images (a seeded sample). `features`: all N images' penultimate features where the caller
+    has them (`predict_logits_and_features`), else computed here. Fewer than MIN_POINTS images: a
+    note, also returned; else None."""
     if len(y) < MIN_POINTS:
         return _note(f"Embedding skipped: {len(y)} test images, fewer than {MIN_POINTS}", path)
     idx = subsample(len(y), max_points, seed)
     y_s = np.asarray(y)[idx]
     wrong = np.asarray(probs)[idx].argmax(1) != y_s
-    points, method = tsne_2d(penultimate(model, x[idx] if len(idx) < len(y) else x, prep), seed)
+    feats = features[idx] if features is not None else penultimate(model, x[idx] if len(idx) < len(y) else x, prep)
+    points, method = tsne_2d(feats, seed)
     sample = "all" if len(idx) == len(y) else f"a seeded sample of {len(idx):,} of {len(y):,}"
     title = f"{method}\n{len(idx):,} test images ({sample}), {int(wrong.sum()):,} misclassified (ringed)"
     _draw_embedding(points, y_s, wrong, list(classes), title, path)
