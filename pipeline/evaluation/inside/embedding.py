@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 MIN_POINTS = 5        # fewer test images: no embedding
+# t-SNE's gradient steps (scikit-learn's default is 1,000): on 845 CIFAR-10 test images' features
+# 500 ended at KL divergence 0.944 against 0.933 after 1,000 (nearest neighbour of the same class
+# 0.456 against 0.464), in 1.3 s instead of 2.5
+TSNE_STEPS = 500
 
 # Layout, inches (the PNG adds savefig's padding: layers.PAD)
 EMB = {"width": 9.5, "height": 7.45, "left": 0.25, "side": 6.4, "top": 0.6}  # plot square, legend right
@@ -63,7 +67,8 @@ def tsne_2d(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     perplexity = min(30.0, (n - 1) / 3)
     with threadpool_limits(1):
         reduced = PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(features.astype(np.float64))
-        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
+        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed,
+                      max_iter=TSNE_STEPS).fit_transform(reduced)
     return points, f"t-SNE (perplexity {perplexity:.3g}) of the penultimate features ({d} dims, PCA to {k})"
 
 
