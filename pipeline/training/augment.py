@@ -54,16 +54,11 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -
     return padded[take, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                        gen: torch.Generator | None = None) -> torch.Tensor:
-    """torchvision's RandomResizedCrop, per sample, on a float batch: a box of scale × the area
-    and aspect ratio in `ratio` (log-uniform) at a random position, resized to size×size. All
-    boxes in one `roi_align` call: bilinear at each output pixel's centre, averaging
-    ceil(box / size)² such samples where the box is larger than the output (antialiased)."""
-    from torchvision.ops import roi_align
-
-    n, _, h, w = x.shape
-    at = _on(gen)  # the boxes are worked out where the numbers are drawn
+def crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+               gen: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop's boxes for n images of h×w, as (left, top, width, height) in pixels,
+    on the generator's device: the first of _RRC_TRIES draws that fits, else the whole image."""
+    at = _on(gen)
     area = _uniform(n * _RRC_TRIES, scale[0], scale[1], gen, at).view(n, _RRC_TRIES) * (h * w)
     log_ratio = _uniform(n * _RRC_TRIES, math.log(ratio[0]), math.log(ratio[1]), gen, at).view(n, _RRC_TRIES)
     bw = torch.sqrt(area * torch.exp(log_ratio)).round()
@@ -75,8 +70,32 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     bh = torch.where(fits.any(1), bh[take, first], float(h))
     top = (_rand(n, gen, at) * (h - bh + 1)).floor()
     left = (_rand(n, gen, at) * (w - bw + 1)).floor()
-    boxes = torch.stack([take.float(), left, top, left + bw, top + bh], 1).to(x.device, x.dtype)
-    return roi_align(x.contiguous(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return left, top, bw, bh
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                        gen: torch.Generator | None = None, hflip: bool = False) -> torch.Tensor:
+    """torchvision's RandomResizedCrop, per sample, on a float batch: a box of scale × the area
+    and aspect ratio in `ratio` (log-uniform) at a random position, resized to size×size;
+    `hflip`: then mirrored left-right with probability 1/2 (drawn after the boxes, as
+    `random_hflip` draws it). All boxes in one `grid_sample`: bilinear at each output pixel's
+    centre, the points torchvision's `roi_align` samples (aligned, one sample per pixel).
+    grid_sample, not roi_align: 9 ms against 25 for 32 crops of 256 px to 224 on 2 cores, and
+    the flip comes free (a negative scale); roi_align's averaging of several samples where a box
+    is larger than the output matters little here (prepare stores at most 1/crop_pct, ~1.14×)."""
+    n, _, h, w = x.shape
+    at = _on(gen)  # the boxes are worked out where the numbers are drawn
+    left, top, bw, bh = crop_boxes(n, h, w, scale, ratio, gen)
+    # the box in grid_sample's coordinates (-1 and 1: the image's outer edges): output pixel centre
+    # u ∈ (-1, 1) samples the box's centre + u × its half-size
+    sx, sy = bw / w, bh / h
+    if hflip:
+        sx = torch.where(_rand(n, gen, at) < 0.5, -sx, sx)
+    cx, cy = (2 * left + bw) / w - 1, (2 * top + bh) / h - 1
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def random_hflip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -158,9 +177,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentParams, mean: list[float] | tuple
     size = size or x.shape[-1]
     if resized:
         x = random_resized_crop(x.float().div_(255.0), size, tuple(cfg.resized_crop_scale),
-                                tuple(cfg.resized_crop_ratio), gen)
-        if cfg.hflip:
-            x = random_hflip(x, gen)
+                                tuple(cfg.resized_crop_ratio), gen, hflip=cfg.hflip)
     else:
         x = center_crop(x, size)
         if cfg.random_crop:
