@@ -238,34 +238,52 @@ def test_random_resized_crop_per_sample_and_centre_crop_for_evaluation():
 
     x = (torch.arange(3 * 36 * 36).reshape(1, 3, 36, 36) % 251).to(torch.uint8).expand(32, -1, -1, -1).clone()
     gen = torch.Generator().manual_seed(0)
-    out = random_resized_crop(x.float() / 255, 32, (0.25, 1.0), (0.75, 4 / 3), gen)
-    assert out.shape == (32, 3, 32, 32) and len({o.sum().item() for o in out}) > 20  # a box per image
-    full = random_resized_crop(x[:2].float() / 255, 36, (1.0, 1.0), (1.0, 1.0))  # the whole image, same size
-    assert torch.allclose(full, x[:2].float() / 255, atol=1e-5)  # float32 sampling coordinates: ~2e-6
+    out = random_resized_crop(x, 32, (0.25, 1.0), (0.75, 4 / 3), gen)
+    assert out.shape == (32, 3, 32, 32) and out.dtype == torch.float32
+    assert len({o.sum().item() for o in out}) > 20  # a box per image
+    full = random_resized_crop(x[:2], 36, (1.0, 1.0), (1.0, 1.0))  # the whole image, same size
+    assert torch.equal(full, x[:2].float() / 255)
     aug = augment_batch(x, AugmentParams(random_crop=False), [0.5] * 3, gen, size=32, resized=False)
     assert torch.equal(aug, x[:, :, 2:34, 2:34].float() / 255)  # no resized crop: the centre
     prep = Preprocessing(32, 36, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert torch.equal(prep.center_crop(x), x[:, :, 2:34, 2:34])
 
 
-def test_random_resized_crop_samples_where_torchvisions_roi_align_does():
-    """One grid_sample for the batch's crops: the same points as torchvision's roi_align (aligned,
-    one sample per output pixel) on the same boxes; the fused flip is the crop, then
-    `random_hflip` with the same generator."""
+def test_random_resized_crop_is_torchvisions_on_a_cpu():
+    """Each crop, bit for bit, what torchvision's v2 `resized_crop` (antialiased) gives the
+    uint8 image for the same box, mirrored where the draw after the boxes says so (the draws
+    `random_hflip` would make with the same generator)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.training.augment import _rand, crop_boxes, random_resized_crop
+
+    x = torch.randint(0, 256, (8, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    crops = random_resized_crop(x, 24, (0.08, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(1), hflip=True)
+    gen = torch.Generator().manual_seed(1)
+    boxes = zip(*(v.long().tolist() for v in crop_boxes(8, 40, 48, (0.08, 1.0), (0.75, 4 / 3), gen)))
+    mirror = (_rand(8, gen, "cpu") < 0.5).tolist()
+    assert 0 < sum(mirror) < 8
+    for crop, (left, top, w, h), m, image in zip(crops, boxes, mirror, x):
+        reference = TF.resized_crop(image, top, left, h, w, [24, 24], antialias=True)
+        assert torch.equal(crop, (reference.flip(-1) if m else reference).float() / 255)
+
+
+def test_sampled_crops_take_the_points_torchvisions_roi_align_samples():
+    """A GPU's crops, one grid_sample for the batch: the points torchvision's roi_align samples
+    (aligned, one sample per output pixel) on the same boxes, mirrored where asked."""
     from torchvision.ops import roi_align
 
-    from pipeline.training.augment import crop_boxes, random_hflip, random_resized_crop
+    from pipeline.training.augment import _sampled_crops, crop_boxes
 
     x = torch.rand(8, 3, 40, 48)
-    crops = random_resized_crop(x, 24, (0.08, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(1))
     left, top, bw, bh = crop_boxes(8, 40, 48, (0.08, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(1))
+    mirror = torch.tensor([True, False] * 4)
+    crops = _sampled_crops(x, 24, (left, top, bw, bh), torch.zeros(8, dtype=torch.bool))
     boxes = torch.stack([torch.arange(8.0), left, top, left + bw, top + bh], 1)
     reference = roi_align(x, boxes, (24, 24), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     assert torch.allclose(crops, reference, atol=1e-5)
-    flipped = random_resized_crop(x, 24, (0.08, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(1), hflip=True)
-    gen = torch.Generator().manual_seed(1)
-    assert torch.equal(flipped, random_hflip(random_resized_crop(x, 24, (0.08, 1.0), (0.75, 4 / 3), gen), gen))
-    assert not torch.equal(flipped, crops)  # some were mirrored
+    mirrored = _sampled_crops(x, 24, (left, top, bw, bh), mirror)
+    assert torch.allclose(mirrored, torch.where(mirror[:, None, None, None], crops.flip(-1), crops), atol=1e-5)
 
 
 def test_the_probe_says_what_trains_and_how_fast_the_backbone_ran(prepared_digits, capsys):
