@@ -182,8 +182,9 @@ def main() -> None:
         result["pairs"] = pictures(prepared, args.out, args.threshold)
         if args.model:
             result["model"] = model_run(cifar, Path(tmp), args.size)
-    result["cpu"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name")), "?")
+    from pipeline.training.precision import cpu_name
+
+    result["cpu"] = cpu_name()
     result["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -108,7 +108,7 @@ def main() -> None:
         return
     if not bt.use_inputs(args):
         return
-    from pipeline.training.precision import cpu_bf16_native
+    from pipeline.training.precision import cpu_bf16_native, cpu_name
 
     with tempfile.TemporaryDirectory(prefix="bench-ft-") as tmp_name:
         tmp = Path(tmp_name)
@@ -125,9 +125,7 @@ def main() -> None:
                             "--batch-size", str(args.batch_size)])
             rows.append(out | {"bf16": "native" if cpu_bf16_native() else "emulated"} if prec == "bf16" else out)
             print(json.dumps(rows[-1]), flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    print(f"\n{cpu}, batch {args.batch_size}, 224 px, tf_efficientnet_lite0 (real ImageNet weights)")
+    print(f"\n{cpu_name()}, batch {args.batch_size}, 224 px, tf_efficientnet_lite0 (real ImageNet weights)")
     print("| strategy | precision | loop img/s | bare step img/s | loop ÷ bare |\n|---|---|---|---|---|")
     for r in rows:
         label = r["precision"] + (f" ({r['bf16']})" if "bf16" in r else "")

@@ -29,9 +29,13 @@ NO_NATIVE = "fp32 (this CPU has no native bf16: no AMX or AVX-512 BF16)"  # the 
 
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively: the `amx_bf16` or `avx512_bf16` flag."""
-    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo  # not Linux: "", no probe, fp32
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = _cpuinfo_field("flags", cpuinfo).split()  # not Linux: none, no probe, fp32
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), "?" where there is none: the machine a timing names."""
+    return _cpuinfo_field("model name") or "?"
 
 
 CACHE_ENV = "PIPELINE_CACHE_DIR"  # where the probe's answers are kept; default ~/.cache/pipeline
@@ -45,9 +49,8 @@ def cache_file() -> Path:
 def probe_key(model: nn.Module, batch: torch.Tensor) -> str:
     """What the probe's answer depends on: the CPU, torch, its threads, the model (class, parameters,
     trainable ones) and the batch's shape."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")), "?")
     n, trainable = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only) for only in (False, True))
-    return (f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads | {type(model).__name__} "
+    return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {type(model).__name__} "
             f"{n} parameters, {trainable} trainable | batch {tuple(batch.shape)}")
 
 
@@ -77,11 +80,15 @@ def remembered_gain(model: nn.Module, batch: torch.Tensor, prepare=None) -> tupl
     return gain, False
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str:
+    """The first `name : value` of /proc/cpuinfo (or of `cpuinfo`), "" where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                 if line.split(":", 1)[0].strip() == name and ":" in line), "")
 
 
 def probe_speedup(model: nn.Module, batch: torch.Tensor, steps: int = PROBE_STEPS, copy_model: bool = True) -> float:
