@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # the project, the benchmarks
 import bench_transfer as bt  # the CIFAR archive, project copies and runners
 
 ULTRALYTICS = "ultralytics==8.4.190"  # the version of the measurement
@@ -176,11 +176,13 @@ def main() -> None:
     args = ap.parse_args()
     if not bt.use_inputs(args):
         return
+    from pipeline.training.precision import cpu_name
+
     with bt.workspace("bench-vs-ultralytics-") as (work, cifar):
         data = split_once(cifar, work / "data", CLASSES, args.train, args.val, args.test)
         print(json.dumps({"data": str(data), "classes": CLASSES, "per_class": [args.train, args.val, args.test],
                           "epochs": args.epochs, "image_size": args.image_size, "batch": args.batch,
-                          "cpus": os.cpu_count()}), flush=True)
+                          "cpus": os.cpu_count(), "cpu": cpu_name()}), flush=True)
         rows = {}
         if args.only in (None, "ultralytics") and (python := ultralytics_python(args.venv)):
             rows["ultralytics"] = run_ultralytics(python, data, work, args)
