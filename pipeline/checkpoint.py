@@ -27,9 +27,13 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
                     classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any],
                     data_hash: str = "", temperature: float | None = None,
-                    thresholds: list[float] | None = None, conformal_scores: list[float] | None = None) -> None:
+                    thresholds: list[float] | None = None, conformal_scores: list[float] | None = None,
+                    fingerprint: str = "") -> None:
     """`data_hash`: the prepared data it was trained on (an ensemble refuses members trained on
-    another split); `temperature`: fitted on the validation split (None: not calibrated);
+    another split); `fingerprint`: what made the training run (its params, data and the code the
+    train stage executes, `pipeline.training.run.fingerprint`), so that an edit of that code gives
+    a new checkpoint even where the weights come out the same: DVC then re-runs what follows
+    train, and the report stage completes the MLflow run train opened; `temperature`: fitted on the validation split (None: not calibrated);
     `thresholds`: task=multilabel, each label's threshold on its calibrated probability (the
     checkpoint then says `task: multilabel`; a one-class-per-image checkpoint has neither key);
     `conformal_scores`: the validation images' conformal scores (`pipeline.conformal`), from which
@@ -47,6 +51,8 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         "data_hash": data_hash,
         "temperature": temperature,
     }
+    if fingerprint:
+        ckpt["fingerprint"] = fingerprint
     if thresholds is not None:
         ckpt |= {"task": "multilabel", "thresholds": [float(v) for v in thresholds]}
     if conformal_scores is not None:

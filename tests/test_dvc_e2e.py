@@ -88,6 +88,15 @@ def test_repro_then_experiments(project: Path, tmp_path: Path):
     ends_with_the_block(out, runs[0].info.run_id)
     assert "(committed" in out and ": same)" in out  # the same model as the commit's
 
+    # an edit of train's code that leaves the weights as they were: train runs, and so does what
+    # follows it (the checkpoint records what made it), so the report completes train's new run
+    loop = clone / "pipeline/training/loop.py"
+    loop.write_text(loop.read_text() + "\n# an edit that changes no number\n")
+    out = run(["dvc", "repro"], clone).stdout
+    assert "train" in stages_run(out) and stages_run(out)[-1] == "report", out
+    client, runs = runs_by_exp(clone)
+    assert len(runs) == 2 and all("test/accuracy" in r.data.metrics for r in runs), [r.data.metrics for r in runs]
+
     # 4. dvc exp run -S lr=0.001 works as typed and is recorded with lr=0.001, named for what changed
     out = run(["dvc", "exp", "run", "-S", "lr=0.001", "--name", "lower-lr"], project).stdout
     _, runs = runs_by_exp(project)

@@ -199,7 +199,7 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
                     classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary,
                     data_hash=s.data_hash, temperature=t, thresholds=thresholds(s, result, t),
-                    conformal_scores=conformal_scores(s, result, t))
+                    conformal_scores=conformal_scores(s, result, t), fingerprint=s.cfg.fingerprint)
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)
