@@ -7,3 +7,6 @@ import sys
 # walking objects that live until the exit; `run_cli` freezes them and turns it back on.
 if sys.argv[:1] == ["-m"]:
     gc.disable()
+    from pipeline.warm import delegate
+
+    delegate()  # under DVC: the stage runs in a fork of a process that has torch & co. imported; exits here

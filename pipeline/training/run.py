@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import paths, runview, tracking
+from pipeline import paths, runview, tracking, warm
 from pipeline.calibration import fit_sigmoid_temperature, fit_temperature, scaled, sigmoid
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
@@ -203,7 +203,8 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)
-    write_json(paths.TRAIN_TIMING, result.timing | {"checkpoint_sha256": file_sha256(paths.CHECKPOINT)})
+    write_json(paths.TRAIN_TIMING, result.timing | {"warm_start": warm.forked(),  # torch & co. imported before it started
+                                                    "checkpoint_sha256": file_sha256(paths.CHECKPOINT)})
     return summary
 
 

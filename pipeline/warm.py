@@ -1,0 +1,385 @@
+"""Warm stages: under one `dvc repro` (or `dvc exp run`), the libraries the model stages import
+(torch, torchvision, timm, MLflow, matplotlib, scikit-learn, ONNX) are imported once, not once
+per stage.
+
+Each DVC stage is its own Python process, and a stage that touches a model spends its first
+seconds importing them: 4.4 s of train's start-up on 2 cores, 3.6 s of evaluate's, 2.5 s of
+export's, 1.6 s of report's. So the first such stage (check) starts a server that imports them
+once, beside it, and the later ones (train, evaluate, export, report) run in a fork of it:
+- The stage runs in a fresh fork, with the stage process's arguments, working directory,
+  environment and stdin/stdout/stderr, in a process group of its own. Our own code (`pipeline`,
+  `stages`) is never imported by the server: each fork imports this checkout's code, as a cold
+  start does, so DVC's dependencies stay what runs.
+- The stage process that DVC started (the client) waits, passes on the signals it gets
+  (Ctrl-C, SIGTERM) to the fork's group, and exits with the fork's status. If the client dies
+  (kill -9), the fork gets SIGTERM, then SIGKILL.
+- The server belongs to one DVC process: it ends when that one has ended and its last fork has
+  (no process is left behind), or after 10 idle minutes. It is found under a name made of the
+  DVC process, the checkout, the interpreter and the environment, in Linux's abstract socket
+  namespace (nothing on disk), and serves only its own user.
+- Off with PIPELINE_WARM=0; never under torchrun, outside DVC or off Linux. A stage that finds no
+  server (or one that cannot serve) starts cold, as without it.
+The outputs are the same bytes either way (tests/test_warm.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+OFF_ENV = "PIPELINE_WARM"  # 0: every stage starts its own interpreter
+FORK_ENV = "PIPELINE_WARM_FORK"  # set to 1 in a stage that runs in a fork of the server (`forked()`)
+# The stages that import the heavy libraries (download and prepare start in well under a second).
+STAGES = ("stages.check", "stages.train", "stages.evaluate", "stages.export", "stages.report")
+# What the server imports, in order (seconds on 2 cores, cold): a fork starts with these loaded.
+PRELOAD = (
+    "torch", "torchvision", "timm",           # 3.3 s
+    "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.tracking",  # 1.6 s
+    "matplotlib", "matplotlib.pyplot", "pandas",  # 0.6 s
+    "sklearn.metrics", "sklearn.manifold", "sklearn.decomposition", "cleanlab.filter",  # 1.3 s
+    "onnx", "torch.onnx",  # (not onnxruntime: 0.1 s, and its import starts a thread of its own)
+    "PIL.Image", "pydantic", "yaml", "psutil", "tabulate",
+)
+IDLE_SECONDS = 600
+_SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
+
+
+def forked() -> bool:
+    """Whether this stage runs in a fork of the warm server (metrics/train_timing.json says so)."""
+    return os.environ.get(FORK_ENV) == "1"
+
+
+# --- the client: a stage process started by DVC -------------------------------------------------
+
+def delegate() -> None:
+    """Run this stage in a fork of the warm server and exit with its status; return (to start
+    cold) where that cannot be done. Called first thing by `stages/__init__.py`."""
+    module = _stage_module()
+    if module is None or not _eligible():
+        return
+    owner = _dvc_owner()
+    if owner is None:
+        return
+    name = _name(owner)
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(name)
+    except OSError:  # none yet: start one for the stages to come; this one starts cold
+        _spawn(name, owner)
+        return
+    request = {"module": module, "argv": sys.orig_argv[3:], "cwd": os.getcwd(), "env": dict(os.environ)}
+    try:
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+        reply = _receive(conn)
+    except OSError:
+        reply = None
+    if reply is None or "pid" not in reply:  # the server could not take it (or died): cold
+        conn.close()
+        return
+    _wait(conn, reply["pid"])
+
+
+def _stage_module() -> str | None:
+    argv = getattr(sys, "orig_argv", [])
+    if len(argv) >= 3 and argv[1] == "-m" and argv[2] in STAGES:  # plain `python -m stages.NAME`
+        return argv[2]
+    return None
+
+
+def _eligible() -> bool:
+    env = os.environ
+    return (sys.platform.startswith("linux") and env.get(OFF_ENV, "1") != "0" and "DVC_STAGE" in env
+            and "TORCHELASTIC_RUN_ID" not in env and "LOCAL_RANK" not in env)
+
+
+def _dvc_owner() -> tuple[int, str] | None:
+    """The DVC process that runs this stage (through a shell or not): (pid, start time)."""
+    pid = os.getppid()
+    for _ in range(2):
+        argv = _cmdline(pid)
+        if not argv:
+            return None
+        if any(os.path.basename(a) == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
+            start = _start_time(pid)
+            return (pid, start) if start else None
+        if os.path.basename(argv[0]) not in _SHELLS:
+            return None
+        pid = _parent(pid)
+    return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()  # the fields after the command's name
+    except (OSError, IndexError):
+        return None
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot; None when it is gone or a zombie."""
+    fields = _stat(pid)
+    return fields[19] if fields and fields[0] not in ("Z", "X") else None
+
+
+def _name(owner: tuple[int, str]) -> str:
+    """The server's address: one per DVC process, checkout, interpreter and environment (what
+    the imports could depend on; DVC_STAGE differs from stage to stage)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k != "DVC_STAGE")
+    key = json.dumps([owner, os.getuid(), os.getcwd(), sys.executable, sys.path[1:], env])
+    return "\0pipeline-warm-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _spawn(name: str, owner: tuple[int, str]) -> None:
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-m", "pipeline.warm", name.lstrip("\0"), str(owner[0]), owner[1]],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)  # its own session: the terminal's Ctrl-C reaches the
+    # client, which passes it on to its fork; the server itself ends with the DVC process
+
+
+def _receive(conn: socket.socket) -> dict | None:
+    data = conn.recv(4096)
+    return json.loads(data) if data else None
+
+
+def _wait(conn: socket.socket, pid: int) -> None:
+    """Pass on signals to the fork's group until its status comes; exit with it."""
+    def forward(sig, _frame):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, forward)
+    reply = _receive(conn)  # (a signal runs `forward`, then the wait goes on)
+    if reply is None:
+        print("error: the stage's process ended without a status (warm server gone): run it again, "
+              f"or with {OFF_ENV}=0", file=sys.stderr)
+        os._exit(1)
+    code = os.waitstatus_to_exitcode(reply["status"])
+    sys.stdout.flush()
+    if code < 0:  # ended by a signal: end the same way, so DVC sees what a cold stage would give it
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+def serve(name: str, owner_pid: int, owner_start: str) -> None:
+    import gc
+    import select
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        listener.bind("\0" + name)
+    except OSError:  # another stage started one first
+        return
+    listener.listen(8)  # stages that arrive while the imports run wait in the queue
+    gc.disable()
+    problem = _preload()
+    gc.freeze()
+    gc.enable()
+    forks: set[int] = set()
+    last = time.monotonic()
+    while True:
+        ready, _, _ = select.select([listener], [], [], 0.5)
+        forks -= _reaped(forks)
+        if forks:
+            last = time.monotonic()
+        owner_gone = _start_time(owner_pid) != owner_start
+        if not forks and (owner_gone or time.monotonic() - last > IDLE_SECONDS):
+            return
+        if not ready:
+            continue
+        conn, _ = listener.accept()
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if uid != os.getuid() or problem or owner_gone:
+            conn.close()  # the client starts cold
+            continue
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            _monitor(conn)  # never returns
+        conn.close()
+        forks.add(pid)
+
+
+def _preload() -> str | None:
+    """Import PRELOAD; what keeps this process from being forked safely, if anything."""
+    import importlib
+
+    for module in PRELOAD:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001  (not installed, or broken: the stage that needs it says so)
+            pass
+    # A fork copies only the thread that forks. The libraries' own pools (OpenBLAS, jemalloc: idle
+    # after an import) reset themselves around a fork, as in every DataLoader worker; a Python
+    # thread would not, and may hold a lock: then no stage runs here.
+    import threading
+
+    if threading.active_count() != 1:
+        return f"{threading.active_count()} Python threads after the imports"
+    return None
+
+
+def _reaped(pids: set[int]) -> set[int]:
+    done = set()
+    for pid in pids:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                done.add(pid)
+        except ChildProcessError:
+            done.add(pid)
+    return done
+
+
+def _monitor(conn: socket.socket) -> None:
+    """One stage: fork it, tell the client its pid, wait for it, send its status; end it when the
+    client goes away."""
+    import select
+
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            _run_stage(request, fds, conn)  # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(json.dumps({"pid": pid}).encode())
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                conn.sendall(json.dumps({"status": status}).encode())
+                break
+            ready, _, _ = select.select([conn], [], [], 0.05)
+            if ready and not conn.recv(16):  # the client is gone (kill -9): so is its stage
+                _end(pid)
+                break
+    finally:
+        os._exit(0)
+
+
+def _end(pid: int) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.05)
+
+
+def _run_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
+    """In the fork: become the stage process a cold start would have been, run it, exit."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ[FORK_ENV] = "1"
+        _fresh_stdio()
+        _fresh_randomness()
+        for module in [m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages")]:
+            del sys.modules[module]  # this checkout's code, imported now (the server's is not ours to run)
+        sys.path[0] = request["cwd"]
+        sys.argv = ["-m", *request["argv"]]
+        import runpy
+
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        code = _exit_code(stop.code)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001  (as the interpreter does with an uncaught exception)
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    finally:
+        _exit(code)
+
+
+def _exit_code(value) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def _fresh_stdio() -> None:
+    """stdin/stdout/stderr on the client's descriptors, buffered as the interpreter would."""
+    import io
+
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    encoding = os.environ.get("PYTHONIOENCODING") or None
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding,
+                                  line_buffering=os.isatty(1), write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=encoding, errors="backslashreplace",
+                                  line_buffering=True)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+
+
+def _fresh_randomness() -> None:
+    """Unseeded generators start where a new process's would (the stages seed what they use)."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+
+
+def _exit(code: int) -> None:
+    """What the interpreter does on its way out (non-daemon threads joined, exit handlers run,
+    streams flushed), then end this fork without returning into the server's code."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()  # noqa: SLF001  (the interpreter's own step; no public name)
+        atexit._run_exitfuncs()  # noqa: SLF001
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,126 @@
+"""Warm stages (pipeline/warm.py): under `dvc repro` the model stages run in forks of a process
+that has torch & co. imported. The same bytes as cold stages; nothing left running when DVC ends,
+when the stage is killed, or when the stage process DVC started is killed; off with
+PIPELINE_WARM=0. Linux: the processes are found in /proc."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import warm
+from tests.conftest import clean_env, make_project, run, set_params
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets, /proc: Linux")
+
+
+def processes_in(project: Path) -> list[str]:
+    """The command lines of the processes (ours) working in `project`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(project):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(cmd)
+        except OSError:
+            continue
+    return found
+
+
+def none_left(project: Path, within: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + within
+    while (left := processes_in(project)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def warm_start(project: Path) -> bool:
+    return json.loads((project / "metrics/train_timing.json").read_text())["warm_start"]
+
+
+@pytest.mark.slow
+def test_a_warm_repro_writes_the_bytes_of_a_cold_one_and_leaves_nothing_running(tmp_path: Path):
+    project = make_project(tmp_path / "project")
+    run(["dvc", "repro"], project, PIPELINE_WARM="0")
+    assert warm_start(project) is False
+    cold = (project / "dvc.lock").read_text()
+    assert none_left(project) == []
+
+    out = run(["dvc", "repro", "-f"], project).stdout
+    assert warm_start(project) is True  # train ran in a fork of the server that check started
+    assert (project / "dvc.lock").read_text() == cold  # every output, the same bytes
+    assert "test accuracy" in out  # report's end block reached DVC's stdout through the fork
+    assert none_left(project) == []  # the server ended with DVC
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["group", "client"])
+def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path: Path, kill: str):
+    """group: SIGTERM to DVC's process group (what a terminal's job control or CI sends); client:
+    kill -9 of the stage process DVC started (its fork is ended by the server)."""
+    project = make_project(tmp_path / "project")
+    set_params(project, epochs=30, image_size=32)
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=clean_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (project / "checkpoints/last.pt").exists():  # train has run an epoch, in a fork
+        assert dvc.poll() is None and time.monotonic() < deadline, dvc.stderr.read() if dvc.poll() is not None else ""
+        time.sleep(0.1)
+    assert any("-m pipeline.warm" in cmd for cmd in processes_in(project))  # train runs in its fork
+    if kill == "group":
+        os.killpg(dvc.pid, signal.SIGTERM)
+    else:
+        client = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                  and (p / "cmdline").read_bytes() == b"python\0-m\0stages.train\0"]
+        assert len(client) == 1
+        os.kill(int(client[0].name), signal.SIGKILL)
+    dvc.wait(timeout=60)
+    assert dvc.returncode != 0
+    assert none_left(project, within=15) == []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status != "RUNNING" for r in runs)  # the fork ended its run on SIGTERM
+
+
+def test_the_server_imports_none_of_our_code_and_starts_no_python_thread():
+    out = subprocess.run([sys.executable, "-c", "import sys, threading; from pipeline import warm; "
+                          "print(warm._preload()); "
+                          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', 'stages')))"],
+                         capture_output=True, text=True, check=True, env=clean_env()).stdout.splitlines()
+    assert out == ["None", "['pipeline', 'pipeline.warm']"]  # (a fork drops these two and imports the checkout's)
+
+
+def test_a_stage_starts_cold_outside_dvc_and_when_switched_off(monkeypatch):
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "stages.train"])
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert not warm._eligible()  # `python -m stages.train` by hand
+    monkeypatch.setenv("DVC_STAGE", "train")
+    assert warm._eligible()
+    for off in ({"PIPELINE_WARM": "0"}, {"LOCAL_RANK": "0"}, {"TORCHELASTIC_RUN_ID": "x"}):
+        with monkeypatch.context() as m:
+            for key, value in off.items():
+                m.setenv(key, value)
+            assert not warm._eligible()
+    assert warm._dvc_owner() is None  # pytest's parent is no DVC
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "stages.prepare"])
+    assert warm._stage_module() is None  # the light stages start cold
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "importtime", "-m", "stages.train"])
+    assert warm._stage_module() is None  # interpreter options the fork could not honour: cold
+
+
+def test_the_servers_name_follows_the_dvc_process_and_the_environment(monkeypatch):
+    a = warm._name((100, "5"))
+    assert warm._name((101, "5")) != a and warm._name((100, "6")) != a
+    monkeypatch.setenv("DVC_STAGE", "evaluate")
+    assert warm._name((100, "5")) == a  # the stage it runs is not part of it
+    monkeypatch.setenv("TORCH_HOME", "/elsewhere")
+    assert warm._name((100, "5")) != a
