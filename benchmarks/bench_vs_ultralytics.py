@@ -69,17 +69,20 @@ def split_once(cifar: Path, out: Path, classes: list[str], n_train: int, n_val: 
 # ---------------------------------------------------------------- this project
 
 
-def run_ours(data: Path, work: Path, args) -> dict:
-    project = bt.make_project(work / "project")
+def run_ours(data: Path, work: Path, args, cold: bool = False) -> dict:
+    """This project's `dvc exp run`; `cold`: every stage in a process of its own (PIPELINE_WARM=0)."""
+    project = bt.make_project(work / ("project-cold" if cold else "project"))
     bt.set_params(project, {"dataset": "folder", "data_dir": str(data), "model": "resnet18", "pretrained": False,
                             "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch}
                   | {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     bt.run(["git", "commit", "-qam", "benchmark params"], project)
-    wall, stages = timed_stages(["dvc", "exp", "run", "--name", "vs-ultralytics"], project)
+    wall, stages = timed_stages(["dvc", "exp", "run", "--name", "vs-ultralytics"], project,
+                                {"PIPELINE_WARM": "0"} if cold else {})
     timing = json.loads((project / "metrics/train_timing.json").read_text())
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     loop = timing["loop_seconds"]
-    return {"tool": "this project", "wall_s": round(wall, 1), "train_s": round(loop, 1),
+    return {"tool": "this project" + (", cold stages" if cold else ""), "warm_start": timing["warm_start"],
+            "wall_s": round(wall, 1), "train_s": round(loop, 1),
             "steps_s": round(timing["train_seconds"], 1), "overhead_s": round(wall - loop, 1),
             "test_accuracy": round(evaluation["accuracy"], 4), "n_test": evaluation["n_test"],
             "first_epoch_s": round(timing["first_epoch_seconds"], 1), "later_epoch_s": round(timing["later_epoch_seconds"], 1),
@@ -87,14 +90,14 @@ def run_ours(data: Path, work: Path, args) -> dict:
             "stages_s": {k: round(v - (loop if k == "train" else 0), 1) for k, v in stages.items()}}
 
 
-def timed_stages(cmd: list[str], cwd: Path) -> tuple[float, dict[str, float]]:
+def timed_stages(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
     """(wall seconds, seconds from each "Running stage 'NAME'" line DVC prints to the next or to
     its exit: the stage's command and DVC's own work on it; "dvc" the time before the first)."""
     import re
 
     t0 = time.perf_counter()
     marks, out = [("dvc", t0)], []
-    proc = subprocess.Popen(cmd, cwd=cwd, env=bt.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=bt.env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         out.append(line)
         if m := re.match(r"Running stage '([^']+)'", line):
@@ -170,6 +173,8 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "ultralytics-venv",
                     help="Ultralytics' own virtual environment (made when missing; default: %(default)s)")
     ap.add_argument("--only", choices=["ours", "ultralytics"])
+    ap.add_argument("--cold", action="store_true",
+                    help="also run this project with every stage started cold (PIPELINE_WARM=0), to compare")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a param of this project's run, as `dvc exp run -S` takes it (e.g. train.precision=fp32)")
     bt.input_args(ap, weights=False)
@@ -190,6 +195,8 @@ def main() -> None:
         if args.only in (None, "ours"):
             rows["ours"] = run_ours(data, work, args)
             print(json.dumps(rows["ours"]), flush=True)
+            if args.cold:
+                print(json.dumps(run_ours(data, work, args, cold=True)), flush=True)
         if len(rows) == 2:
             ours, theirs = rows["ours"], rows["ultralytics"]
             print(json.dumps({"ratio_wall": round(ours["wall_s"] / theirs["wall_s"], 3),

@@ -197,8 +197,17 @@ def serve(name: str, owner_pid: int, owner_start: str) -> None:
     except OSError:  # another stage started one first
         return
     listener.listen(8)  # stages that arrive while the imports run wait in the queue
+
+    def end_if_orphaned(_sig, _frame):  # DVC stopped (a refused param, Ctrl-C) while we import: stop too
+        if _start_time(owner_pid) != owner_start:
+            os._exit(0)
+
+    signal.signal(signal.SIGALRM, end_if_orphaned)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)  # (a timer, not a thread: a fork copies one thread only)
     gc.disable()
     problem = _preload()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     gc.freeze()
     gc.enable()
     forks: set[int] = set()

@@ -124,3 +124,12 @@ def test_the_servers_name_follows_the_dvc_process_and_the_environment(monkeypatc
     assert warm._name((100, "5")) == a  # the stage it runs is not part of it
     monkeypatch.setenv("TORCH_HOME", "/elsewhere")
     assert warm._name((100, "5")) != a
+
+
+def test_a_refused_param_stops_the_server_with_dvc(tmp_path: Path):
+    """check starts the server, then refuses the params: the server, still importing, ends with DVC."""
+    project = make_project(tmp_path / "project")
+    set_params(project, model="no_such_model")  # download does not read it; check refuses it
+    out = run(["dvc", "repro"], project, check=False)
+    assert out.returncode != 0 and "no_such_model" in out.stderr, out.stderr
+    assert none_left(project, within=1.5) == []
