@@ -22,9 +22,18 @@ CELL = (1.3, 1.45)  # inches per image in a grid (width, height: room for a titl
 PAIR = (2.5, 1.55)  # inches per pair of images in a pair grid (room for a title)
 
 
-def save(fig: plt.Figure, path: Path) -> None:
+def save(fig: plt.Figure, path: Path, whole: bool = False) -> None:
+    """The figure as a PNG at DPI, cropped to what it draws plus savefig's padding ("tight"); `whole`:
+    a figure laid out in inches up to its edges (the pictures of a model's inside) keeps exactly
+    its size plus the padding, without the extra layout pass "tight" takes (about 0.3 s each for
+    the figures of 70 to 100 small axes; the same bytes, tests/test_inside.py)."""
+    if whole:
+        from matplotlib.transforms import Bbox
+
+        pad = float(plt.rcParams["savefig.pad_inches"])
+        box = Bbox.from_bounds(0, 0, *fig.get_size_inches()).padded(pad)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, dpi=DPI, bbox_inches=box if whole else "tight")
     plt.close(fig)
 
 

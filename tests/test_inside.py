@@ -79,6 +79,26 @@ def test_same_inputs_same_bytes(tmp_path, digits, trained_cnn):
     assert (tmp_path / "emb_c.png").read_bytes() != (tmp_path / "emb_a.png").read_bytes()  # the seed matters
 
 
+def test_saved_whole_they_are_the_bytes_a_tight_crop_gives(tmp_path, digits, trained_cnn, monkeypatch):
+    """`save(..., whole=True)` skips "tight"'s layout pass; the pictures must not change."""
+    from pipeline import plots
+    from pipeline.evaluation.inside import activations, embedding, filters
+
+    x, y, classes, prep = digits
+    probs = model_probs(trained_cnn, x, prep)
+
+    def draw(tag: str) -> list[bytes]:
+        inside.activations_figure(trained_cnn, x, y, classes, prep, tmp_path / f"act_{tag}.png")
+        inside.filters_figure(trained_cnn, prep, tmp_path / f"fil_{tag}.png", steps=6)
+        inside.embedding_figure(trained_cnn, x, y, probs, classes, prep, tmp_path / f"emb_{tag}.png", max_points=120)
+        return [(tmp_path / f"{n}_{tag}.png").read_bytes() for n in ("act", "fil", "emb")]
+
+    whole = draw("whole")
+    for module in (activations, embedding, filters):
+        monkeypatch.setattr(module, "save", lambda fig, path, whole=False: plots.save(fig, path))
+    assert draw("tight") == whole
+
+
 def test_tsne_of_a_trained_model_separates_the_classes(digits, trained_cnn):
     x, y, _, prep = digits
     points, method = inside.tsne_2d(inside.penultimate(trained_cnn, x, prep), seed=0)

@@ -102,7 +102,7 @@ def _draw_activations(crops: np.ndarray, names: list[str], layers: list[Layer], 
     fig.text(0.5, 0.2 / fig.get_size_inches()[1], "Each column: one channel (of the layer's channels, those varying "
              "most over these images), scaled to its range over the column; bright = strong activation.",
              ha="center", va="center", fontsize=8, color="dimgrey")
-    save(fig, path)
+    save(fig, path, whole=True)
 
 
 def _draw_layer(fig: plt.Figure, x0: float, header: str, layer: Layer, fmap: np.ndarray, n: int) -> None:

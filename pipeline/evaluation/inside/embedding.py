@@ -115,7 +115,7 @@ def _draw_embedding(points: np.ndarray, y: np.ndarray, wrong: np.ndarray, classe
     ax.set_title(title, fontsize=9)
     fig.text(0.5, 0.25 / e["height"], "Near points: images the model sees alike (t-SNE keeps neighbours; "
              "distances between clusters and cluster sizes mean little).", ha="center", fontsize=8, color="dimgrey")
-    save(fig, path)
+    save(fig, path, whole=True)
 
 
 def _label_classes(fig, ax, points, y, classes, colours, n_wrong: int) -> None:

@@ -178,7 +178,7 @@ def _draw_filters(first: Layer, weight: np.ndarray, target: Layer | None, vis, c
             ax = _axes(fig, left, below, step - 0.08, step - 0.08)
             ax.imshow(_stretch(img), interpolation="nearest" if img.shape[-1] < 64 else "antialiased")
             ax.set_title(f"channel {ch}", fontsize=7)
-    save(fig, path)
+    save(fig, path, whole=True)
 
 
 def _draw_filter_grid(fig: plt.Figure, first: Layer, weight: np.ndarray) -> int:
