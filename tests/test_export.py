@@ -168,3 +168,12 @@ def test_int8_export_keeps_the_signed_weights_when_they_hold_and_says_so(exporte
     assert props == card
     assert sorted(p.name for p in (tmp_path / paths.INT8_DIR).iterdir()) == ["model.json", "model.onnx"]
     assert result["int8_top1_agreement"] > 0.9 and result["int8_bytes"] < result["onnx_bytes"]
+
+
+def test_the_onnx_check_runs_on_every_test_image_or_on_512_spread_over_them():
+    from pipeline.export.run import PARITY_IMAGES, parity_subset
+
+    assert parity_subset(270).tolist() == list(range(270))
+    picked = parity_subset(10_000)
+    assert len(picked) == PARITY_IMAGES == len(set(picked.tolist())) and picked[0] == 0 and picked[-1] == 9_999
+    assert np.all(np.diff(picked) >= 19)  # spread evenly: every class of a class-sorted split is in it
