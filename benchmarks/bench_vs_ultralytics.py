@@ -12,7 +12,9 @@ with the YOLO classification head, built without pretrained weights).
   `loop_seconds`: the steps, each epoch's validation and resume checkpoint, as Ultralytics'
   `train()` includes its own; `steps_s`: the steps alone); `overhead_s` the rest of the run, and
   `stages_s` each stage's share of it (train's without its loop; "dvc": DVC before the first
-  stage); test accuracy from metrics/eval.json.
+  stage); test accuracy from metrics/eval.json; `warm_start`: train ran in a fork of the process
+  that imported torch & co. once (pipeline/warm.py). --cold runs it a second time with
+  PIPELINE_WARM=0 (every stage its own interpreter), to see what that saves.
 - Ultralytics: `YOLO(...).train(...)` then `.val(split="test")` in a virtual environment of its
   own (--venv, made by this script: it sees this project's torch and torchvision, so nothing
   is downloaded twice, and pip adds Ultralytics and what else it needs; the project's own
@@ -20,7 +22,7 @@ with the YOLO classification head, built without pretrained weights).
 
 Prints one JSON line per tool and the ratios (ours ÷ theirs): whole-run wall time, training time,
 test accuracy. Run on a quiet machine: python benchmarks/bench_vs_ultralytics.py
-[--epochs 10] [--image-size 64] [--batch 64] [--only ours|ultralytics] [--set KEY=VALUE]
+[--epochs 10] [--image-size 64] [--batch 64] [--only ours|ultralytics] [--cold] [--set KEY=VALUE]
 """
 from __future__ import annotations
 

@@ -239,6 +239,9 @@ def _preload() -> str | None:
     """Import PRELOAD; what keeps this process from being forked safely, if anything."""
     import importlib
 
+    # CUDA must not start before a fork (the fork could not use it): none of these imports starts it,
+    # and a library that asks torch.cuda.is_available() at import gets NVML's answer, which starts nothing.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     for module in PRELOAD:
         try:
             importlib.import_module(module)
@@ -249,6 +252,8 @@ def _preload() -> str | None:
     # thread would not, and may hold a lock: then no stage runs here.
     import threading
 
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        return "CUDA started during the imports"
     if threading.active_count() != 1:
         return f"{threading.active_count()} Python threads after the imports"
     return None
