@@ -33,7 +33,7 @@ import sys
 import time
 
 OFF_ENV = "PIPELINE_WARM"  # 0: every stage starts its own interpreter
-FORK_ENV = "PIPELINE_WARM_FORK"  # set to 1 in a stage that runs in a fork of the server (`forked()`)
+FORK_ENV = "PIPELINE_WARM_FORK"  # the pid of a stage that runs in a fork of the server (`forked()`)
 # The stages that import the heavy libraries (download and prepare start in well under a second).
 STAGES = ("stages.check", "stages.train", "stages.evaluate", "stages.export", "stages.report")
 # What the server imports, in order (seconds on 2 cores, cold): a fork starts with these loaded.
@@ -50,8 +50,9 @@ _SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
 
 
 def forked() -> bool:
-    """Whether this stage runs in a fork of the warm server (metrics/train_timing.json says so)."""
-    return os.environ.get(FORK_ENV) == "1"
+    """Whether this process is a stage running in a fork of the warm server (metrics/train_timing.json
+    says so); not its children (torchrun's workers started cold), which inherit the variable."""
+    return os.environ.get(FORK_ENV) == str(os.getpid())
 
 
 # --- the client: a stage process started by DVC -------------------------------------------------
@@ -325,7 +326,7 @@ def _run_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        os.environ[FORK_ENV] = "1"
+        os.environ[FORK_ENV] = str(os.getpid())
         _fresh_stdio()
         _fresh_randomness()
         for module in [m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages")]:
