@@ -20,8 +20,12 @@ import psutil
 
 def this_process() -> str:
     """"host pid start-time" of this process."""
-    me = psutil.Process()
-    return f"{socket.gethostname()} {me.pid} {me.create_time():.2f}"
+    return process_key(os.getpid())
+
+
+def process_key(pid: int) -> str:
+    """"host pid start-time" of the process `pid` (psutil.NoSuchProcess when there is none)."""
+    return f"{socket.gethostname()} {pid} {psutil.Process(pid).create_time():.2f}"
 
 
 def process_gone(owner: str) -> bool:

@@ -98,50 +98,27 @@ def _eligible() -> bool:
             and "TORCHELASTIC_RUN_ID" not in env and "LOCAL_RANK" not in env)
 
 
-def _dvc_owner() -> tuple[int, str] | None:
-    """The DVC process that runs this stage (through a shell or not): (pid, start time)."""
-    pid = os.getppid()
-    for _ in range(2):
-        argv = _cmdline(pid)
-        if not argv:
-            return None
-        if any(os.path.basename(a) == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
-            start = _start_time(pid)
-            return (pid, start) if start else None
-        if os.path.basename(argv[0]) not in _SHELLS:
-            return None
-        pid = _parent(pid)
+def _dvc_owner() -> str | None:
+    """The DVC process that runs this stage (through a shell or not), as `processes.process_key`."""
+    import psutil
+
+    from pipeline.processes import process_key
+
+    try:
+        proc = psutil.Process(os.getppid())
+        for _ in range(2):
+            argv = proc.cmdline()
+            if any(os.path.basename(a) == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
+                return process_key(proc.pid)
+            if not argv or os.path.basename(argv[0]) not in _SHELLS:
+                return None
+            proc = proc.parent()
+    except (psutil.Error, AttributeError):  # gone, or no parent
+        return None
     return None
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
-    except OSError:
-        return []
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()  # the fields after the command's name
-    except (OSError, IndexError):
-        return None
-
-
-def _parent(pid: int) -> int:
-    fields = _stat(pid)
-    return int(fields[1]) if fields else 0
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot; None when it is gone or a zombie."""
-    fields = _stat(pid)
-    return fields[19] if fields and fields[0] not in ("Z", "X") else None
-
-
-def _name(owner: tuple[int, str]) -> str:
+def _name(owner: str) -> str:
     """The server's address: one per DVC process, checkout, interpreter and environment (what
     the imports could depend on; DVC_STAGE differs from stage to stage)."""
     env = sorted((k, v) for k, v in os.environ.items() if k != "DVC_STAGE")
@@ -149,10 +126,10 @@ def _name(owner: tuple[int, str]) -> str:
     return "\0pipeline-warm-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _spawn(name: str, owner: tuple[int, str]) -> None:
+def _spawn(name: str, owner: str) -> None:
     import subprocess
 
-    subprocess.Popen([sys.executable, "-m", "pipeline.warm", name.lstrip("\0"), str(owner[0]), owner[1]],
+    subprocess.Popen([sys.executable, "-m", "pipeline.warm", name.lstrip("\0"), owner],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)  # its own session: the terminal's Ctrl-C reaches the
     # client, which passes it on to its fork; the server itself ends with the DVC process
@@ -188,9 +165,11 @@ def _wait(conn: socket.socket, pid: int) -> None:
 
 # --- the server ----------------------------------------------------------------------------------
 
-def serve(name: str, owner_pid: int, owner_start: str) -> None:
+def serve(name: str, owner: str) -> None:
     import gc
     import select
+
+    from pipeline.processes import process_gone
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -200,7 +179,7 @@ def serve(name: str, owner_pid: int, owner_start: str) -> None:
     listener.listen(8)  # stages that arrive while the imports run wait in the queue
 
     def end_if_orphaned(_sig, _frame):  # DVC stopped (a refused param, Ctrl-C) while we import: stop too
-        if _start_time(owner_pid) != owner_start:
+        if process_gone(owner):
             os._exit(0)
 
     signal.signal(signal.SIGALRM, end_if_orphaned)
@@ -218,7 +197,7 @@ def serve(name: str, owner_pid: int, owner_start: str) -> None:
         forks -= _reaped(forks)
         if forks:
             last = time.monotonic()
-        owner_gone = _start_time(owner_pid) != owner_start
+        owner_gone = process_gone(owner)
         if not forks and (owner_gone or time.monotonic() - last > IDLE_SECONDS):
             return
         if not ready:
@@ -397,4 +376,4 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    serve(sys.argv[1], sys.argv[2])

@@ -186,3 +186,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         slow[item.path.name] = slow.get(item.path.name, 0) + (item.get_closest_marker("slow") is not None)
     items.sort(key=lambda item: -slow[item.path.name])  # stable: within a file, as written
 
+
+def left_over(project: Path) -> list[str]:
+    """Live processes working inside `project` (Linux: read from /proc): their command lines."""
+    out, project = [], project.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and \
+                    proc.joinpath("cwd").resolve().is_relative_to(project):
+                out.append(proc.joinpath("cmdline").read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return out
+
+
+def gone(project: Path, within_s: float = 15) -> list[str]:
+    """`left_over(project)` once it is empty or `within_s` have passed."""
+    import time
+
+    deadline = time.time() + within_s
+    while (left := left_over(project)) and time.time() < deadline:
+        time.sleep(0.1)
+    return left

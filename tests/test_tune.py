@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.training import trial
-from tests.conftest import TINY, clean_env, run, set_params
+from tests.conftest import TINY, clean_env, gone, left_over, run, set_params
 
 
 def tune(project: Path, *args: str, check: bool = True):
@@ -194,35 +194,15 @@ def test_an_extended_study_proposes_new_points_reproducibly(quick: Path):
     assert proposals() == proposals() == lrs
 
 
-def _left_over(project: Path) -> list[str]:
-    """Live processes working inside `project` (tune's dvc and its stage)."""
-    out, project = [], project.resolve()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and \
-                    proc.joinpath("cwd").resolve().is_relative_to(project):
-                out.append(proc.joinpath("cmdline").read_text().replace("\0", " "))
-        except OSError:
-            continue
-    return out
-
-
 def _tune_mid_trial(project: Path) -> subprocess.Popen:
     """`tune` started with a trial that sleeps; returned once the trial's stage runs."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--trials", "3", "-S", "epochs=100"],
                             cwd=project, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not any("time.sleep" in c for c in _left_over(project)) and time.time() < deadline:
+    while not any("time.sleep" in c for c in left_over(project)) and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     return proc
-
-
-def _gone(project: Path, within_s: float = 15) -> list[str]:
-    deadline = time.time() + within_s
-    while (left := _left_over(project)) and time.time() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 @pytest.mark.slow
@@ -230,12 +210,12 @@ def _gone(project: Path, within_s: float = 15) -> list[str]:
 def test_a_killed_tune_leaves_no_trial_running_and_no_process(quick: Path):
     tuner = _tune_mid_trial(quick)
     tuner.send_signal(signal.SIGTERM)  # as `kill`, a CI timeout: the trial is ended and marked at once
-    assert tuner.wait(timeout=30) == 130 and not _gone(quick)
+    assert tuner.wait(timeout=30) == 130 and not gone(quick)
     assert [t.state.name for t in trials_of(quick)] == ["FAIL"]
     tuner = _tune_mid_trial(quick)
     tuner.kill()  # kill -9: nothing of tune runs; the kernel tells the trial's guard, which ends it
     tuner.wait()
-    assert not _gone(quick), _left_over(quick)
+    assert not gone(quick), left_over(quick)
     assert not list(quick.glob(".dvc/tmp/exps/standalone/tmp*"))  # dvc outlived its stage and cleaned up
     assert [t.state.name for t in trials_of(quick)] == ["FAIL", "RUNNING"]
     out = tune(quick, "--trials", "2").stdout  # the next tune fails what the killed one left RUNNING

@@ -15,30 +15,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import warm
-from tests.conftest import clean_env, make_project, run, set_params
+from tests.conftest import clean_env, gone, left_over, make_project, run, set_params
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets, /proc: Linux")
-
-
-def processes_in(project: Path) -> list[str]:
-    """The command lines of the processes (ours) working in `project`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(project):
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(cmd)
-        except OSError:
-            continue
-    return found
-
-
-def none_left(project: Path, within: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + within
-    while (left := processes_in(project)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def warm_start(project: Path) -> bool:
@@ -51,13 +30,13 @@ def test_a_warm_repro_writes_the_bytes_of_a_cold_one_and_leaves_nothing_running(
     run(["dvc", "repro"], project, PIPELINE_WARM="0")
     assert warm_start(project) is False
     cold = (project / "dvc.lock").read_text()
-    assert none_left(project) == []
+    assert gone(project, within_s=5) == []
 
     out = run(["dvc", "repro", "-f"], project).stdout
     assert warm_start(project) is True  # train ran in a fork of the server that check started
     assert (project / "dvc.lock").read_text() == cold  # every output, the same bytes
     assert "test accuracy" in out  # report's end block reached DVC's stdout through the fork
-    assert none_left(project) == []  # the server ended with DVC
+    assert gone(project, within_s=5) == []  # the server ended with DVC
 
 
 @pytest.mark.slow
@@ -73,7 +52,7 @@ def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path:
     while not (project / "checkpoints/last.pt").exists():  # train has run an epoch, in a fork
         assert dvc.poll() is None and time.monotonic() < deadline, dvc.stderr.read() if dvc.poll() is not None else ""
         time.sleep(0.1)
-    assert any("-m pipeline.warm" in cmd for cmd in processes_in(project))  # train runs in its fork
+    assert any("-m pipeline.warm" in cmd for cmd in left_over(project))  # train runs in its fork
     if kill == "group":
         os.killpg(dvc.pid, signal.SIGTERM)
     else:
@@ -83,7 +62,7 @@ def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path:
         os.kill(int(client[0].name), signal.SIGKILL)
     dvc.wait(timeout=60)
     assert dvc.returncode != 0
-    assert none_left(project, within=15) == []
+    assert gone(project, within_s=15) == []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -118,12 +97,12 @@ def test_a_stage_starts_cold_outside_dvc_and_when_switched_off(monkeypatch):
 
 
 def test_the_servers_name_follows_the_dvc_process_and_the_environment(monkeypatch):
-    a = warm._name((100, "5"))
-    assert warm._name((101, "5")) != a and warm._name((100, "6")) != a
+    a = warm._name("host 100 5.00")
+    assert warm._name("host 101 5.00") != a and warm._name("host 100 6.00") != a
     monkeypatch.setenv("DVC_STAGE", "evaluate")
-    assert warm._name((100, "5")) == a  # the stage it runs is not part of it
+    assert warm._name("host 100 5.00") == a  # the stage it runs is not part of it
     monkeypatch.setenv("TORCH_HOME", "/elsewhere")
-    assert warm._name((100, "5")) != a
+    assert warm._name("host 100 5.00") != a
 
 
 def test_a_refused_param_stops_the_server_with_dvc(tmp_path: Path):
@@ -132,4 +111,4 @@ def test_a_refused_param_stops_the_server_with_dvc(tmp_path: Path):
     set_params(project, model="no_such_model")  # download does not read it; check refuses it
     out = run(["dvc", "repro"], project, check=False)
     assert out.returncode != 0 and "no_such_model" in out.stderr, out.stderr
-    assert none_left(project, within=1.5) == []
+    assert gone(project, within_s=1.5) == []

@@ -41,14 +41,15 @@ def run(conformal_alpha: float = 0.0, export: ExportParams = ExportParams()) -> 
     card, prep = model_card(ckpt, conformal_alpha), preprocessing(ckpt)
     x, _ = load_split("test", paths.PREPARED_DIR)
     checked = parity_subset(len(x))
-    judged = x if export.int8 else x[checked]  # an INT8 model is judged on every test image
+    sample = x[checked]
+    judged = x if export.int8 else sample  # an INT8 model is judged on every test image
     x_float = prep.model_input(torch.from_numpy(np.array(judged))).numpy()
     with atomic_path(paths.ONNX_MODEL) as tmp:
         labels = is_multilabel(ckpt)  # then the graph gives each label's probability too
         exporter = export_onnx(WithProbabilities(model) if labels else model, prep.image_size, tmp, onnx_metadata(card),
                                ("logits", "probabilities") if labels else ("logits",))
         ort_logits = onnx_logits(tmp, x_float)
-        metrics = parity(predict_logits(model, x[checked], prep), ort_logits[checked] if export.int8 else ort_logits)
+        metrics = parity(predict_logits(model, sample, prep), ort_logits[checked] if export.int8 else ort_logits)
         check_parity(metrics)
         timing = batch1_latency(model, tmp, x_float[:1])
         write_json(paths.ONNX_META, card)
