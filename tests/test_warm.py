@@ -56,10 +56,9 @@ def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path:
     if kill == "group":
         os.killpg(dvc.pid, signal.SIGTERM)
     else:
-        client = [p for p in Path("/proc").iterdir() if p.name.isdigit()
-                  and (p / "cmdline").read_bytes() == b"python\0-m\0stages.train\0"]
+        client = _stage_processes(project, b"python\0-m\0stages.train\0")
         assert len(client) == 1
-        os.kill(int(client[0].name), signal.SIGKILL)
+        os.kill(client[0], signal.SIGKILL)
     dvc.wait(timeout=60)
     assert dvc.returncode != 0
     assert gone(project, within_s=15) == []
@@ -68,6 +67,19 @@ def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path:
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and all(r.info.status != "RUNNING" for r in runs)  # the fork ended its run on SIGTERM
+
+
+def _stage_processes(project: Path, cmdline: bytes) -> list[int]:
+    """Pids of the processes in `project` (not another test's, run beside this one) with `cmdline`."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.joinpath("cmdline").read_bytes() == cmdline and \
+                    proc.joinpath("cwd").resolve().is_relative_to(project.resolve()):
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
 
 
 def test_the_server_imports_none_of_our_code_and_starts_no_python_thread():
