@@ -4,8 +4,11 @@ per stage.
 
 Each DVC stage is its own Python process, and a stage that touches a model spends its first
 seconds importing them: 4.4 s of train's start-up on 2 cores, 3.6 s of evaluate's, 2.5 s of
-export's, 1.6 s of report's. So the first such stage (check) starts a server that imports them
-once, beside it, and the later ones (train, evaluate, export, report) run in a fork of it:
+export's, 1.6 s of report's, 1.1 s of prepare's. So the first such stage (check) starts a server
+that imports them once, and every stage but download (which imports little) runs in a fork of it.
+The server imports in groups and forks a stage as soon as what it needs is in: check once torch
+and timm are (it would have imported them itself), prepare once pandas and matplotlib are, while
+the rest (MLflow, scikit-learn, ONNX) comes in beside them; train and the later stages find all.
 - The stage runs in a fresh fork, with the stage process's arguments, working directory,
   environment and stdin/stdout/stderr, in a process group of its own. Our own code (`pipeline`,
   `stages`) is never imported by the server: each fork imports this checkout's code, as a cold
@@ -34,17 +37,21 @@ import time
 
 OFF_ENV = "PIPELINE_WARM"  # 0: every stage starts its own interpreter
 FORK_ENV = "PIPELINE_WARM_FORK"  # the pid of a stage that runs in a fork of the server (`forked()`)
-# The stages that import the heavy libraries (download and prepare start in well under a second).
-STAGES = ("stages.check", "stages.train", "stages.evaluate", "stages.export", "stages.report")
-# What the server imports, in order (seconds on 2 cores, cold): a fork starts with these loaded.
+# What the server imports, in order, each group for the stages named beside it (seconds on 2 cores,
+# cold): a stage is forked once its group and those before it are in; the other stages (None) wait for all.
 PRELOAD = (
-    "torch", "torchvision", "timm",           # 3.3 s
-    "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.tracking",  # 1.6 s
-    "matplotlib", "matplotlib.pyplot", "pandas",  # 0.6 s
-    "sklearn.metrics", "sklearn.manifold", "sklearn.decomposition", "cleanlab.filter",  # 1.3 s
-    "onnx", "torch.onnx",  # (not onnxruntime: 0.1 s, and its import starts a thread of its own)
-    "PIL.Image", "pydantic", "yaml", "psutil", "tabulate",
+    (("stages.check",), ("torch", "torchvision", "timm", "pydantic", "yaml", "psutil")),  # 3.3 s
+    (("stages.prepare",), ("PIL.Image", "PIL.JpegImagePlugin", "matplotlib", "matplotlib.pyplot", "pandas",
+                           "scipy.sparse.csgraph", "tqdm")),  # 0.8 s
+    (None, ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.tracking",  # 1.6 s
+            # the map of installed packages MLflow builds when a model is logged (0.7 s of report)
+            "mlflow.utils.requirements_utils:_init_modules_to_packages_map",
+            "sklearn.metrics", "sklearn.manifold", "sklearn.decomposition", "cleanlab.filter",  # 1.3 s
+            "onnx", "torch.onnx", "tabulate")),  # (not onnxruntime: 0.1 s, and its import starts a thread of its own)
 )
+# The stages that run in a fork (download starts in well under a second: it always starts cold).
+STAGES = ("stages.check", "stages.prepare", "stages.train", "stages.evaluate", "stages.export", "stages.report")
+FIRST = "stages.check"  # where a server starts: this stage waits for it (it would import the same itself)
 IDLE_SECONDS = 600
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
 
@@ -67,22 +74,40 @@ def delegate() -> None:
     if owner is None:
         return
     name = _name(owner)
-    try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        conn.connect(name)
-    except OSError:  # none yet: start one for the stages to come; this one starts cold
+    conn = _connect(name)
+    if conn is None:  # none yet: start one for the stages to come; check waits for its first imports
         _spawn(name, owner)
-        return
+        if module != FIRST or (conn := _connect(name, within_s=5.0)) is None:
+            return  # another stage starts cold
     request = {"module": module, "argv": sys.orig_argv[3:], "cwd": os.getcwd(), "env": dict(os.environ)}
     try:
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
-        reply = _receive(conn)
+        reply = _receive(conn)  # once the server has imported what the stage needs
     except OSError:
         reply = None
+    except KeyboardInterrupt:  # Ctrl-C before the stage began: as run_cli says it
+        print("interrupted", file=sys.stderr)
+        os._exit(130)
     if reply is None or "pid" not in reply:  # the server could not take it (or died): cold
         conn.close()
         return
     _wait(conn, reply["pid"])
+
+
+def _connect(name: str, within_s: float = 0.0) -> socket.socket | None:
+    """A connection to the server `name`; None when there is none (after `within_s` of trying:
+    a server just started binds its name in ~0.1 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            conn.connect(name)
+            return conn
+        except OSError:
+            conn.close()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
 
 def _stage_module() -> str | None:
@@ -166,6 +191,8 @@ def _wait(conn: socket.socket, pid: int) -> None:
 # --- the server ----------------------------------------------------------------------------------
 
 def serve(name: str, owner: str) -> None:
+    """Import PRELOAD group by group, forking each stage that asks once what it needs is in;
+    end with the DVC process `owner` (once no stage of it runs), or after IDLE_SECONDS idle."""
     import gc
     import select
 
@@ -177,54 +204,105 @@ def serve(name: str, owner: str) -> None:
     except OSError:  # another stage started one first
         return
     listener.listen(8)  # stages that arrive while the imports run wait in the queue
+    listener.setblocking(False)
 
     def end_if_orphaned(_sig, _frame):  # DVC stopped (a refused param, Ctrl-C) while we import: stop too
         if process_gone(owner):
-            os._exit(0)
+            os._exit(0)  # (a stage forked meanwhile is ended by its monitor, which outlives this)
 
     signal.signal(signal.SIGALRM, end_if_orphaned)
     signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)  # (a timer, not a thread: a fork copies one thread only)
     gc.disable()
-    problem = _preload()
+    forks: set[int] = set()
+    waiting: list[tuple] = []  # (connection, request, descriptors) of stages that wait for their imports
+    problem = None
+    for group, (_, modules) in enumerate(PRELOAD):
+        for i, module in enumerate(modules, start=1):  # a stage that asks waits for one import at most
+            problem = problem or _preload([module])
+            waiting = _start(_accepted(listener, waiting), group + (i == len(modules)), problem, forks, listener)
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     gc.freeze()
     gc.enable()
-    forks: set[int] = set()
     last = time.monotonic()
     while True:
         ready, _, _ = select.select([listener], [], [], 0.5)
         forks -= _reaped(forks)
         if forks:
             last = time.monotonic()
-        owner_gone = process_gone(owner)
-        if not forks and (owner_gone or time.monotonic() - last > IDLE_SECONDS):
+        if process_gone(owner):
+            problem = "the DVC process has ended"
+            if not forks:
+                return
+        if not forks and time.monotonic() - last > IDLE_SECONDS:
             return
-        if not ready:
-            continue
-        conn, _ = listener.accept()
+        if ready:
+            _start(_accepted(listener, []), len(PRELOAD), problem, forks, listener)
+
+
+def _accepted(listener: socket.socket, waiting: list[tuple]) -> list[tuple]:
+    """`waiting` and the stages that have connected since, with their requests (from this user only)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return waiting
         uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-        if uid != os.getuid() or problem or owner_gone:
-            conn.close()  # the client starts cold
+        try:
+            conn.settimeout(5.0)  # (a client sends its request as soon as it is connected)
+            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            request = json.loads(data)
+            conn.settimeout(None)
+        except (OSError, ValueError):
+            conn.close()
             continue
-        pid = os.fork()
-        if pid == 0:
+        if uid != os.getuid():
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            continue
+        waiting.append((conn, request, fds))
+
+
+def _group(module: str) -> int:
+    """How many of PRELOAD's groups the stage `module` waits for."""
+    return next((i for i, (stages, _) in enumerate(PRELOAD, start=1) if stages and module in stages), len(PRELOAD))
+
+
+def _start(waiting: list[tuple], loaded: int, problem: str | None, forks: set[int], listener: socket.socket
+           ) -> list[tuple]:
+    """Fork the stages of `waiting` whose imports are in (`loaded` groups of PRELOAD), or send them
+    away to start cold when this process cannot be forked safely (`problem`); the others, still waiting."""
+    later = []
+    for conn, request, fds in waiting:
+        if not problem and _group(request.get("module", "")) > loaded:
+            later.append((conn, request, fds))
+            continue
+        if not problem and (pid := os.fork()) == 0:
             listener.close()
-            _monitor(conn)  # never returns
-        conn.close()
-        forks.add(pid)
+            _monitor(conn, request, fds)  # never returns
+        elif not problem:
+            forks.add(pid)
+        for fd in fds:
+            os.close(fd)
+        conn.close()  # (refused: the client starts cold)
+    return later
 
 
-def _preload() -> str | None:
-    """Import PRELOAD; what keeps this process from being forked safely, if anything."""
+def _preload(modules=None) -> str | None:
+    """Import `modules` (all of PRELOAD's by default) and call those named "module:function";
+    return what keeps this process from being forked safely, if anything."""
     import importlib
 
     # CUDA must not start before a fork (the fork could not use it): none of these imports starts it,
     # and a library that asks torch.cuda.is_available() at import gets NVML's answer, which starts nothing.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    for module in PRELOAD:
+    for entry in modules if modules is not None else [m for _, group in PRELOAD for m in group]:
+        module, _, function = entry.partition(":")  # "module:function": a cache the function fills
         try:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
+            if function:
+                getattr(loaded, function)()
         except Exception:  # noqa: BLE001  (not installed, or broken: the stage that needs it says so)
             pass
     # A fork copies only the thread that forks. The libraries' own pools (OpenBLAS, jemalloc: idle
@@ -250,14 +328,12 @@ def _reaped(pids: set[int]) -> set[int]:
     return done
 
 
-def _monitor(conn: socket.socket) -> None:
+def _monitor(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """One stage: fork it, tell the client its pid, wait for it, send its status; end it when the
     client goes away."""
     import select
 
     try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        request = json.loads(data)
         pid = os.fork()
         if pid == 0:
             _run_stage(request, fds, conn)  # never returns
@@ -299,7 +375,7 @@ def _run_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])

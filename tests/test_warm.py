@@ -102,8 +102,8 @@ def test_a_stage_starts_cold_outside_dvc_and_when_switched_off(monkeypatch):
                 m.setenv(key, value)
             assert not warm._eligible()
     assert warm._dvc_owner() is None  # pytest's parent is no DVC
-    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "stages.prepare"])
-    assert warm._stage_module() is None  # the light stages start cold
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "stages.download"])
+    assert warm._stage_module() is None  # the light stage starts cold
     monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "importtime", "-m", "stages.train"])
     assert warm._stage_module() is None  # interpreter options the fork could not honour: cold
 
@@ -124,3 +124,38 @@ def test_a_refused_param_stops_the_server_with_dvc(tmp_path: Path):
     out = run(["dvc", "repro"], project, check=False)
     assert out.returncode != 0 and "no_such_model" in out.stderr, out.stderr
     assert gone(project, within_s=1.5) == []
+
+
+def test_a_stage_is_forked_once_its_own_imports_are_in_not_all(tmp_path: Path):
+    """PRELOAD's groups: a stage named in the first one starts while the server still imports
+    the second (here a module that takes 3 s); a stage named nowhere waits for all."""
+    import socket
+
+    from pipeline.processes import this_process
+
+    (tmp_path / "first_import.py").write_text("import time\ntime.sleep(1)\n")
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(3)\n")
+    for stage in ("early_stage", "late_stage"):
+        (tmp_path / f"{stage}.py").write_text("import sys, time\nprint(time.time(), 'slow_import' in sys.modules)\n")
+    name = f"pipeline-warm-test-{os.getpid()}"
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline import warm; "
+                               "warm.PRELOAD = ((('early_stage',), ('first_import',)), (None, ('slow_import',))); "
+                               "warm.serve(sys.argv[1], sys.argv[2])", name, this_process()],
+                              env=clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{Path.cwd()}"))
+    try:
+        started, conns = time.time(), {}
+        for stage in ("early_stage", "late_stage"):  # both ask while the server imports first_import
+            conns[stage] = warm._connect("\0" + name, within_s=5.0)
+            with open(os.devnull) as stdin, open(tmp_path / f"{stage}.out", "w") as stdout:
+                request = {"module": stage, "argv": [], "cwd": str(tmp_path), "env": clean_env()}
+                socket.send_fds(conns[stage], [json.dumps(request).encode()], [stdin.fileno(), stdout.fileno(), 2])
+        ran = {}
+        for stage, conn in conns.items():
+            assert "pid" in warm._receive(conn) and warm._receive(conn)["status"] == 0
+            at, loaded = (tmp_path / f"{stage}.out").read_text().split()
+            ran[stage] = (float(at) - started, loaded)
+        assert ran["early_stage"][0] < 3 and ran["early_stage"][1] == "False", ran  # while slow_import ran
+        assert ran["late_stage"][0] >= 4 and ran["late_stage"][1] == "True", ran
+    finally:
+        server.kill()
+        server.wait()
