@@ -183,7 +183,7 @@ def check_parity(result: dict) -> None:
         )
 
 
-def latency_ms(fn: Callable[[], object], warmup: int = 10, runs: int = 100, budget_s: float = 2.0) -> dict:
+def latency_ms(fn: Callable[[], object], warmup: int = 5, runs: int = 50, budget_s: float = 1.0) -> dict:
     """p50/p95 wall time of `fn()` in ms: `warmup` untimed calls, then up to `runs` timed ones,
     stopping early once `budget_s` is spent (at least 10 timed calls), so a big model stays quick."""
     for _ in range(warmup):
