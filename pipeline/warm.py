@@ -73,25 +73,32 @@ def delegate() -> None:
     owner = _dvc_owner()
     if owner is None:
         return
-    name = _name(owner)
+    try:
+        conn, pid = _handed_over(module, _name(owner), owner)
+    except KeyboardInterrupt:  # Ctrl-C before the stage began: as run_cli says it
+        print("interrupted", file=sys.stderr)
+        os._exit(130)
+    if conn is not None:
+        _wait(conn, pid)
+
+
+def _handed_over(module: str, name: str, owner: str) -> tuple[socket.socket | None, int]:
+    """(connection, pid) of the fork that runs the stage; (None, 0) to start cold."""
     conn = _connect(name)
     if conn is None:  # none yet: start one for the stages to come; check waits for its first imports
         _spawn(name, owner)
         if module != FIRST or (conn := _connect(name, within_s=5.0)) is None:
-            return  # another stage starts cold
+            return None, 0  # another stage starts cold
     request = {"module": module, "argv": sys.orig_argv[3:], "cwd": os.getcwd(), "env": dict(os.environ)}
     try:
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = _receive(conn)  # once the server has imported what the stage needs
     except OSError:
         reply = None
-    except KeyboardInterrupt:  # Ctrl-C before the stage began: as run_cli says it
-        print("interrupted", file=sys.stderr)
-        os._exit(130)
     if reply is None or "pid" not in reply:  # the server could not take it (or died): cold
         conn.close()
-        return
-    _wait(conn, reply["pid"])
+        return None, 0
+    return conn, reply["pid"]
 
 
 def _connect(name: str, within_s: float = 0.0) -> socket.socket | None:
