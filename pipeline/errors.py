@@ -29,6 +29,7 @@ def run_cli(main: Callable[[], object]) -> None:
     interruption (Ctrl-C, SIGTERM) exit 130; anything unexpected one line naming the error
     and exit 1 (PIPELINE_TRACEBACK=1 shows the traceback)."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (stages/__init__.py's handler until here)
     gc.freeze()  # what the imports made lives until the exit: no collection walks it again
     gc.enable()  # (a stage's imports ran without it: stages/__init__.py)
     if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: an OSError naming the file, not a core dump

@@ -159,3 +159,16 @@ def test_a_stage_is_forked_once_its_own_imports_are_in_not_all(tmp_path: Path):
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "check"])
+def test_ctrl_c_while_a_stage_imports_is_one_line(tmp_path: Path, stage: str):
+    """Ctrl-C before run_cli is reached (torch & co. still importing): "interrupted" and exit 130,
+    no traceback from inside a library."""
+    project = make_project(tmp_path / "project")
+    proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=clean_env(PIPELINE_WARM="0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n", err
