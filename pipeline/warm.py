@@ -52,6 +52,7 @@ PRELOAD = (
 # The stages that run in a fork (download starts in well under a second: it always starts cold).
 STAGES = ("stages.check", "stages.prepare", "stages.train", "stages.evaluate", "stages.export", "stages.report")
 FIRST = "stages.check"  # where a server starts: this stage waits for it (it would import the same itself)
+STARTER = "stages.download"  # runs cold, but starts the server when it comes first (the imports begin sooner)
 IDLE_SECONDS = 600
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
 
@@ -85,6 +86,12 @@ def delegate() -> None:
 def _handed_over(module: str, name: str, owner: str) -> tuple[socket.socket | None, int]:
     """(connection, pid) of the fork that runs the stage; (None, 0) to start cold."""
     conn = _connect(name)
+    if module == STARTER:
+        if conn is None:
+            _spawn(name, owner)
+        else:
+            conn.close()
+        return None, 0
     if conn is None:  # none yet: start one for the stages to come; check waits for its first imports
         _spawn(name, owner)
         if module != FIRST or (conn := _connect(name, within_s=5.0)) is None:
@@ -119,7 +126,7 @@ def _connect(name: str, within_s: float = 0.0) -> socket.socket | None:
 
 def _stage_module() -> str | None:
     argv = getattr(sys, "orig_argv", [])
-    if len(argv) >= 3 and argv[1] == "-m" and argv[2] in STAGES:  # plain `python -m stages.NAME`
+    if len(argv) >= 3 and argv[1] == "-m" and argv[2] in (*STAGES, STARTER):  # plain `python -m stages.NAME`
         return argv[2]
     return None
 

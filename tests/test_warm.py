@@ -103,7 +103,7 @@ def test_a_stage_starts_cold_outside_dvc_and_when_switched_off(monkeypatch):
             assert not warm._eligible()
     assert warm._dvc_owner() is None  # pytest's parent is no DVC
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "stages.download"])
-    assert warm._stage_module() is None  # the light stage starts cold
+    assert warm._stage_module() == warm.STARTER  # (it starts cold, and starts the server: below)
     monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "importtime", "-m", "stages.train"])
     assert warm._stage_module() is None  # interpreter options the fork could not honour: cold
 
@@ -172,3 +172,21 @@ def test_ctrl_c_while_a_stage_imports_is_one_line(tmp_path: Path, stage: str):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "interrupted\n", err
+
+
+def test_download_runs_cold_and_starts_the_server_for_the_stages_after_it():
+    import psutil
+
+    from pipeline.processes import this_process
+
+    name = f"\0pipeline-warm-test-starter-{os.getpid()}"
+    assert warm._handed_over(warm.STARTER, name, this_process()) == (None, 0)  # cold, at once
+    conn = warm._connect(name, within_s=5.0)
+    assert conn is not None  # a server is there for check
+    conn.close()
+    server = [p for p in psutil.Process().children() if "pipeline.warm" in " ".join(p.cmdline())]
+    assert len(server) == 1
+    assert warm._handed_over(warm.STARTER, name, this_process()) == (None, 0)  # a second: no second server
+    assert len([p for p in psutil.Process().children() if "pipeline.warm" in " ".join(p.cmdline())]) == 1
+    server[0].kill()
+    server[0].wait(10)
