@@ -74,11 +74,7 @@ def delegate() -> None:
     owner = _dvc_owner()
     if owner is None:
         return
-    try:
-        conn, pid = _handed_over(module, _name(owner), owner)
-    except KeyboardInterrupt:  # Ctrl-C before the stage began: as run_cli says it
-        print("interrupted", file=sys.stderr)
-        os._exit(130)
+    conn, pid = _handed_over(module, _name(owner), owner)  # (Ctrl-C meanwhile: stages/__init__.py's handler)
     if conn is not None:
         _wait(conn, pid)
 
@@ -262,17 +258,15 @@ def _accepted(listener: socket.socket, waiting: list[tuple]) -> list[tuple]:
         except BlockingIOError:
             return waiting
         uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if uid != os.getuid():  # another user: not even read
+            conn.close()
+            continue
         try:
             conn.settimeout(5.0)  # (a client sends its request as soon as it is connected)
             data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
             request = json.loads(data)
             conn.settimeout(None)
         except (OSError, ValueError):
-            conn.close()
-            continue
-        if uid != os.getuid():
-            for fd in fds:
-                os.close(fd)
             conn.close()
             continue
         waiting.append((conn, request, fds))
@@ -292,10 +286,11 @@ def _start(waiting: list[tuple], loaded: int, problem: str | None, forks: set[in
         if not problem and _group(request.get("module", "")) > loaded:
             later.append((conn, request, fds))
             continue
-        if not problem and (pid := os.fork()) == 0:
-            listener.close()
-            _monitor(conn, request, fds)  # never returns
-        elif not problem:
+        if not problem:
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                _monitor(conn, request, fds)  # never returns
             forks.add(pid)
         for fd in fds:
             os.close(fd)
