@@ -22,13 +22,14 @@ from pipeline.models import build_model
 from pipeline.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
+VAL_LOGITS_MAX = 1 << 20  # values (4 MB): e.g. 10,000 validation images of 100 classes
 
 
 def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state_dict: dict,
                     classes: list[str], prep: Preprocessing, params: dict[str, Any], summary: dict[str, Any],
                     data_hash: str = "", temperature: float | None = None,
                     thresholds: list[float] | None = None, conformal_scores: list[float] | None = None,
-                    fingerprint: str = "") -> None:
+                    fingerprint: str = "", val_logits: np.ndarray | None = None) -> None:
     """`data_hash`: the prepared data it was trained on (an ensemble refuses members trained on
     another split); `fingerprint`: what made the training run (its params, data and the code the
     train stage executes, `pipeline.training.run.fingerprint`), so that an edit of that code gives
@@ -37,7 +38,9 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
     `thresholds`: task=multilabel, each label's threshold on its calibrated probability (the
     checkpoint then says `task: multilabel`; a one-class-per-image checkpoint has neither key);
     `conformal_scores`: the validation images' conformal scores (`pipeline.conformal`), from which
-    any α's prediction-set threshold follows."""
+    any α's prediction-set threshold follows; `val_logits`: the kept weights' logits of the
+    validation split, kept when at most VAL_LOGITS_MAX values (evaluate's label issues then
+    need no second pass over the split)."""
     assert prep.complete, "a checkpoint needs the mean/std its model was trained with"
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -57,6 +60,8 @@ def save_checkpoint(path: Path, *, arch: str, arch_kwargs: dict[str, Any], state
         ckpt |= {"task": "multilabel", "thresholds": [float(v) for v in thresholds]}
     if conformal_scores is not None:
         ckpt["conformal_scores"] = [float(v) for v in conformal_scores]
+    if val_logits is not None and np.size(val_logits) <= VAL_LOGITS_MAX:
+        ckpt["val_logits"] = torch.as_tensor(np.asarray(val_logits, dtype=np.float32))
     save_torch(ckpt, path)  # the same checkpoint, the same bytes
 
 
@@ -87,6 +92,13 @@ def conformal_threshold(ckpt: dict[str, Any], alpha: float) -> float | None:
 
     scores = ckpt.get("conformal_scores")
     return None if not alpha or not scores else threshold(np.asarray(scores), alpha)
+
+
+def val_logits(ckpt: dict[str, Any]) -> np.ndarray | None:
+    """The validation split's logits training computed with the kept weights; None when the
+    checkpoint does not keep them (more than VAL_LOGITS_MAX values, or made before they were)."""
+    kept = ckpt.get("val_logits")
+    return None if kept is None else kept.numpy()
 
 
 def is_multilabel(ckpt: dict[str, Any]) -> bool:

@@ -123,7 +123,7 @@ def assert_png_size(path: Path, width_in: float, height_in: float) -> None:
 def test_misclassified_grid_png(tmp_path, n, rows):
     images = np.random.default_rng(0).integers(0, 256, (n, 3, 16, 16), dtype=np.uint8)
     figures.misclassified_grid(images, ["3 → 8 (0.97)"] * n, tmp_path / "m.png", n_test=100)
-    assert_png_size(tmp_path / "m.png", 6 * plots.CELL[0], rows * plots.CELL[1])
+    assert_png_size(tmp_path / "m.png", 6 * plots.CELL[0], rows * plots.CELL[1] + plots.heading_inches("two\nlines"))
 
 
 def test_misclassified_png_says_so_when_there_are_none(tmp_path):

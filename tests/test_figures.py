@@ -139,6 +139,23 @@ def test_misclassified_grid_with_one_image_is_narrow(tmp_path):
     assert w < 0.5 * 6 * plots.CELL[0] * plots.DPI  # not six columns' width
 
 
+def test_long_titles_are_wrapped_to_their_cell_and_a_long_heading_widens_the_figure(tmp_path):
+    images = np.zeros((3, 3, 16, 16), dtype=np.uint8)
+    titles = ["automobile → airplane (0.91)", "a → b (0.5)", "a-very-long-single-word-class-name → b (0.9)"]
+    heading = "A heading much wider than one image: " + "x" * 60
+    fig, axes = plots.fixed_grid(3, 3, plots.CELL, 1.0, titles, heading)
+    shown = [ax.get_title() for ax in axes]
+    assert shown[1] == "a → b (0.5)"  # it fits: as it is
+    assert shown[0] == "automobile →\nairplane (0.91)" or shown[0].count("\n") == 1
+    for title in shown[:2]:
+        assert all(plots.text_inches(line, plots.TITLE_PT) <= plots.CELL[0] - plots.GAP for line in title.split("\n"))
+    assert shown[2].split("\n")[0] == "a-very-long-single-word-class-name"  # a word is never cut
+    assert fig.get_size_inches()[0] >= plots.text_inches(heading, plots.SUPTITLE_PT)  # not clipped
+    plots.plt.close(fig)
+    plots.image_grid(images, titles, tmp_path / "g.png", heading, cols=3)
+    assert png_size(tmp_path / "g.png")[0] >= plots.text_inches(heading, plots.SUPTITLE_PT) * plots.DPI
+
+
 def augment_setup(augment: AugmentParams) -> Setup:
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, seed=0, augment=augment)
     return Setup(None, {}, PREP, ["a", "b"], cfg, "", "")
@@ -163,7 +180,7 @@ def test_augmented_samples_pair_each_original_with_its_augmented_version(tmp_pat
 
 def test_pair_figure_labels_the_columns_once():
     images = np.zeros((6, 3, 8, 8), dtype=np.uint8)
-    fig = plots.pair_figure(images, images, [f"c{i}" for i in range(6)], ("original", "augmented"), per_row=4)
+    fig = plots.pair_figure(images, images, [f"c{i}" for i in range(6)], ("original", "augmented"), "pairs", per_row=4)
     drawn = [ax for ax in fig.axes if ax.images]
     headers = [[t.get_text() for t in ax.get_xticklabels()] if ax.axison else [] for ax in drawn]
     assert headers == [["original", "augmented"]] * 4 + [[], []]  # over the first row only

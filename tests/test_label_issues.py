@@ -149,3 +149,32 @@ def test_suspects_png_has_the_stated_pixel_size(flipped_digits, tmp_path, shown)
     with Image.open(tmp_path / "suspects.png") as img:
         assert img.size == li.suspects_size(shown)
     assert li.suspects_size(shown)[0] == li.suspects_size(1)[0]  # always COLS wide
+
+
+def test_without_cross_validation_the_checkpoints_validation_logits_are_used_as_a_pass_of_the_model(
+        flipped_digits, tmp_path, monkeypatch):
+    """evaluate passes the checkpoint's validation logits: the same table as scoring the split
+    with the model, and no pass of the model (None here)."""
+    import torch
+
+    from pipeline import paths
+    from pipeline.checkpoint import predict_logits
+    from pipeline.evaluation import pictures
+    from pipeline.models import build_model
+    from pipeline.preprocess import Preprocessing
+
+    images, _, given, _, _ = flipped_digits
+    monkeypatch.chdir(tmp_path)
+    paths.PREPARED_DIR.mkdir(parents=True)
+    paths.METRICS_DIR.mkdir()
+    np.save(paths.PREPARED_DIR / "val_x.npy", images)
+    np.save(paths.PREPARED_DIR / "val_y.npy", given)
+    torch.manual_seed(0)
+    model = build_model("original", 10, width=8).eval()
+    prep = Preprocessing(8, 8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    tables = []
+    for scorer, logits in ((model, None), (None, predict_logits(model, images, prep))):
+        line = pictures.label_issues(scorer, prep, DIGITS, 1.5, True, val_logits=logits)
+        assert "validation split" in line
+        tables.append(paths.LABEL_ISSUES.read_bytes())
+    assert tables[0] == tables[1]

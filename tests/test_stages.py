@@ -121,6 +121,11 @@ def test_checkpoint_describes_itself_and_reproduces_evaluation(pipeline_run):
     sets = prediction_sets(probs, qhat)
     assert sets[np.arange(len(y)), y].mean() == pytest.approx(results["evaluate"]["coverage"])
     assert "coverage" in pd.read_csv(work / paths.PER_CLASS) and (work / paths.PREDICTION_SETS_PNG).stat().st_size > 0
+    # the validation logits it keeps (evaluate's label issues take them) are the kept weights' own
+    from pipeline.checkpoint import val_logits
+
+    x_val, _ = load_split("val", work / paths.PREPARED_DIR)
+    np.testing.assert_allclose(val_logits(ckpt), predict_logits(model, x_val, preprocessing(ckpt)), atol=1e-4)
 
 
 def ckpt_arch(work) -> str:

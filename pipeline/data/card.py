@@ -153,10 +153,9 @@ def duplicates_figure(pairs: pd.DataFrame, manifest: pd.DataFrame, prepared: Pat
     rights = np.stack([image(p) for p in shown["path_b"]])
     titles = [f"{r.similarity:.3f} {r.split_a}/{r.class_a} · {r.split_b}/{r.class_b}" for r in shown.itertuples()]
     colors = ["firebrick" if a != b else "black" for a, b in zip(shown["split_a"], shown["split_b"])]
-    fig = pair_figure(lefts, rights, titles, ("", ""), per_row, colors, slots)
-    fig.suptitle(f"Duplicates: the most alike pairs (red: in two splits), then the {len(low)} nearest the threshold "
-                 f"({threshold:g})" if len(low) else "Duplicates: the most alike pairs (red: in two splits)", fontsize=10)
-    save(fig, path)
+    heading = (f"Duplicates: the most alike pairs (red: in two splits), then the {len(low)} nearest the threshold "
+               f"({threshold:g})" if len(low) else "Duplicates: the most alike pairs (red: in two splits)")
+    save(pair_figure(lefts, rights, titles, ("", ""), heading, per_row, colors, slots), path, whole=True)
     return True
 
 

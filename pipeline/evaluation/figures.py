@@ -19,7 +19,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize, PowerNorm
 
 from pipeline.evaluation.metrics import normalize_rows
-from pipeline.plots import image_grid, note_figure, pair_figure, plt, save
+from pipeline.plots import HEADER_IN, heading_inches, image_grid, note_figure, pair_figure, plt, save
 
 CM_MAX_SIDE = 15.0   # inches: the matrix itself at most (100 classes: 0.15 in = 11 pt a cell)
 CM_SIDE_10 = 6.0     # inches: the matrix of 10 classes (0.6 in a cell); it grows with √classes
@@ -148,6 +148,7 @@ def misclassified_grid(images: np.ndarray, titles: Sequence[str], path: Path, n_
 
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.5  # the heat map's weight over the grey image
+BAR_IN = 1.0      # inches right of the Grad-CAM grid: its colour bar and the bar's label
 
 
 def heat_overlay(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
@@ -165,25 +166,29 @@ def gradcam_grid_figure(images: np.ndarray, heatmaps: np.ndarray, titles: Sequen
     n_right = int((~mistakes).sum())
     first_wrong = -(-n_right // per_row) * per_row  # the mistakes start a row of their own
     slots = [i if i < n_right else first_wrong + i - n_right for i in range(len(images))]
-    fig = pair_figure(images, heat_overlay(images, heatmaps), titles, ("image", "Grad-CAM"), per_row,
-                      colors=["tab:red" if m else "black" for m in mistakes], slots=slots)
-    # the bar's colours are the heat map's over mid-grey, as it shows on an average pixel
-    bar = ListedColormap((1 - HEAT_ALPHA) * 0.5 + HEAT_ALPHA * plt.get_cmap(HEAT_CMAP)(np.linspace(0, 1, 256))[:, :3])
-    fig.colorbar(ScalarMappable(Normalize(0, 1), bar), ax=fig.axes, shrink=min(1.0, 4.0 / fig.get_figheight()),
-                 label="Grad-CAM weight (0: no evidence, 1: the strongest)")
     n_wrong = len(images) - n_right
     wrong = (f"then the {n_wrong} most confident mistakes (red: true → predicted (confidence))." if n_wrong
              else "no mistakes among the test images.")
     caption = caption or ("Grad-CAM: where the model finds the evidence for the class it predicted; each test image "
                           f"(left) beside its heat map over it in grey (right). {n_right} correct (black: class ✓ "
                           f"confidence), {wrong}")
-    fig.suptitle(textwrap.fill(caption, width=int(14 * per_row * 2.5)), fontsize=10)
+    fig = pair_figure(images, heat_overlay(images, heatmaps), titles, ("image", "Grad-CAM"),
+                      textwrap.fill(caption, width=int(14 * per_row * 2.5)), per_row,
+                      colors=["tab:red" if m else "black" for m in mistakes], slots=slots, right=BAR_IN)
+    # the bar's colours are the heat map's over mid-grey, as it shows on an average pixel
+    bar = ListedColormap((1 - HEAT_ALPHA) * 0.5 + HEAT_ALPHA * plt.get_cmap(HEAT_CMAP)(np.linspace(0, 1, 256))[:, :3])
+    width, height = fig.get_size_inches()
+    grid_top = heading_inches(fig.get_suptitle()) + HEADER_IN
+    bar_h = min(4.0, 0.8 * (height - grid_top))
+    below = grid_top + (height - grid_top + bar_h) / 2
+    cax = fig.add_axes(((width - 0.85) / width, 1 - below / height, 0.15 / width, bar_h / height), label="<colorbar>")
+    fig.colorbar(ScalarMappable(Normalize(0, 1), bar), cax=cax, label="Grad-CAM weight (0: no evidence, 1: the strongest)")
     return fig
 
 
 def gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], mistakes: np.ndarray,
                  path: Path, per_row: int = 4, caption: str | None = None) -> None:
-    save(gradcam_grid_figure(images, heatmaps, titles, mistakes, per_row, caption), path)
+    save(gradcam_grid_figure(images, heatmaps, titles, mistakes, per_row, caption), path, whole=True)
 
 
 RELIABILITY_SIZE = (10.0, 4.4)  # inches, two panels

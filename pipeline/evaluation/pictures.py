@@ -47,26 +47,32 @@ def _off(path: Path, key: str) -> str:
     return note
 
 
+INSIDE = ("activations", "filters", "embedding")
+
+
 def inside(model, x: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str], prep, switches,
-           features: np.ndarray | None = None) -> list[str]:
-    """activations.png, filters.png and embedding.png (or notes why not); the notes. `features`:
-    the test images' penultimate features where the scoring pass caught them."""
+           features: np.ndarray | None = None, parts: tuple[str, ...] = INSIDE) -> list[str]:
+    """activations.png, filters.png and embedding.png (those of `parts`), or notes why not; the
+    notes. `features`: the test images' penultimate features where the scoring pass caught them."""
     from pipeline.evaluation import inside as draw
 
-    notes = [draw.activations_figure(model, x, y, classes, prep, paths.ACTIVATIONS_PNG)
-             if switches.activations else _off(paths.ACTIVATIONS_PNG, "activations"),
-             draw.filters_figure(model, prep, paths.FILTERS_PNG)
-             if switches.filters else _off(paths.FILTERS_PNG, "filters"),
-             draw.embedding_figure(model, x, y, probs, classes, prep, paths.EMBEDDING_PNG, features=features)
-             if switches.embedding else _off(paths.EMBEDDING_PNG, "embedding")]
+    pictures = {"activations": (paths.ACTIVATIONS_PNG, lambda: draw.activations_figure(
+                    model, x, y, classes, prep, paths.ACTIVATIONS_PNG)),
+                "filters": (paths.FILTERS_PNG, lambda: draw.filters_figure(model, prep, paths.FILTERS_PNG)),
+                "embedding": (paths.EMBEDDING_PNG, lambda: draw.embedding_figure(
+                    model, x, y, probs, classes, prep, paths.EMBEDDING_PNG, features=features))}
+    notes = [drawn() if getattr(switches, part) else _off(path, part)
+             for part in parts for path, drawn in [pictures[part]]]
     return [n for n in notes if n]
 
 
-def label_issues(model, prep, classes: list[str], temperature: float, on: bool) -> str:
+def label_issues(model, prep, classes: list[str], temperature: float, on: bool,
+                 val_logits: np.ndarray | None = None) -> str:
     """metrics/label_issues.csv and .png: cleanlab on the out-of-fold probabilities of
     cross-validation when it ran (every train+val image, each scored by a model that never saw
     it), else on this model's calibrated probabilities of the validation split (which chose
-    the best epoch, so slightly optimistic). Returns one line saying what was checked."""
+    the best epoch, so slightly optimistic): from `val_logits` (the checkpoint's) where given,
+    else the model scores the split. Returns one line saying what was checked."""
     from pipeline.evaluation import label_issues as li
 
     if not on:
@@ -81,7 +87,8 @@ def label_issues(model, prep, classes: list[str], temperature: float, on: bool) 
         source = f"out-of-fold probabilities of {paths.OOF_PREDICTIONS} (cross-validation, train+val)"
     else:
         x, labels = load_split("val")
-        probs = softmax(scaled(predict_logits(model, x, prep), temperature))
+        logits = val_logits if val_logits is not None else predict_logits(model, x, prep)
+        probs = softmax(scaled(logits, temperature))
         ids = pd.DataFrame({"split": "val", "index": np.arange(len(labels))})
         source = "validation split, probabilities of models/model.pt (crossval.folds: 0)"
     table = li.find_label_issues(ids, labels, probs, classes, source)

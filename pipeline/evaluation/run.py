@@ -17,6 +17,7 @@ from pipeline.checkpoint import (
     predict_logits_and_features,
     preprocessing,
     temperature,
+    val_logits,
 )
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import confusion_matrix, misclassified_grid
@@ -58,7 +59,7 @@ def tta_probabilities(views: list[np.ndarray], t: float = 1.0) -> np.ndarray:
 
 def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[dict, pd.DataFrame, np.ndarray, dict]:
     """(metrics, per-class table, confusion counts, {"plain", "calibrated": probabilities; "features":
-    the penultimate features from the same pass, or None})."""
+    the penultimate features from the same pass, or None; "val_logits": the checkpoint's, or None})."""
     prep, classes, t = preprocessing(ckpt), ckpt["classes"], temperature(ckpt)
     logits, features = predict_logits_and_features(model, x, prep)  # the features: the embedding's
     probs = softmax(logits)
@@ -67,7 +68,8 @@ def score(model, ckpt: dict, x: np.ndarray, y: np.ndarray, tta: str) -> tuple[di
     if tta != "none":
         views = tta_logits(model, x, prep, tta, centre=logits)
         metrics |= tta_metrics(y, tta_probabilities(views), classes) | {"tta_views": len(views)}
-    return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t)), "features": features}
+    return metrics, per_class, cm, {"plain": probs, "calibrated": softmax(scaled(logits, t)), "features": features,
+                                    "val_logits": val_logits(ckpt)}
 
 
 def clean_metrics(y: np.ndarray, pred: np.ndarray, leaked: np.ndarray) -> dict:
@@ -138,10 +140,11 @@ def write_tables(metrics: dict, per_class: pd.DataFrame, cm, y, pred, classes: l
 
 def draw(model, x, y, probs: dict, cm, classes: list[str], prep, metrics: dict, params, sets=None) -> list[str]:
     """Every picture; the notes on what could not be drawn or was switched off (for the report).
-    What the network computes (pictures.inside) is drawn by a fork beside the others: drawing is
-    single-threaded matplotlib, so on two cores the pictures take half the time (10.4 → 5.6 s
-    for ResNet-18 at 64 px on a 2-core CPU), each picture's bytes those of one process drawing all."""
-    def outside() -> list[str | None]:
+    Drawing is single-threaded matplotlib and torch: the filters and the embedding (`there`) are
+    drawn by a fork beside the others, which on two cores takes the time of the longer half, not
+    the sum (about 4 s instead of 8 s for ResNet-18 at 64 px on a 2-core CPU), each picture's
+    bytes those of one process drawing all."""
+    def here() -> list[str | None]:
         plain = probs["plain"]
         draw_sets(sets, probs["calibrated"], y, classes, metrics, params.evaluate.conformal_alpha)
         confusion_matrix(cm, classes, paths.CONFUSION_PNG)
@@ -154,13 +157,15 @@ def draw(model, x, y, probs: dict, cm, classes: list[str], prep, metrics: dict, 
         notes = [gradcam_figure(model, x, y, plain, classes, prep, paths.GRADCAM_PNG),
                  pictures.training_curves(params.plots.smoothing)]
         pictures.reliability(y, plain, probs["calibrated"], metrics)
-        return notes + [pictures.label_issues(model, prep, classes, metrics["temperature"], params.evaluate.label_issues)]
+        notes += inside(("activations",))
+        return notes + [pictures.label_issues(model, prep, classes, metrics["temperature"], params.evaluate.label_issues,
+                                              probs["val_logits"])]
 
-    def inside() -> list[str]:
-        return pictures.inside(model, x, y, probs["plain"], classes, prep, params.evaluate, probs["features"])
+    def inside(parts: tuple[str, ...]) -> list[str]:
+        return pictures.inside(model, x, y, probs["plain"], classes, prep, params.evaluate, probs["features"], parts)
 
-    (*notes, label_note), inside_notes = side_by_side(outside, inside)
-    notes = [n for n in [*notes, *inside_notes, label_note] if n]
+    (*notes, label_note), there = side_by_side(here, lambda: inside(("filters", "embedding")))
+    notes = [n for n in [*notes, *there, label_note] if n]
     for note in notes:
         print(f"evaluate: {note}")
     return notes

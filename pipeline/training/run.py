@@ -132,10 +132,10 @@ def augmented_samples(s: Setup, path: Path, prepared: Path = paths.PREPARED_DIR,
     if s.cfg.augment.resized_crop:
         on = ", ".join(filter(None, [f"resized crop {s.cfg.augment.resized_crop_scale}", on]))
     originals, augmented = np.array(s.prep.center_crop(x[:n])), (aug.numpy() * 255).round().astype(np.uint8)
-    fig = pair_figure(originals, augmented, label_text(y[:n], s.classes), ("original", "augmented"))
-    fig.suptitle(f"Augmented training samples: each image as evaluated (centre crop, left) and as training sees "
-                 f"it (right)\n{on or 'no augmentation'}", fontsize=10)
-    save(fig, path)
+    fig = pair_figure(originals, augmented, label_text(y[:n], s.classes), ("original", "augmented"),
+                      "Augmented training samples: each image as evaluated (centre crop, left) and as training sees "
+                      f"it (right)\n{on or 'no augmentation'}")
+    save(fig, path, whole=True)
     return originals, augmented
 
 
@@ -199,7 +199,8 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
     save_checkpoint(paths.CHECKPOINT, arch=params.model, arch_kwargs=s.arch_kwargs, state_dict=result.best_state,
                     classes=s.classes, prep=s.prep, params=params.model_dump(), summary=summary,
                     data_hash=s.data_hash, temperature=t, thresholds=thresholds(s, result, t),
-                    conformal_scores=conformal_scores(s, result, t), fingerprint=s.cfg.fingerprint)
+                    conformal_scores=conformal_scores(s, result, t), fingerprint=s.cfg.fingerprint,
+                    val_logits=None if result.val_logits is None else np.asarray(result.val_logits))
     with atomic_path(paths.TRAIN_HISTORY) as tmp:
         result.history.drop(columns=["images_per_second"]).to_csv(tmp, index=False)
     write_json(paths.TRAIN_METRICS, summary)

@@ -25,7 +25,7 @@ from pipeline.evaluation.inside.layers import (
     probe,
     spatial_layers,
 )
-from pipeline.plots import plt, save
+from pipeline.plots import DPI, plt, save
 from pipeline.preprocess import Preprocessing
 from pipeline.text import shorten
 
@@ -182,7 +182,8 @@ def _draw_filters(first: Layer, weight: np.ndarray, target: Layer | None, vis, c
 
 
 def _draw_filter_grid(fig: plt.Figure, first: Layer, weight: np.ndarray) -> int:
-    """The title and up to MAX_FILTERS filters, FIL["per_row"] a row; returns the rows drawn."""
+    """The title and up to MAX_FILTERS filters, FIL["per_row"] a row, as one mosaic image (one
+    axes, not one per filter: 64 axes took 0.65 s to make); returns the rows drawn."""
     f, n = FIL, len(weight)
     shown = min(n, MAX_FILTERS)
     what = f"all {n}" if shown == n else f"the first {shown} of {n}"
@@ -190,8 +191,23 @@ def _draw_filter_grid(fig: plt.Figure, first: Layer, weight: np.ndarray) -> int:
     fig.text(0.5, 1 - 0.2 / fig.get_size_inches()[1], f"First convolution ({shorten(first.name, 30)}): {what} "
              f"filters, {k}, {weight.shape[1]} input channels\neach scaled to [0, 1] on its own (grey = 0.5)",
              ha="center", va="top", fontsize=9)
-    for i in range(shown):
-        ax = _axes(fig, f["side"] + (i % f["per_row"]) * f["cell"], f["top"] + (i // f["per_row"]) * f["cell"],
-                   f["cell"] - 0.04, f["cell"] - 0.04)
-        ax.imshow(_filter_rgb(weight[i]), interpolation="nearest")
-    return -(-shown // f["per_row"])
+    cols, rows = min(shown, f["per_row"]), -(-shown // f["per_row"])
+    ax = _axes(fig, f["side"], f["top"], cols * f["cell"] - MOSAIC_GAP, rows * f["cell"] - MOSAIC_GAP)
+    ax.imshow(filter_mosaic([_filter_rgb(w) for w in weight[:shown]], cols), interpolation="nearest")
+    return rows
+
+
+MOSAIC_GAP = 0.04  # inches of white between two filters
+
+
+def filter_mosaic(tiles: list[np.ndarray], cols: int) -> np.ndarray:
+    """k×k×3 tiles in [0, 1] → one H×W×3 picture, `cols` a row, each tile resized (nearest) to
+    its cell's pixels at plots.DPI less a white MOSAIC_GAP, so that it shows pixel for pixel."""
+    cell, gap = round(FIL["cell"] * DPI), round(MOSAIC_GAP * DPI)
+    side, rows = cell - gap, -(-len(tiles) // cols)
+    out = np.ones((rows * cell - gap, cols * cell - gap, 3), dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        ys, xs = np.arange(side) * tile.shape[0] // side, np.arange(side) * tile.shape[1] // side
+        top, left = (i // cols) * cell, (i % cols) * cell
+        out[top:top + side, left:left + side] = tile[ys][:, xs]
+    return out
