@@ -42,7 +42,7 @@ def save(fig: plt.Figure, path: Path, whole: bool = False) -> None:
 
 TITLE_PT, SUPTITLE_PT = 8, 10  # an image's title; a figure's
 GAP = 0.1                       # inches: under each row of images, and around a figure's title
-HEADER_IN = 0.2                 # inches: a pair grid's column headers ("original", "augmented") over its first row
+HEADER_IN = 0.22                # inches: a pair grid's column headers ("original", "augmented") over its first row
 
 
 def text_inches(text: str, points: float) -> float:
@@ -150,6 +150,7 @@ def pair_figure(lefts: np.ndarray, rights: np.ndarray, titles: Sequence[str], he
             ax.title.set_color(colors[i])
         if labelled and slot < per_row:  # the first row: column headers between the title and the images
             ax.axis("on")
+            ax.set_title(ax.get_title(), fontsize=TITLE_PT, pad=4, color=ax.title.get_color())  # clear of the headers
             ax.set_xticks([(w - 1) / 2, w + gap + (w - 1) / 2], headers, fontsize=8, fontweight="bold")
             ax.xaxis.tick_top()
             ax.set_yticks([])
