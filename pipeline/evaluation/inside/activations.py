@@ -91,7 +91,7 @@ def _draw_activations(crops: np.ndarray, names: list[str], layers: list[Layer], 
         ax.imshow(crop.transpose(1, 2, 0), interpolation="nearest")
         ax.set_ylabel(shorten(name, 14), rotation=0, ha="right", va="center", fontsize=8)
         if i == 0:
-            ax.set_title("input", fontsize=8)
+            ax.set_title("input", fontsize=8, y=1.0)  # y given: not placed by the extent (slow)
     x0 = a["left"] + a["cell"]
     for role, layer, fmap in zip(("early", "middle", "late"), layers, maps):
         x0 += a["group_gap"]
@@ -119,4 +119,4 @@ def _draw_layer(fig: plt.Figure, x0: float, header: str, layer: Layer, fmap: np.
             ax = _axes(fig, x0 + j * step, a["top"] + i * step, a["cell"], a["cell"])
             ax.imshow(column[i], cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
             if i == 0:
-                ax.set_title(f"ch {ch}", fontsize=7)
+                ax.set_title(f"ch {ch}", fontsize=7, y=1.0)

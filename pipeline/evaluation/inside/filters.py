@@ -177,7 +177,7 @@ def _draw_filters(first: Layer, weight: np.ndarray, target: Layer | None, vis, c
             left, below = f["side"] + (j % per_row) * step, top + (j // per_row) * (step + 0.2)
             ax = _axes(fig, left, below, step - 0.08, step - 0.08)
             ax.imshow(_stretch(img), interpolation="nearest" if img.shape[-1] < 64 else "antialiased")
-            ax.set_title(f"channel {ch}", fontsize=7)
+            ax.set_title(f"channel {ch}", fontsize=7, y=1.0)  # y given: not placed by the extent (slow)
     save(fig, path, whole=True)
 
 
