@@ -153,16 +153,14 @@ def split_inputs(params, done: Outputs) -> list[tuple[Any, str]]:
 def log_model(mlflow, params, done: Outputs) -> None:
     """The ONNX model as the run's logged model (with an input example from the test split),
     registered as a new version of `mlflow.register_model` with `mlflow.model_alias`."""
-    from pipeline.export.runtime import CPU, onnx_session, session_providers
+    from pipeline.export.runtime import session_providers
     from pipeline.preprocess import Preprocessing
 
     x, _ = load_split("test")
     example = Preprocessing.from_dict(done.card).model_input(np.array(x[:1]))
-    session = onnx_session(paths.ONNX_MODEL, [CPU])
-    logits = session.run(None, {session.get_inputs()[0].name: example})[0]
     register_as, alias = params.mlflow.register_model, params.mlflow.model_alias
-    info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, example, {"logits": logits}, done.card, register_as,
-                                   alias, providers=session_providers())
+    info = tracking.log_onnx_model(mlflow, paths.ONNX_MODEL, example, done.card, register_as, alias,
+                                   providers=session_providers())
     if register_as and info is not None:
         print(f"report: registered {register_as} v{info.registered_model_version} @{alias}", flush=True)
 

@@ -294,21 +294,36 @@ def onnx_model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
 
 
-def log_onnx_model(mlflow: Any, path: Path, input_example: Any, output_example: Any, metadata: dict[str, Any],
+def onnx_signature(model: Any) -> Any:
+    """The MLflow signature an ONNX model declares: each graph input and output as a tensor of
+    its type and shape (a named, unknown dimension such as the batch: -1). Read from the graph,
+    not inferred from a run of it: no session, and the shapes the graph promises."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def schema(values) -> Schema:
+        return Schema([TensorSpec(np.dtype(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+                                  tuple(d.dim_value if d.HasField("dim_value") else -1
+                                        for d in v.type.tensor_type.shape.dim), v.name) for v in values])
+    return ModelSignature(schema(model.graph.input), schema(model.graph.output))
+
+
+def log_onnx_model(mlflow: Any, path: Path, input_example: Any, metadata: dict[str, Any],
                    register_as: str | None = None, alias: str = "candidate", providers: list[str] | None = None) -> Any:
     """Log the ONNX file at `path` as the active run's model `model` (MLflow 3 logged model,
-    with signature, input example and `metadata` in its MLmodel file). With `register_as`,
-    also register it as a new version of that registered model and point `alias` at it.
-    `providers`: the ONNX Runtime providers it is loaded with (MLflow's default names CUDA and
-    warns on every CPU-only load). Returns MLflow's ModelInfo (`model_uri`,
+    with its signature (`onnx_signature`), input example and `metadata` in its MLmodel file).
+    With `register_as`, also register it as a new version of that registered model and point
+    `alias` at it. `providers`: the ONNX Runtime providers it is loaded with (MLflow's default
+    names CUDA and warns on every CPU-only load). Returns MLflow's ModelInfo (`model_uri`,
     `registered_model_version`); None untracked."""
     if mlflow is None:
         return None
     import onnx
-    from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example, output_example)
-    info = _retry(mlflow.onnx.log_model, onnx.load(str(path)), name="model", signature=signature,
+    model = onnx.load(str(path))
+    info = _retry(mlflow.onnx.log_model, model, name="model", signature=onnx_signature(model),
                   onnx_execution_providers=providers, pip_requirements=onnx_model_requirements(),
                   input_example=input_example, metadata=metadata, registered_model_name=register_as,
                   save_as_external_data=path.stat().st_size >= 2**31)  # one file unless over protobuf's 2 GB

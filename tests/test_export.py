@@ -99,6 +99,8 @@ def test_mlflow_run_has_the_onnx_model_and_it_predicts(store):
     assert {p.key: p.value for p in proto.metadata_props}["classes"] == json.dumps([str(i) for i in range(10)])
     pyfunc = mlflow.pyfunc.load_model(models[0].model_uri)
     assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
+    [out] = pyfunc.metadata.signature.outputs.to_dict()  # what the graph declares (pipeline.tracking.onnx_signature)
+    assert (out["name"], out["tensor-spec"]["dtype"], out["tensor-spec"]["shape"]) == ("logits", "float32", (-1, 10))
     assert pyfunc.metadata.metadata["classes"] == [str(i) for i in range(10)]
     logits = pyfunc.predict(x)["logits"]
     np.testing.assert_allclose(logits, onnx_logits(work / paths.ONNX_MODEL, x), atol=1e-5)
