@@ -1,8 +1,10 @@
 """train.precision on a CPU: bf16 autocast only where the CPU has native bf16 and a probe finds
 it faster (auto), or on request; deterministic either way; the probe touches nothing."""
 import json
+import os
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.models import build_model
@@ -105,3 +107,31 @@ def test_the_probe_times_what_the_strategy_trains_on_a_copy(tmp_path, monkeypatc
     last = list(model.parameters())[-1].numel()
     assert f"{total} parameters, {last} trainable" in key
     assert all(p.requires_grad for p in model.parameters())  # the run's model is as it was
+
+
+def _probe_in_a_process(cache: str, batch_size: int, barrier, answers) -> None:
+    os.environ[precision.CACHE_ENV] = cache
+    torch.set_num_threads(1)
+    model = build_model("original", num_classes=2, width=8)
+    barrier.wait()  # both probe at once
+    answers.put((batch_size, precision.remembered_gain(model, torch.rand(batch_size, 3, 16, 16))[1]))
+
+
+@pytest.mark.parametrize("sizes", [(8, 4), (8, 8)], ids=["two batches", "one batch"])
+def test_runs_probing_at_once_keep_every_answer_and_one_probe_per_key(tmp_path, sizes):
+    """Two processes (`dvc queue start -j 2`) probe at the same moment: each key is kept (no write
+    lost to the other's), and a key is probed once: the run that waited takes the other's answer."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, answers = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_probe_in_a_process, args=(str(tmp_path), n, barrier, answers)) for n in sizes]
+    for p in procs:
+        p.start()
+    got = [answers.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    kept = json.loads((tmp_path / "precision_probe.json").read_text())
+    assert len(kept) == len(set(sizes))
+    assert sorted(remembered for _, remembered in got) == ([False, False] if sizes[0] != sizes[1] else [False, True])

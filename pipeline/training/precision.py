@@ -15,6 +15,8 @@ import copy
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,27 +59,57 @@ def probe_key(model: nn.Module, batch: torch.Tensor) -> str:
 def remembered_gain(model: nn.Module, batch: torch.Tensor, prepare=None) -> tuple[float, bool]:
     """(the probe's speed-up, whether it was remembered): measured once per `probe_key` on this
     machine and kept in `cache_file()`, so every later run decides as the first did (delete the
-    file to probe again). An unreadable or unwritable cache just means probing each time.
-    `prepare(copy)`: puts a copy of the model in the state it trains in (which parameters train)."""
+    file to probe again). Runs at once (`dvc queue start -j 2`) probe one at a time under a file
+    lock: one run's answer is not lost to another's write (the loser would probe again, on a CPU
+    the other is using, and could decide otherwise), and no probe is timed beside another. An
+    unreadable or unwritable cache just means probing each time. `prepare(copy)`: puts a copy of
+    the model in the state it trains in (which parameters train)."""
     model = copy.deepcopy(model).train()  # batch-norm statistics move in the copy only
     if prepare is not None:
         prepare(model)
     path, key = cache_file(), probe_key(model, batch)
+    if (known := _known(path, key)) is not None:
+        return known, True
+    with _locked(path.with_name(path.name + ".lock")):
+        if (known := _known(path, key)) is not None:  # another run measured it while this one waited
+            return known, True
+        gain = round(probe_speedup(model, batch, copy_model=False), 3)  # as kept: this run decides as the later ones will
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = {}  # none yet, or damaged: written anew
+        try:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps((kept if isinstance(kept, dict) else {}) | {key: gain}, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return gain, False
+
+
+def _known(path: Path, key: str) -> float | None:
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
-        return float(known[key]), True
-    gain = round(probe_speedup(model, batch, copy_model=False), 3)  # as kept: this run decides as the later ones will
+        return None
+    return float(known[key]) if isinstance(known, dict) and isinstance(known.get(key), (int, float)) else None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (made if missing) while the block runs; none where it cannot be
+    made (a read-only cache: each run probes on its own)."""
+    import fcntl
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps((known if isinstance(known, dict) else {}) | {key: gain}, indent=1))
-        tmp.replace(path)
+        handle = open(path, "a")  # noqa: SIM115  (held for the block)
     except OSError:
-        pass
-    return gain, False
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str:
