@@ -109,29 +109,39 @@ def test_the_probe_times_what_the_strategy_trains_on_a_copy(tmp_path, monkeypatc
     assert all(p.requires_grad for p in model.parameters())  # the run's model is as it was
 
 
-def _probe_in_a_process(cache: str, batch_size: int, barrier, answers) -> None:
-    os.environ[precision.CACHE_ENV] = cache
-    torch.set_num_threads(1)
-    model = build_model("original", num_classes=2, width=8)
-    barrier.wait()  # both probe at once
-    answers.put((batch_size, precision.remembered_gain(model, torch.rand(batch_size, 3, 16, 16))[1]))
+PROBE_AT_ONCE = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+from pipeline.models import build_model
+from pipeline.training import precision
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+model = build_model("original", num_classes=2, width=8)
+(folder / f"ready-{os.getpid()}").touch()
+while not (folder / "go").exists():  # both probe at once
+    time.sleep(0.005)
+print(json.dumps(precision.remembered_gain(model, torch.rand(n, 3, 16, 16))[1]))
+"""
 
 
 @pytest.mark.parametrize("sizes", [(8, 4), (8, 8)], ids=["two batches", "one batch"])
 def test_runs_probing_at_once_keep_every_answer_and_one_probe_per_key(tmp_path, sizes):
     """Two processes (`dvc queue start -j 2`) probe at the same moment: each key is kept (no write
     lost to the other's), and a key is probed once: the run that waited takes the other's answer."""
-    import multiprocessing
+    import subprocess
+    import sys
+    import time
 
-    ctx = multiprocessing.get_context("spawn")
-    barrier, answers = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_probe_in_a_process, args=(str(tmp_path), n, barrier, answers)) for n in sizes]
-    for p in procs:
-        p.start()
-    got = [answers.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    kept = json.loads((tmp_path / "precision_probe.json").read_text())
+    env = os.environ | {precision.CACHE_ENV: str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE_AT_ONCE, str(tmp_path), str(n)], env=env,
+                              stdout=subprocess.PIPE, text=True) for n in sizes]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    remembered = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    kept = json.loads((tmp_path / "cache" / "precision_probe.json").read_text())
     assert len(kept) == len(set(sizes))
-    assert sorted(remembered for _, remembered in got) == ([False, False] if sizes[0] != sizes[1] else [False, True])
+    assert sorted(remembered) == ([False, False] if sizes[0] != sizes[1] else [False, True])

@@ -43,16 +43,20 @@ def test_a_fork_that_dies_is_an_error_not_a_hang():
 def test_when_this_side_fails_the_fork_is_ended():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: nothing is forked")
-    seen = []
+    seen, before = [], _children()  # (a child an earlier test left, such as multiprocessing's resource tracker: not ours)
 
     def fail():
         time.sleep(0.2)
-        seen.extend(int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid())
+        seen.extend(_children() - before)
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
         side_by_side(fail, lambda: time.sleep(60))
     assert seen and all(not os.path.exists(f"/proc/{pid}") for pid in seen)  # killed and reaped at once
+
+
+def _children() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()}
 
 
 def _parent(pid: int) -> int | None:
