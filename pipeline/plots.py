@@ -150,8 +150,7 @@ def pair_figure(lefts: np.ndarray, rights: np.ndarray, titles: Sequence[str], he
             ax.title.set_color(colors[i])
         if labelled and slot < per_row:  # the first row: column headers between the title and the images
             ax.axis("on")
-            over = HEADER_IN / (ax.get_position().height * fig.get_figheight())  # the headers' height, in axes units
-            ax.set_title(ax.get_title(), fontsize=TITLE_PT, pad=2, y=1.0 + over, color=ax.title.get_color())
+            ax.title.set_y(1.0 + HEADER_IN / (ax.get_position().height * fig.get_figheight()))  # over the headers
             ax.set_xticks([(w - 1) / 2, w + gap + (w - 1) / 2], headers, fontsize=8, fontweight="bold")
             ax.xaxis.tick_top()
             ax.set_yticks([])
