@@ -188,8 +188,9 @@ def write_messy_folder(root: Path) -> None:
 def test_folder_dataset_end_to_end(project: Path, tmp_path: Path):
     images = tmp_path / "images"
     write_messy_folder(images)
-    run(["dvc", "exp", "run", "-S", "dataset=folder", "-S", f"data_dir={images}", "-S", "epochs=3",
-         "--name", "folder-exp", "evaluate"], project)  # up to evaluate: export is not what this checks
+    out = run(["dvc", "exp", "run", "-S", "dataset=folder", "-S", f"data_dir={images}", "-S", "epochs=3",
+               "--name", "folder-exp", "evaluate"], project).stdout  # up to evaluate: export is not what this checks
+    assert stages_run(out)[:2] == ["download", "check"], out  # download's cold start beside the warm server's imports
     report = json.loads((project / "metrics/data_card.json").read_text())
     assert report["per_split"]["val"] == 12 and report["images_used"] == 48
     assert report["skipped_by_reason"].get("empty file") == 1

@@ -172,7 +172,7 @@ def test_int8_export_keeps_the_signed_weights_when_they_hold_and_says_so(exporte
     assert result["int8_top1_agreement"] > 0.9 and result["int8_bytes"] < result["onnx_bytes"]
 
 
-def test_the_onnx_check_runs_on_every_test_image_or_on_512_spread_over_them():
+def test_the_onnx_check_runs_on_every_test_image_or_on_parity_images_spread_over_them():
     from pipeline.export.run import PARITY_IMAGES, parity_subset
 
     assert parity_subset(270).tolist() == list(range(270))
