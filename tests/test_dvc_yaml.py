@@ -105,7 +105,7 @@ def test_download_is_declared_first_so_dvc_runs_it_before_check_on_any_data_set(
     """check depends on download's data/raw for the downloaded sets; for a folder of the user's
     nothing orders the two, and DVC takes them in the order of dvc.yaml. download first: its
     cold start (light imports) overlaps the warm server's import of torch, which check waits for
-    (docs/layout.md); tests/test_dvc_e2e.py sees the order in a folder run."""
+    (docs/layout.md); tests/test_dvc_e2e.py asks DVC for the order in a folder project."""
     assert STAGES[:2] == ["download", "check"]
 
 
