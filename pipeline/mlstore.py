@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline import paths
 from pipeline.errors import UserError
+from pipeline.io import exclusive_lock
 from pipeline.secrets import redact
 
 
@@ -190,13 +191,9 @@ def _create_sqlite_store_once(uri: str) -> None:
     db = Path(uri.removeprefix("sqlite:///"))
     if db.exists() and db.stat().st_size > 0:
         return
-    import fcntl
-
     from mlflow.tracking import MlflowClient
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + "-init.lock"), "w") as lock:  # git-ignored: mlflow.db-*
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(db.with_name(db.name + "-init.lock")):  # git-ignored: mlflow.db-*
         if db.exists() and db.stat().st_size > 0:  # another process made it while this one waited
             return
         # made under another name and renamed when whole: a migration that fails half-way (a full

@@ -11,17 +11,18 @@ fp32 whatever the training step used.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.io import exclusive_lock
 
 PROBE_GAIN = 1.2  # bf16 must be this much faster than fp32 in the probe (ResNet-18 at 64 px on a 2-core Xeon
 # with AMX measured 1.24 to 1.37 from one probe to the next: hence the answer is remembered, see remembered_gain)
@@ -68,48 +69,32 @@ def remembered_gain(model: nn.Module, batch: torch.Tensor, prepare=None) -> tupl
     if prepare is not None:
         prepare(model)
     path, key = cache_file(), probe_key(model, batch)
-    if (known := _known(path, key)) is not None:
-        return known, True
-    with _locked(path.with_name(path.name + ".lock")):
-        if (known := _known(path, key)) is not None:  # another run measured it while this one waited
-            return known, True
+    if key in (kept := _kept(path)):
+        return kept[key], True
+    with contextlib.ExitStack() as lock:
+        try:
+            lock.enter_context(exclusive_lock(path.with_name(path.name + ".lock")))
+        except OSError:
+            pass  # a read-only cache: this run probes on its own
+        if key in (kept := _kept(path)):  # another run measured it while this one waited
+            return kept[key], True
         gain = round(probe_speedup(model, batch, copy_model=False), 3)  # as kept: this run decides as the later ones will
         try:
-            kept = json.loads(path.read_text())
-        except (OSError, ValueError):
-            kept = {}  # none yet, or damaged: written anew
-        try:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps((kept if isinstance(kept, dict) else {}) | {key: gain}, indent=1))
+            tmp.write_text(json.dumps(kept | {key: gain}, indent=1))
             tmp.replace(path)
         except OSError:
             pass
     return gain, False
 
 
-def _known(path: Path, key: str) -> float | None:
+def _kept(path: Path) -> dict[str, float]:
+    """The remembered gains by key; none where the file is missing, unreadable or damaged (then written anew)."""
     try:
-        known = json.loads(path.read_text())
+        kept = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    return float(known[key]) if isinstance(known, dict) and isinstance(known.get(key), (int, float)) else None
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (made if missing) while the block runs; none where it cannot be
-    made (a read-only cache: each run probes on its own)."""
-    import fcntl
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")  # noqa: SIM115  (held for the block)
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        return {}
+    return {k: float(v) for k, v in kept.items() if isinstance(v, (int, float))} if isinstance(kept, dict) else {}
 
 
 def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str:
