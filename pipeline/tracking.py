@@ -202,9 +202,23 @@ def use_experiment(mlflow: Any, experiment: str, tags: dict[str, str] | None = N
     wanted = EXPERIMENT_KIND | {k: v for k, v in (tags or {}).items() if k != NOTE or not found.tags.get(NOTE)}
     for key, value in wanted.items():  # made elsewhere, or by an older version
         if found.tags.get(key) != value:
-            _retry(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, key, value)
+            _set_experiment_tag(mlflow.MlflowClient(), found.experiment_id, key, value)
     end_orphans(mlflow, found.experiment_id)
     return found.experiment_id
+
+
+def _set_experiment_tag(client: Any, experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment's tag. Runs that start at once (`dvc queue start -j 2`) may each find a tag
+    missing and each add it: MLflow's SQLite store then refuses the later insert (UNIQUE constraint
+    failed). The tag exists by then, and setting it again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _retry(client.set_experiment_tag, experiment_id, key, value)
+    except MlflowException as exc:
+        if "UNIQUE constraint failed" not in str(exc):
+            raise
+        _retry(client.set_experiment_tag, experiment_id, key, value)
 
 
 def end_orphans(mlflow: Any, experiment_id: str) -> None:

@@ -176,3 +176,45 @@ def test_pictures_are_uncached_plots(stage):
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["plots"]
     assert plots and all(isinstance(p, dict) and next(iter(p.values())) == {"cache": False} for p in plots)
+
+
+TAG_AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+import mlflow
+from pipeline import tracking
+folder = Path(sys.argv[1])
+(folder / f"ready-{os.getpid()}").touch()
+while not (folder / "go").exists():  # all at once
+    time.sleep(0.002)
+for i in range(30):
+    tracking.use_experiment(mlflow, f"exp{i}", {tracking.NOTE: "a note", "dataset_source": "folder"})
+"""
+
+
+def test_runs_that_start_at_once_each_set_their_experiments_tags(tmp_path: Path):
+    """Parallel queued runs (`dvc queue start -j 2`) each find a new experiment's tags missing and
+    each add them: MLflow's SQLite store refuses the later insert (UNIQUE constraint failed), which
+    had stopped a queued train. Four processes, 30 new experiments each at the same moment
+    (without the handling, a process failed in each of 5 tries): all end well, every tag is set."""
+    import os
+    import sys
+    import time
+
+    from pipeline import mlstore, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    mlstore._create_sqlite_store_once(uri)  # the store made once, as train's connect() does
+    procs = [subprocess.Popen([sys.executable, "-c", TAG_AT_ONCE, str(tmp_path)], env=env, cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-800:] for e in errors)
+    client = MlflowClient(uri)
+    for i in range(30):
+        tags = client.get_experiment_by_name(f"exp{i}").tags
+        assert tags[tracking.NOTE] == "a note" and tags["dataset_source"] == "folder"
