@@ -26,13 +26,16 @@ from pipeline.evaluation.inside.layers import (
     spatial_layers,
 )
 from pipeline.plots import DPI, plt, save
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 from pipeline.text import shorten
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-STEPS = 48            # gradient-ascent steps of the feature visualisation
+# Gradient-ascent steps of the feature visualisation. A ResNet-18 trained on CIFAR-10 at 64 px: each channel
+# shows the same pattern after 32 steps as after 48 (24 were visibly noisier), in 1.45 s instead of 2.2 on one
+# thread, on the critical half of evaluate's two drawing processes (run.draw)
+STEPS = 32
 LR = 0.05             # Adam step, in normalised input units (the data's std)
 DECAY = 0.01          # L2 decay: each step the image shrinks by this fraction towards grey
 BLUR_EVERY = 4        # a Gaussian blur (σ = 0.5 px) every this many steps, not the last
