@@ -55,7 +55,7 @@ def phase_bare_decode(images: Path) -> dict:
 def phase_prepare(images: Path, out: Path, single: bool = False) -> dict:
     from pipeline.data import prepare as data
     from pipeline.data.folder import scan_folder
-    from pipeline.params import DataParams
+    from pipeline.core.params import DataParams
 
     if single:
         data._PARALLEL_FROM = 1 << 62  # decode in-process, like the bare loop
@@ -85,7 +85,7 @@ def phase_loop(prepared: Path, n: int, batch_size: int, arch: str) -> dict:
     import torch.nn.functional as F
 
     from pipeline.models import build_model
-    from pipeline.params import AugmentParams, TrainParams
+    from pipeline.core.params import AugmentParams, TrainParams
     from pipeline.prepared import load_preprocessing
     from pipeline.training.loop import TrainConfig, seed_everything, train
 

@@ -39,7 +39,7 @@ import json, resource, sys, time
 from pathlib import Path
 from pipeline.data.folder import scan_folder
 from pipeline.data.prepare import prepare
-from pipeline.params import DataParams
+from pipeline.core.params import DataParams
 t0 = time.perf_counter()
 meta = prepare(scan_folder(Path(sys.argv[1])), 32, DataParams(duplicate_threshold=float(sys.argv[3])), Path(sys.argv[2]))
 seconds = time.perf_counter() - t0
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-duplicates")
     args = ap.parse_args()
     if args.threshold is None:
-        from pipeline.params import DataParams
+        from pipeline.core.params import DataParams
         args.threshold = DataParams().duplicate_threshold
     if not args.model:
         del args.weights  # only the archive is needed

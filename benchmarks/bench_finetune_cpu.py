@@ -40,7 +40,7 @@ def measure(project: Path, finetune: str, prec: str, batch_size: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.params import parse_params, read_yaml
+    from pipeline.core.params import parse_params, read_yaml
     from pipeline.training.loop import optimizer_for, set_epoch_mode
     from pipeline.training.run import fit_arrays, setup
 

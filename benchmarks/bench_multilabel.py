@@ -153,7 +153,7 @@ def frozen_features(project: Path, weights: Path) -> tuple[dict, float]:
 
     from pipeline.models.weights import build_transfer_model
     from pipeline.prepared import load_meta, load_split
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
     from pipeline.training.probe import extract_features
 
     meta = load_meta()

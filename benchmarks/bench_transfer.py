@@ -128,7 +128,7 @@ def make_project(dest: Path) -> Path:
 
 def set_params(project: Path, updates: dict) -> None:
     sys.path.insert(0, str(ROOT))
-    from pipeline.params import update_params_file
+    from pipeline.core.params import update_params_file
 
     update_params_file(project / "params.yaml", updates)
 
@@ -165,7 +165,7 @@ def ceiling(project: Path) -> dict:
 
     from pipeline.models.weights import build_transfer_model
     from pipeline.prepared import load_meta, load_split
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
     from pipeline.training.probe import extract_features
 
     meta = load_meta()

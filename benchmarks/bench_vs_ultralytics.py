@@ -13,7 +13,7 @@ with the YOLO classification head, built without pretrained weights).
   `train()` includes its own; `steps_s`: the steps alone); `overhead_s` the rest of the run, and
   `stages_s` each stage's share of it (train's without its loop; "dvc": DVC before the first
   stage); test accuracy from metrics/eval.json; `warm_start`: train ran in a fork of the process
-  that imported torch & co. once (pipeline/warm.py). --cold runs it a second time with
+  that imported torch & co. once (pipeline/core/warm.py). --cold runs it a second time with
   PIPELINE_WARM=0 (every stage its own interpreter), to see what that saves.
 - Ultralytics: `YOLO(...).train(...)` then `.val(split="test")` in a virtual environment of its
   own (--venv, made by this script: it sees this project's torch and torchvision, so nothing

@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.models import build_model  # noqa: E402
-from pipeline.params import AugmentParams, TrainParams  # noqa: E402
-from pipeline.preprocess import Preprocessing  # noqa: E402
+from pipeline.core.params import AugmentParams, TrainParams  # noqa: E402
+from pipeline.core.preprocess import Preprocessing  # noqa: E402
 from pipeline.training.loop import TrainConfig, train  # noqa: E402
 
 # (model, image size, batch) measured on a GPU; --smoke shrinks them
@@ -128,7 +128,7 @@ def cifar_from_jpegs(jpegs: Path, work: Path) -> tuple[Path, float]:
 
     from pipeline.data.folder import scan_folder
     from pipeline.data.prepare import prepare
-    from pipeline.params import DataParams
+    from pipeline.core.params import DataParams
 
     t0 = time.perf_counter()
     root = jpegs

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline import dvcplots, mlstore, paths
-from pipeline.errors import UserError
-from pipeline.io import file_sha256, write_json
+from pipeline import dvcplots, mlstore
+
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import file_sha256, write_json
 from pipeline.models.weights import resolve_preprocessing
-from pipeline.params import Params
+from pipeline.core.params import Params
 
 
 def check_files(params: Params) -> None:

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.io import save_torch
+from pipeline.core.errors import UserError
+from pipeline.core.io import save_torch
 from pipeline.models import build_model
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
 VAL_LOGITS_MAX = 1 << 20  # values (4 MB): e.g. 10,000 validation images of 100 classes

@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.errors import UserError, run_cli
-from pipeline.params import EvaluateParams, TuneParams, choices
+from pipeline.core import paths
+from pipeline.core.errors import UserError, run_cli
+from pipeline.core.params import EvaluateParams, TuneParams, choices
 
 
 SUMMARY_IMAGE_SIZE = 32  # `pipeline summary`'s input size when neither --image-size nor data/resolved gives one
@@ -36,7 +36,7 @@ def _summary(args: argparse.Namespace) -> None:
 
 def _summary_model(given: str | None) -> tuple[str, str]:
     """(model name, where it came from): -m, else params.yaml's `model`."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     if given:
         return given, "-m"
@@ -65,7 +65,7 @@ def _summary_classes(args: argparse.Namespace) -> tuple[int, str]:
 
 
 def _json_if_there(path: Path, stage: str) -> dict | None:
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     if not path.is_file():
         return None
@@ -120,7 +120,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     from pipeline.training.distributed import pick_device
     from pipeline.training.lr import find_lr, plot
 
@@ -150,7 +150,7 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _params(args: argparse.Namespace) -> None:
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
     from pipeline.params_doc import render_params_yaml
 
     if not args.write:
@@ -278,8 +278,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-n", type=_positive, default=None, metavar="N", help="the N best rows of each data set")
     r.add_argument("--json", action="store_true", help="the rows as a JSON list, for scripts")
     r.set_defaults(fn=_runs)
-    pa = sub.add_parser("params", help="params.yaml as pipeline/params.py defines it: each key, default and comment",
-                        description="Render params.yaml from the params model of pipeline/params.py, where each "
+    pa = sub.add_parser("params", help="params.yaml as pipeline/core/params.py defines it: each key, default and comment",
+                        description="Render params.yaml from the params model of pipeline/core/params.py, where each "
                                     "key's default, bounds and comment are written: print it, or write it with "
                                     "--write (values changed in params.yaml since are replaced by the defaults).")
     pa.add_argument("--write", action="store_true", help=f"replace {paths.PARAMS} instead of printing")

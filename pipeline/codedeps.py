@@ -32,7 +32,7 @@ def _imports(path: Path) -> set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pipeline import paths`
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pipeline.core import paths`
     return {n for n in found if n.split(".")[0] in OURS and (_module_file(n) or n in OURS)}
 
 

@@ -118,7 +118,7 @@ def page_is_current(path: Path = PAGE) -> bool:
 def write_page(path: Path = PAGE) -> None:
     import vl_convert
 
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     text = page(vl_convert.javascript_bundle(vl_version=VEGA_LITE), _version())
     with atomic_path(path) as tmp:

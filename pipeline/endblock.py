@@ -9,7 +9,9 @@ import subprocess
 from typing import Any
 from urllib.parse import quote
 
-from pipeline import mlstore, paths, runview
+from pipeline import mlstore, runview
+
+from pipeline.core import paths
 
 RULE = "─" * 78
 HEADLINE = "accuracy"  # the test figure runs are compared by (runview.TEST_HEADLINE's first)
@@ -37,7 +39,7 @@ def committed_result(dataset: str, key: str = HEADLINE) -> tuple[float | None, s
         if out.returncode != 0:
             return None, "nothing committed"
         committed[name] = out.stdout
-    from pipeline.params import read_yaml
+    from pipeline.core.params import read_yaml
 
     params = read_yaml(committed["params"]) or {}
     from pipeline.data.registry import DATASETS, display_name

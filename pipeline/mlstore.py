@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pipeline import paths
-from pipeline.errors import UserError
-from pipeline.io import exclusive_lock
-from pipeline.secrets import redact
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import exclusive_lock
+from pipeline.core.secrets import redact
 
 
 def tracking_uri() -> str:

@@ -1,4 +1,4 @@
-"""params.yaml, rendered from the `Params` model of pipeline/params.py: every key with its default,
+"""params.yaml, rendered from the `Params` model of pipeline/core/params.py: every key with its default,
 and its `description` as the comment beside it (a section's docstring beside the section).
 
 `python -m pipeline params --write` writes it; tests/test_params.py fails when the committed
@@ -14,13 +14,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from pipeline.params import Params, read_yaml
+from pipeline.core.params import Params, read_yaml
 
 WIDTH = 116          # the longest line
 TOP_COLUMN = 21      # where the comments of top-level keys and of section names start
 SECTION_COLUMN = 23  # where those of the keys inside a section start
 TOP_LEVEL = "--- frequently changed (top-level, so `-S key=value` works as typed) ---"
-SOURCE = "Written by `python -m pipeline params --write` from pipeline/params.py: change defaults and comments there."
+SOURCE = "Written by `python -m pipeline params --write` from pipeline/core/params.py: change defaults and comments there."
 
 
 def render_params_yaml() -> str:

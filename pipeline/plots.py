@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import RendererAgg  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.core.io import atomic_path  # noqa: E402
 
 DPI = 100
 CELL = (1.3, 1.45)  # inches per image in a grid (width, height: room for a title)

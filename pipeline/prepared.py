@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
-from pipeline.errors import UserError
-from pipeline.io import read_json
-from pipeline.preprocess import Preprocessing
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import read_json
+from pipeline.core.preprocess import Preprocessing
 
 
 def load_meta(prepared_dir: Path = paths.PREPARED_DIR) -> dict:

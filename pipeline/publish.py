@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import paths, runview, tracking
+from pipeline import runview, tracking
+
+from pipeline.core import paths
 from pipeline.evaluation.report import PICTURES, report_blocks, to_html, to_markdown
-from pipeline.io import atomic_path, file_sha256, files_sha256, read_json, write_json
+from pipeline.core.io import atomic_path, file_sha256, files_sha256, read_json, write_json
 from pipeline.prepared import load_meta, load_split, split_files
 
 # what train, evaluate and export write that the run holds as files (pictures: PICTURES)
@@ -154,7 +156,7 @@ def log_model(mlflow, params, done: Outputs) -> None:
     """The ONNX model as the run's logged model (with an input example from the test split),
     registered as a new version of `mlflow.register_model` with `mlflow.model_alias`."""
     from pipeline.export.runtime import session_providers
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
 
     x, _ = load_split("test")
     example = Preprocessing.from_dict(done.card).model_input(np.array(x[:1]))

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.errors import UserError
-from pipeline.io import file_sha256
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import file_sha256
 from pipeline.text import shorten, shorten_middle
 
 WIDTH = 100           # the screen: no line is longer
@@ -108,7 +108,7 @@ def _params_of_its_outputs(run: Run, root: Path) -> None:
     since (`git checkout params.yaml` after `dvc exp run`, as the README says to do)."""
     import yaml
 
-    from pipeline.params import read_yaml
+    from pipeline.core.params import read_yaml
 
     try:
         lock = read_yaml((root / "dvc.lock").read_text()) or {}

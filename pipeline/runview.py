@@ -80,7 +80,7 @@ def strategy(params: dict[str, Any]) -> str:
 def committed_params(path: str = "params.yaml") -> dict[str, Any] | None:
     """params.yaml as committed at HEAD, flattened like `Params.flat()`; None outside git or
     when the committed file does not parse any more."""
-    from pipeline.params import parse_params, read_yaml
+    from pipeline.core.params import parse_params, read_yaml
 
     try:
         out = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True, timeout=10)

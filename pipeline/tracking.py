@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline import mlstore, paths
-from pipeline.io import file_sha256, read_json, write_json
-from pipeline.processes import process_gone, this_process
-from pipeline.secrets import redact
+from pipeline import mlstore
+
+from pipeline.core import paths
+from pipeline.core.io import file_sha256, read_json, write_json
+from pipeline.core.processes import process_gone, this_process
+from pipeline.core.secrets import redact
 
 NOTE = "mlflow.note.content"  # an experiment's or a run's description (Markdown) in the UI
 PROCESS_TAG = "pipeline.process"  # "host pid start-time" of the process that has the run open

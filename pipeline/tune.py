@@ -37,10 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import mlstore, paths, tracking
-from pipeline.errors import UserError
-from pipeline.params import Params, parse_params, read_yaml
-from pipeline.secrets import redact, redact_text
+from pipeline import mlstore, tracking
+
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.params import Params, parse_params, read_yaml
+from pipeline.core.secrets import redact, redact_text
 from pipeline.training import trial
 
 OBJECTIVES = {  # name -> (dvc target, metrics file, key in it, direction, per-epoch column to report)
@@ -303,7 +305,7 @@ def tell(study, asked, name: str, error: str, file: Path, key: str) -> str:
 def _params(overrides: list[str]) -> tuple[Params, dict, dict[str, Any], dict]:
     """params.yaml with the `-S` overrides: the params, their raw mapping, the overrides alone
     and params.yaml as it is on disk."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     load_params()  # params.yaml as it is: one line naming a bad key
     on_disk = read_yaml(paths.PARAMS.read_text()) or {}
@@ -367,7 +369,7 @@ def tune(trials: int, jobs: int, sampler: str | None, overrides: list[str], appl
         raise UserError(f"all {len(states)} trials of this run failed, the last with: {last}; fix that and run "
                         "tune again (a trial by hand: dvc exp run -S key=value ... train)")
     if apply and results.get("best_params"):
-        from pipeline.params import update_params_file
+        from pipeline.core.params import update_params_file
 
         update_params_file(paths.PARAMS, results["best_params"])
         print("tune: params.yaml now holds the best trial's values: " + shown(results["best_params"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import paths, tracking
-from pipeline.io import write_json
+from pipeline import tracking
+
+from pipeline.core import paths
+from pipeline.core.io import write_json
 from pipeline.training.trial import experiment_name
 
 

@@ -15,6 +15,6 @@ if sys.argv[:1] == ["-m"]:
 
     signal.signal(signal.SIGINT, _interrupted)
     gc.disable()
-    from pipeline.warm import delegate
+    from pipeline.core.warm import delegate
 
     delegate()  # under DVC: the stage runs in a fork of a process that has torch & co. imported; exits here

@@ -16,8 +16,8 @@ data/resolved/weights (a link to the weights file, or a line saying there is non
 what it points to, so train re-runs when the file's bytes change).
 Run: `dvc repro check`."""
 from pipeline.check import check
-from pipeline.errors import run_cli
-from pipeline.params import load_params
+from pipeline.core.errors import run_cli
+from pipeline.core.params import load_params
 
 
 def main() -> dict:

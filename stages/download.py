@@ -3,10 +3,10 @@
 Reads params: its `params:` in dvc.yaml. Writes: data/raw/. Run: `dvc repro download`."""
 from pathlib import Path
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.data.registry import download
-from pipeline.errors import run_cli
-from pipeline.params import load_params
+from pipeline.core.errors import run_cli
+from pipeline.core.params import load_params
 
 
 def main() -> None:

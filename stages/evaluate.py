@@ -10,9 +10,9 @@ the pictures confusion_matrix.png, misclassified.png, gradcam.png, learning_curv
 reliability.png, activations.png, filters.png, embedding.png, label_issues.png with
 label_issues.csv. The report stage puts them in the report and the MLflow run.
 Run: `dvc repro evaluate`."""
-from pipeline.errors import run_cli
+from pipeline.core.errors import run_cli
 from pipeline.evaluation.run import OUTPUTS, run  # noqa: F401  (OUTPUTS: what dvc.yaml declares)
-from pipeline.params import load_params
+from pipeline.core.params import load_params
 
 
 def main() -> dict:

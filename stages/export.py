@@ -7,9 +7,9 @@ diff|, batch-1 CPU latency p50/p95 of PyTorch eager and ONNX Runtime, file size)
 writing nothing, when the agreement is below 100% or the difference above 1e-4. (The report
 stage logs the ONNX model to MLflow and registers it when mlflow.register_model is set.)
 Run: `dvc repro export`."""
-from pipeline.errors import run_cli
+from pipeline.core.errors import run_cli
 from pipeline.export.run import run
-from pipeline.params import load_params
+from pipeline.core.params import load_params
 
 
 def main() -> dict:

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.data.prepare import prepare
 from pipeline.data.registry import load_source, provenance
 from pipeline.data.card import data_card, duplicates_figure, leakage_line, summary_line, to_markdown
-from pipeline.errors import UserError, run_cli
-from pipeline.io import atomic_path, read_json, write_json
-from pipeline.params import load_params
+from pipeline.core.errors import UserError, run_cli
+from pipeline.core.io import atomic_path, read_json, write_json
+from pipeline.core.params import load_params
 from pipeline.plots import note_figure
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 
 
 def main() -> dict:

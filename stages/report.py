@@ -10,8 +10,8 @@ wrote), data/prepared/ (split digests, an input example). Writes: models/report.
 was published: DVC-cached, not in git, so a fresh clone's first run publishes), and, not DVC
 outputs, metrics/report.md, metrics/report.html, models/mlflow_run.json.
 Run: `dvc repro report` (everything before it first)."""
-from pipeline.errors import run_cli
-from pipeline.params import load_params
+from pipeline.core.errors import run_cli
+from pipeline.core.params import load_params
 
 
 def main() -> dict:

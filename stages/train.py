@@ -10,8 +10,8 @@ which the report stage completes), metrics/train_timing.json (seconds, images/s)
 checkpoints/last.pt and checkpoints/crossval/ (resumed from when the stage is re-run with the
 same params, data and code; deleted when training completes).
 Run: `dvc repro train`."""
-from pipeline.errors import run_cli
-from pipeline.params import load_params
+from pipeline.core.errors import run_cli
+from pipeline.core.params import load_params
 from pipeline.training.distributed import die_with_torchrun, launch_torchrun, pick_device, process_group, under_torchrun
 from pipeline.training.run import run
 from pipeline.training.strategy import Strategy

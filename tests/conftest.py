@@ -34,7 +34,7 @@ NO_INSIDE_PICTURES = {"evaluate.activations": False, "evaluate.filters": False, 
 
 def plain(x, mean: float = 0.5, std: float = 0.3):
     """The preprocessing of images stored at their model input size with a fixed mean/std."""
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
 
     return Preprocessing(x.shape[-1], x.shape[-1], mean=(mean,) * 3, std=(std,) * 3)
 
@@ -70,7 +70,7 @@ def train_until_checkpointed(project: Path, **popen) -> subprocess.Popen:
 
 
 def set_params(project: Path, **updates) -> None:
-    from pipeline.params import update_params_file
+    from pipeline.core.params import update_params_file
 
     update_params_file(project / "params.yaml", updates)
 
@@ -138,7 +138,7 @@ def first_stages(tmp_path_factory):
 def prepared_digits(tmp_path_factory) -> Path:
     """digits downloaded and prepared at 16 px into a temporary folder; returns data/prepared."""
     from pipeline.data.prepare import prepare
-    from pipeline.params import DataParams
+    from pipeline.core.params import DataParams
     from pipeline.data.registry import download, load_source
 
     base = tmp_path_factory.mktemp("digits")

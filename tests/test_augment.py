@@ -3,8 +3,8 @@ switched off means identity."""
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AugmentParams
-from pipeline.preprocess import normalize
+from pipeline.core.params import AugmentParams
+from pipeline.core.preprocess import normalize
 from pipeline.training.augment import (
     augment_batch,
     color_jitter,

@@ -13,8 +13,8 @@ from pipeline.checkpoint import Calibrated, calibrated
 from pipeline.evaluation.metrics import calibration_metrics, expected_calibration_error
 from pipeline.evaluation.run import tta_logits, tta_probabilities
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams, parse_params
-from pipeline.preprocess import Preprocessing, tta_views
+from pipeline.core.params import AugmentParams, TrainParams, parse_params
+from pipeline.core.preprocess import Preprocessing, tta_views
 from pipeline.probabilities import softmax
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import TrainConfig, seed_everything, train
@@ -257,8 +257,8 @@ def run_evaluate(work, uri, **updates):
 def test_tta_and_switches_through_the_stage(evaluated_again):
     from PIL import Image
 
-    from pipeline import paths
-    from pipeline.io import read_json
+    from pipeline.core import paths
+    from pipeline.core.io import read_json
 
     work, uri = evaluated_again
     before = read_json(work / paths.EVAL_METRICS)

@@ -125,7 +125,7 @@ def test_options_that_set_a_param_offer_the_params_choices():
     import argparse
 
     from pipeline.cli import parser
-    from pipeline.params import EvaluateParams, TuneParams
+    from pipeline.core.params import EvaluateParams, TuneParams
 
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for command, option, model, field in [("predict", "--tta", EvaluateParams, "tta"),

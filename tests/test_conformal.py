@@ -119,7 +119,7 @@ def digits_model(prepared_digits, tmp_path_factory):
     from pipeline.checkpoint import save_checkpoint
     from pipeline.conformal import calibration_scores
     from pipeline.models import build_model
-    from pipeline.params import TrainParams
+    from pipeline.core.params import TrainParams
     from pipeline.prepared import load_preprocessing, load_split
     from pipeline.probabilities import softmax
     from pipeline.training.loop import TrainConfig, seed_everything, train
@@ -160,7 +160,7 @@ def test_predict_gives_each_image_its_set_and_abstains_on_several(digits_model, 
         assert line["answer"] == ("unsure" if len(line["set"]) > 1 else line["top_k"][0]["label"])
     assert any(len(line["set"]) > 1 for line in lines), "2 epochs at α = 0.02: some images get several classes"
     assert load_predictor(path, 0).sets is None
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     with pytest.raises(UserError, match="--alpha 1.5: give a level in"):
         load_predictor(path, 1.5)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.params import Params, parse_params, read_yaml
+from pipeline.core.errors import UserError
+from pipeline.core.params import Params, parse_params, read_yaml
 from tests.conftest import ROOT
 
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

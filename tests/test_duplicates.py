@@ -15,8 +15,8 @@ from pipeline.data.card import data_card, duplicates_figure, leakage_line, to_ma
 from pipeline.data.folder import scan_folder
 from pipeline.data.groups import fold_assignments, group_split, path_groups
 from pipeline.data.prepare import prepare
-from pipeline.errors import UserError
-from pipeline.params import DataParams
+from pipeline.core.errors import UserError
+from pipeline.core.params import DataParams
 
 COPIES = {  # how each planted copy is made from its original (64×64 RGB)
     "exact": lambda im: im,                                                   # the same pixels, saved as BMP
@@ -203,7 +203,7 @@ def test_card_json_markdown_and_picture(tmp_path: Path):
 
 def test_check_refuses_a_group_by_that_matches_no_path(tmp_path: Path):
     from pipeline.check import check_files
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     planted_folder(tmp_path / "imgs", "unsplit", n=6)
     raw = {"dataset": "folder", "data_dir": str(tmp_path / "imgs"), "data": {"group_by": "^zzz"}}

@@ -54,7 +54,7 @@ def test_each_stage_reads_its_params_through_the_view_of_its_own_dvc_yaml_entry(
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if DVC[s].get("params")])
 def test_the_view_holds_exactly_the_declared_keys(stage):
-    from pipeline.params import Params, load_params, stage_keys
+    from pipeline.core.params import Params, load_params, stage_keys
 
     view = load_params(ROOT / "params.yaml", stage=stage)
     declared = set(DVC[stage]["params"])
@@ -70,13 +70,13 @@ def test_the_view_holds_exactly_the_declared_keys(stage):
 
 def test_the_check_stage_reads_every_section():
     """check validates all of params.yaml, so every top-level key is among its params."""
-    from pipeline.params import Params, stage_keys
+    from pipeline.core.params import Params, stage_keys
 
     assert {k.split(".")[0] for k in stage_keys("check")} == set(Params.model_fields)
 
 
 def test_a_stage_cannot_read_a_param_it_did_not_declare():
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     params = load_params(ROOT / "params.yaml", stage="train")  # declares data.split_seed and mlflow.experiment
     assert params.data.split_seed == 0 and params.mlflow.experiment == "auto"
@@ -136,7 +136,7 @@ def test_the_report_stage_depends_on_everything_it_publishes():
 
 
 def test_train_depends_on_the_weights_through_the_check_stages_link(tmp_path):
-    from pipeline import paths
+    from pipeline.core import paths
     from pipeline.check import link_weights
 
     assert str(paths.RESOLVED_WEIGHTS) in outs("check") and str(paths.RESOLVED_WEIGHTS) in DVC["train"]["deps"]

@@ -14,13 +14,13 @@ from PIL import Image
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, save_checkpoint
 from pipeline.ensemble import run
 from pipeline.ensemble.members import experiments
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.evaluation.metrics import evaluation_metrics
 from pipeline.export.onnx import onnx_logits, read_onnx_metadata
 from pipeline.export.predict import load_predictor, predict_files
-from pipeline.io import files_sha256
+from pipeline.core.io import files_sha256
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.prepared import load_preprocessing, load_split
 from pipeline.probabilities import softmax
 from pipeline.training.loop import TrainConfig, seed_everything, train

@@ -10,7 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import paths, plots
+from pipeline import plots
+
+from pipeline.core import paths
 from pipeline.evaluation import figures
 from pipeline.evaluation.gradcam import grad_cam, gradcam_figure, split_model
 from pipeline.evaluation.metrics import (
@@ -21,8 +23,8 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.evaluation.report import evaluation_report
 from pipeline.models import build_model
-from pipeline.params import AugmentParams
-from pipeline.preprocess import Preprocessing, normalize
+from pipeline.core.params import AugmentParams
+from pipeline.core.preprocess import Preprocessing, normalize
 from pipeline.training.loop import TrainConfig, train
 from tests.conftest import ROOT
 

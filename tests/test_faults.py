@@ -69,8 +69,8 @@ def bad_params_touch_nothing(project: Path, monkeypatch) -> None:
     """Each value of BAD stops `dvc exp run` in the check stage with one line, touching no output.
     Called by tests/test_dvc_e2e.py on its reproduced project (a `dvc repro` of its own would
     cost a minute more)."""
-    from pipeline.errors import UserError
-    from pipeline.params import read_yaml
+    from pipeline.core.errors import UserError
+    from pipeline.core.params import read_yaml
     from stages import check
 
     before = outputs_digest(project)
@@ -215,7 +215,7 @@ def test_symlink_loop_and_dangling_link_in_a_data_folder(tmp_path: Path):
     from PIL import Image
 
     from pipeline.data.folder import scan_folder
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     for k, cls in enumerate(("a", "b")):
         (tmp_path / "data" / cls).mkdir(parents=True)
@@ -235,7 +235,7 @@ def test_symlink_loop_and_dangling_link_in_a_data_folder(tmp_path: Path):
 
 
 def test_a_killed_writes_leftovers_are_removed_and_outputs_follow_the_umask(tmp_path: Path):
-    from pipeline.io import atomic_path, write_json
+    from pipeline.core.io import atomic_path, write_json
 
     stale = tmp_path / ".model.x1y2z3.tmp.onnx"
     stale.write_bytes(b"half an export")
@@ -252,7 +252,7 @@ def test_a_killed_writes_leftovers_are_removed_and_outputs_follow_the_umask(tmp_
 
 
 def test_an_unexpected_error_is_one_line(tmp_path: Path):
-    code = "from pipeline.errors import run_cli\ndef f():\n    raise RuntimeError('boom\\nsecond line')\nrun_cli(f)"
+    code = "from pipeline.core.errors import run_cli\ndef f():\n    raise RuntimeError('boom\\nsecond line')\nrun_cli(f)"
     proc = run(["python", "-c", code], tmp_path, check=False)
     assert proc.returncode == 1
     assert one_line_error(proc, "RuntimeError: boom", "PIPELINE_TRACEBACK=1")

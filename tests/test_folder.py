@@ -11,9 +11,9 @@ from PIL import Image
 
 from pipeline.data.folder import scan, scan_folder
 from pipeline.data.prepare import prepare
-from pipeline.params import DataParams
-from pipeline.errors import UserError
-from pipeline.images import BadImage, decode_image
+from pipeline.core.params import DataParams
+from pipeline.core.errors import UserError
+from pipeline.core.images import BadImage, decode_image
 from pipeline.prepared import load_meta
 
 RNG = np.random.default_rng(0)
@@ -295,7 +295,7 @@ def test_an_image_above_the_pixel_limit_is_refused_by_prepare_and_predict_alike(
     Pillow itself only warns. Prepare skips and reports it as it does a corrupt image; predict
     refuses it with the same reason."""
     from pipeline.export.predict import preprocess
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
 
     for k, cls in enumerate(("cat", "dog")):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
@@ -319,7 +319,7 @@ def test_decode_workers_end_quietly_under_the_stages_sigterm_handler(tmp_path: P
     import signal
 
     from pipeline.data import prepare as data
-    from pipeline.errors import _terminate
+    from pipeline.core.errors import _terminate
 
     root = tmp_path / "images"
     build_messy(root)

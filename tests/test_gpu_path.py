@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams, parse_params
+from pipeline.core.params import AugmentParams, TrainParams, parse_params
 from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import (
@@ -223,7 +223,7 @@ def test_the_documented_recipe_is_the_checks_recipe_and_valid(tmp_path):
 
     import yaml
 
-    from pipeline.params import load_params, update_params_file
+    from pipeline.core.params import load_params, update_params_file
     from tests.conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.evaluation import inside
 from pipeline.models import build_model
 from pipeline.prepared import load_meta, load_preprocessing, load_split
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 
 
 def png_size(path: Path) -> tuple[int, int]:

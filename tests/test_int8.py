@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.export import int8
 from pipeline.export.onnx import export_onnx, onnx_logits
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.crossval.summary import oof_table
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.evaluation import label_issues as li
 
 DIGITS = [str(d) for d in range(10)]  # class names that look like numbers: must stay strings
@@ -157,11 +157,11 @@ def test_without_cross_validation_the_checkpoints_validation_logits_are_used_as_
     with the model, and no pass of the model (None here)."""
     import torch
 
-    from pipeline import paths
+    from pipeline.core import paths
     from pipeline.checkpoint import predict_logits
     from pipeline.evaluation import pictures
     from pipeline.models import build_model
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
 
     images, _, given, _, _ = flipped_digits
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import (
     REGISTRY,
     build_model,
@@ -16,7 +16,7 @@ from pipeline.models import (
     min_image_size,
 )
 from pipeline.models.summary import summarize
-from pipeline.params import parse_params
+from pipeline.core.params import parse_params
 from tests.conftest import ROOT
 
 FAMILIES = [*REGISTRY, "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]

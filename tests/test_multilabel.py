@@ -11,8 +11,8 @@ import torch
 from pipeline.data.groups import multilabel_folds, split_indices
 from pipeline.data.labels_csv import label_count, load_multilabel
 from pipeline.data.prepare import prepare
-from pipeline.errors import UserError
-from pipeline.params import DataParams, TrainParams, parse_params
+from pipeline.core.errors import UserError
+from pipeline.core.params import DataParams, TrainParams, parse_params
 from pipeline.training.objective import LabelMixer, Objective, positive_weights
 from tests.shapes import SHAPES, make_shapes
 
@@ -192,7 +192,7 @@ def _member(prepared: Path, seed: int, path: Path) -> Path:
     """A small CNN trained 5 epochs on the shapes, saved with its thresholds (as train does)."""
     from pipeline.checkpoint import save_checkpoint
     from pipeline.evaluation.multilabel import choose_thresholds
-    from pipeline.io import files_sha256
+    from pipeline.core.io import files_sha256
     from pipeline.models import build_model
     from pipeline.prepared import load_preprocessing, load_split
     from pipeline.probabilities import sigmoid
@@ -262,7 +262,7 @@ def test_cross_validation_of_labels_scores_folds_by_map(shapes: Path, tmp_path: 
     folds stratified per label, out-of-fold label sets in oof_predictions.csv."""
     import json
 
-    from pipeline import paths
+    from pipeline.core import paths
     from stages import check, download, prepare as prepare_stage, train
     from tests.conftest import ROOT, TINY, set_params
 
@@ -280,7 +280,7 @@ def test_cross_validation_of_labels_scores_folds_by_map(shapes: Path, tmp_path: 
     assert len(oof) == sum(json.loads(paths.PREPARED_META.read_text())["counts"][s] for s in ("train", "val"))
     assert set(oof["label"]) <= {";".join(c) for c in _subsets(SHAPES)} and oof["fold"].nunique() == 3
     assert "best_val_map" in summary
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     from pipeline.training.lr import find_lr
 
     lrs, losses, best, _ = find_lr(load_params(), "cpu", steps=30)  # the range test trains on the labels' loss

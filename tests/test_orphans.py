@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import processes
+from pipeline.core import processes
 from tests.conftest import run, set_params
 
 KILLED_AT = """
@@ -21,7 +21,7 @@ import pipeline.tracking as tracking
 def kill(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 setattr(tracking, sys.argv[1], kill)
-from pipeline.errors import run_cli
+from pipeline.core.errors import run_cli
 from stages.report import main
 run_cli(main)
 """
@@ -84,7 +84,7 @@ ABANDONED = """
 import os, signal, sys
 import mlflow
 import pipeline.tracking as tracking
-import pipeline.processes as processes
+import pipeline.core.processes as processes
 
 mlflow.set_tracking_uri(sys.argv[1])
 mlflow.set_experiment("digits")
@@ -94,7 +94,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_process_is_gone_once_it_exits_and_another_hosts_cannot_be_told():
-    child = subprocess.Popen([sys.executable, "-c", "import pipeline.processes as p; print(p.this_process())"],
+    child = subprocess.Popen([sys.executable, "-c", "import pipeline.core.processes as p; print(p.this_process())"],
                              stdout=subprocess.PIPE, text=True)
     owner = child.communicate()[0].strip()
     assert processes.process_gone(owner)

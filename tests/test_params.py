@@ -8,8 +8,8 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.data.registry import DATASETS
-from pipeline.errors import UserError
-from pipeline.params import Params, load_params, parse_params, read_yaml
+from pipeline.core.errors import UserError
+from pipeline.core.params import Params, load_params, parse_params, read_yaml
 from pipeline.params_doc import render_params_yaml
 from tests.conftest import ROOT, run
 
@@ -45,10 +45,10 @@ def test_repo_params_are_valid_and_complete():
 
 
 def test_params_yaml_is_rendered_from_the_model():
-    """Defaults and comments are written once, in pipeline/params.py; params.yaml is their rendering."""
+    """Defaults and comments are written once, in pipeline/core/params.py; params.yaml is their rendering."""
     committed = (ROOT / "params.yaml").read_text()
-    assert committed == render_params_yaml(), ("params.yaml is not what pipeline/params.py renders: change defaults "
-                                               "and comments in pipeline/params.py, then run "
+    assert committed == render_params_yaml(), ("params.yaml is not what pipeline/core/params.py renders: change defaults "
+                                               "and comments in pipeline/core/params.py, then run "
                                                "`python -m pipeline params --write`")
     assert parse_params(read_yaml(committed)) == Params()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.training import precision
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from tests.conftest import plain

@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, temperature
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.evaluation.metrics import softmax
 from pipeline.export.predict import load_predictor
-from pipeline.images import resize
+from pipeline.core.images import resize
 from tests.conftest import clean_env, run
 
 MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}
@@ -212,7 +212,7 @@ def test_onnx_sessions_ask_only_for_providers_that_can_run(exported_pipeline):
 def test_numpy_preprocessing_is_the_torch_one_bit_for_bit(prepared_digits):
     import torch
 
-    from pipeline.preprocess import Preprocessing
+    from pipeline.core.preprocess import Preprocessing
 
     x = np.load(prepared_digits / "test_x.npy")  # uint8, 16 px
     for prep in (Preprocessing(12, 16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),  # with a centre crop

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
 from tests.conftest import plain

@@ -22,7 +22,7 @@ from pipeline.models import (
     pre_logits,
 )
 from pipeline.models.resnet9 import LOGIT_SCALE
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.prepared import load_preprocessing, load_split
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.strategy import Strategy

@@ -65,7 +65,7 @@ def test_changed_params_start_fresh(prepared: Path):
 def test_the_fingerprint_hashes_what_changes_training():
     """The resume fingerprint covers the train stage's declared params, less records: evaluate's
     or the plots' params, the MLflow experiment and the thread count keep a resume checkpoint."""
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
     from pipeline.training.run import fingerprint
 
     base = {"epochs": 3, "lr": 0.01}

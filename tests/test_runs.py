@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import runs
-from pipeline.errors import UserError
-from pipeline.io import file_sha256
+from pipeline.core.errors import UserError
+from pipeline.core.io import file_sha256
 from pipeline.runs import Run, order, table
 from tests.conftest import make_project, run
 

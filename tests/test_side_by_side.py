@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.processes import side_by_side
+from pipeline.core.errors import UserError
+from pipeline.core.processes import side_by_side
 
 
 def test_both_results_come_back_and_the_fork_ran_elsewhere_on_one_thread():

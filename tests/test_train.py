@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import build_model
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.training.loop import TrainConfig, epoch_order, resolve_class_weights, seed_everything, train
 from tests.conftest import plain
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import build_model, head_parameter_names
 from pipeline.models.weights import build_transfer_model, resolve_preprocessing
-from pipeline.params import AugmentParams, TrainParams
-from pipeline.preprocess import Preprocessing
+from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.core.preprocess import Preprocessing
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.strategy import Strategy
 from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, trainable_names
@@ -113,7 +113,7 @@ def test_missing_weights_file_and_offline_hub_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         build_transfer_model("resnet18", 3, False, str(tmp_path / "nope.pth"), {})
     # the hub client reads HF_HUB_OFFLINE when imported: a fresh process, as a user's offline run
-    code = ("from pipeline.errors import run_cli\nfrom pipeline.models.weights import build_transfer_model\n"
+    code = ("from pipeline.core.errors import run_cli\nfrom pipeline.models.weights import build_transfer_model\n"
             "run_cli(lambda: build_transfer_model('resnet18', 3, True, None, {}))")
     proc = run(["python", "-c", code], ROOT, check=False, HF_HUB_OFFLINE="1")
     assert proc.returncode == 2
@@ -331,7 +331,7 @@ def test_a_probe_without_augmentation_shows_none_in_its_picture(prepared_digits,
 def test_the_strategy_is_resolved_once_from_the_params():
     """`Strategy.resolve`: what each finetune trains per epoch, the backbone's lr multiplier and
     frozen BatchNorm statistics only with loaded weights, cached features and DDP, `lr: auto`."""
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     def resolve(**raw):
         return Strategy.resolve(parse_params({"transfer": {"head_epochs": 2, "unfreeze_stages": 2}} | raw,

@@ -225,7 +225,7 @@ def test_a_killed_tune_leaves_no_trial_running_and_no_process(quick: Path):
 
 def test_storage_from_the_environment_a_missing_driver_is_one_line_without_the_password(project: Path,
                                                                                          monkeypatch):
-    from pipeline.params import Params
+    from pipeline.core.params import Params
     from pipeline.tune import storage_url
 
     url = "postgresql://tune:s3cret@db.example/optuna"
@@ -242,8 +242,8 @@ def test_storage_from_the_environment_a_missing_driver_is_one_line_without_the_p
 
 @pytest.mark.parametrize("study", ["it's", 'a"b', "a/b", " "])
 def test_a_study_name_the_mlflow_filter_cannot_hold_is_refused(study):
-    from pipeline.errors import UserError
-    from pipeline.params import parse_params
+    from pipeline.core.errors import UserError
+    from pipeline.core.params import parse_params
 
     with pytest.raises(UserError, match=r"tune\.study=.*letters .*e\.g\. tune\.study: "):
         parse_params({"tune": {"study": study}})

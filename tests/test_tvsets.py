@@ -25,9 +25,9 @@ import pytest
 
 from pipeline.data import tvsets
 from pipeline.data.prepare import prepare
-from pipeline.params import DataParams
-from pipeline.errors import UserError
-from pipeline.images import resize
+from pipeline.core.params import DataParams
+from pipeline.core.errors import UserError
+from pipeline.core.images import resize
 from pipeline.prepared import load_split
 
 CIFAR10 = "cifar-10-python.tar.gz"

@@ -80,7 +80,7 @@ def test_offline_page_is_rewritten_only_when_stale(tmp_path: Path):
 
 
 def test_run_name_and_description_name_the_params_that_differ_from_the_commit(project: Path, monkeypatch):
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     monkeypatch.chdir(project)
     set_params(project, lr=0.01, **{"train.optimizer": "sgd", "dataset": "folder", "data_dir": "data/flowers"})

@@ -1,4 +1,4 @@
-"""Warm stages (pipeline/warm.py): under `dvc repro` the model stages run in forks of a process
+"""Warm stages (pipeline/core/warm.py): under `dvc repro` the model stages run in forks of a process
 that has torch & co. imported. The same bytes as cold stages; nothing left running when DVC ends,
 when the stage is killed, or when the stage process DVC started is killed; off with
 PIPELINE_WARM=0. Linux: the processes are found in /proc."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import warm
+from pipeline.core import warm
 from tests.conftest import clean_env, gone, left_over, make_project, run, set_params
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets, /proc: Linux")
@@ -52,7 +52,7 @@ def test_a_killed_warm_stage_leaves_nothing_running_and_no_run_running(tmp_path:
     while not (project / "checkpoints/last.pt").exists():  # train has run an epoch, in a fork
         assert dvc.poll() is None and time.monotonic() < deadline, dvc.stderr.read() if dvc.poll() is not None else ""
         time.sleep(0.1)
-    assert any("-m pipeline.warm" in cmd for cmd in left_over(project))  # train runs in its fork
+    assert any("-m pipeline.core.warm" in cmd for cmd in left_over(project))  # train runs in its fork
     if kill == "group":
         os.killpg(dvc.pid, signal.SIGTERM)
     else:
@@ -83,11 +83,11 @@ def _stage_processes(project: Path, cmdline: bytes) -> list[int]:
 
 
 def test_the_server_imports_none_of_our_code_and_starts_no_python_thread():
-    out = subprocess.run([sys.executable, "-c", "import sys, threading; from pipeline import warm; "
+    out = subprocess.run([sys.executable, "-c", "import sys, threading; from pipeline.core import warm; "
                           "print(warm._preload()); "
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', 'stages')))"],
                          capture_output=True, text=True, check=True, env=clean_env()).stdout.splitlines()
-    assert out == ["None", "['pipeline', 'pipeline.warm']"]  # (a fork drops these two and imports the checkout's)
+    assert out == ["None", "['pipeline', 'pipeline.core', 'pipeline.core.warm']"]  # (a fork drops these and imports the checkout's)
 
 
 def test_a_stage_starts_cold_outside_dvc_and_when_switched_off(monkeypatch):
@@ -131,14 +131,14 @@ def test_a_stage_is_forked_once_its_own_imports_are_in_not_all(tmp_path: Path):
     the second (here a module that takes 3 s); a stage named nowhere waits for all."""
     import socket
 
-    from pipeline.processes import this_process
+    from pipeline.core.processes import this_process
 
     (tmp_path / "first_import.py").write_text("import time\ntime.sleep(1)\n")
     (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(3)\n")
     for stage in ("early_stage", "late_stage"):
         (tmp_path / f"{stage}.py").write_text("import sys, time\nprint(time.time(), 'slow_import' in sys.modules)\n")
     name = f"pipeline-warm-test-{os.getpid()}"
-    server = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline import warm; "
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.core import warm; "
                                "warm.PRELOAD = ((('early_stage',), ('first_import',)), (None, ('slow_import',))); "
                                "warm.serve(sys.argv[1], sys.argv[2])", name, this_process()],
                               env=clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{Path.cwd()}"))
@@ -177,16 +177,16 @@ def test_ctrl_c_while_a_stage_imports_is_one_line(tmp_path: Path, stage: str):
 def test_download_runs_cold_and_starts_the_server_for_the_stages_after_it():
     import psutil
 
-    from pipeline.processes import this_process
+    from pipeline.core.processes import this_process
 
     name = f"\0pipeline-warm-test-starter-{os.getpid()}"
     assert warm._handed_over(warm.STARTER, name, this_process()) == (None, 0)  # cold, at once
     conn = warm._connect(name, within_s=5.0)
     assert conn is not None  # a server is there for check
     conn.close()
-    server = [p for p in psutil.Process().children() if "pipeline.warm" in " ".join(p.cmdline())]
+    server = [p for p in psutil.Process().children() if "pipeline.core.warm" in " ".join(p.cmdline())]
     assert len(server) == 1
     assert warm._handed_over(warm.STARTER, name, this_process()) == (None, 0)  # a second: no second server
-    assert len([p for p in psutil.Process().children() if "pipeline.warm" in " ".join(p.cmdline())]) == 1
+    assert len([p for p in psutil.Process().children() if "pipeline.core.warm" in " ".join(p.cmdline())]) == 1
     server[0].kill()
     server[0].wait(10)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import paths
+from pipeline.core import paths
 
 SPLITS = ("train", "val")  # pooled; "test" is never read here
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.crossval import SPLITS, fold_file
-from pipeline.errors import UserError
-from pipeline.io import read_json, write_json
+from pipeline.core.errors import UserError
+from pipeline.core.io import read_json, write_json
 
 
 def assignments(y: np.ndarray, k: int, seed: int, classes: list[str], groups: np.ndarray | None = None) -> np.ndarray:

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.crossval import SPLITS
-from pipeline.io import write_json
+from pipeline.core.io import write_json
 
 
 def aggregate(records: list[dict]) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def oof_table(records: list[dict]):
 def summarize(records: list[dict]) -> dict:
     """metrics/crossval.json and metrics/oof_predictions.csv from the k fold records (with
     cross-validation off, none: `{"folds": 0}` and an empty out-of-fold table)."""
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     summary = aggregate(records)
     write_json(paths.CROSSVAL_METRICS, summary)

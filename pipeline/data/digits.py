@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.source import Source
-from pipeline.errors import UserError
-from pipeline.io import atomic_path
+from pipeline.core.errors import UserError
+from pipeline.core.io import atomic_path
 
 FILE = "digits.npz"
 

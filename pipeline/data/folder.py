@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.source import Source
-from pipeline.errors import UserError
-from pipeline.images import decode_image
+from pipeline.core.errors import UserError
+from pipeline.core.images import decode_image
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

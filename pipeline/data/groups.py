@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def path_groups(names: Sequence[str], pattern: str | None) -> np.ndarray:

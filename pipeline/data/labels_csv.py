@@ -21,8 +21,8 @@ import pandas as pd
 
 from pipeline.data.folder import SPLIT_NAMES, _read_hash, byte_copies, file_problem, walk_files
 from pipeline.data.source import Source
-from pipeline.errors import UserError
-from pipeline.images import decode_image
+from pipeline.core.errors import UserError
+from pipeline.core.images import decode_image
 
 COLUMNS = ("path", "labels")
 

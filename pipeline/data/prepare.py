@@ -23,17 +23,17 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.data.duplicates import THUMB, components, exact_pairs, fingerprint, near_pairs
 from pipeline.data.groups import leakage, path_groups, split_indices
 from pipeline.data.source import SPLITS, Source
-from pipeline.errors import UserError
-from pipeline.images import BadImage, resize
-from pipeline.io import atomic_dir, write_json
-from pipeline.preprocess import Preprocessing
+from pipeline.core.errors import UserError
+from pipeline.core.images import BadImage, resize
+from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.preprocess import Preprocessing
 
 if TYPE_CHECKING:
-    from pipeline.params import DataParams
+    from pipeline.core.params import DataParams
 
 _CHUNK = 4096  # images per chunk when copying or reducing memory-mapped arrays
 

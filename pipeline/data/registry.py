@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import paths
-from pipeline.errors import UserError
-from pipeline.io import write_json
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_json
 
 if TYPE_CHECKING:  # numpy and PIL: imported by the readers, not by params validation
     from pipeline.data.source import Source
-    from pipeline.params import DataParams
+    from pipeline.core.params import DataParams
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.images import BadImage  # noqa: F401  (raised by decoders; part of the Source contract)
+from pipeline.core.images import BadImage  # noqa: F401  (raised by decoders; part of the Source contract)
 
 SPLITS = ("train", "val", "test")
 

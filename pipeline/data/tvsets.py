@@ -36,8 +36,8 @@ from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
 
 from pipeline.data.source import Source
-from pipeline.errors import UserError
-from pipeline.io import atomic_dir, atomic_path
+from pipeline.core.errors import UserError
+from pipeline.core.io import atomic_dir, atomic_path
 
 TIMEOUT_S = 30       # per socket operation: an offline machine fails in seconds, not minutes
 MARKER = ".complete"  # written last into an extraction folder: {file name: md5} it came from

@@ -19,10 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint, preprocessing, temperature
-from pipeline.errors import UserError
-from pipeline.preprocess import Preprocessing
+from pipeline.core.errors import UserError
+from pipeline.core.preprocess import Preprocessing
 
 EXPS = "refs/exps/"
 SKIPPED = tuple(f"{EXPS}{ns}/" for ns in ("apply", "celery", "exec", "temp"))  # DVC's ITER_SKIP_NAMESPACES

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.export.onnx import export_onnx, onnx_logits, onnx_metadata, onnx_outputs
 from pipeline.probabilities import softmax
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths, runview, tracking
+from pipeline import runview, tracking
+
+from pipeline.core import paths
 from pipeline.checkpoint import predict_logits
 from pipeline.ensemble.members import Member, check_compatible, load_member
 from pipeline.ensemble.model import build, ensemble_card, export_checked
 from pipeline.ensemble.weights import fit_weights, parse_weights
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.evaluation.metrics import evaluation_metrics, probability_metrics
-from pipeline.io import atomic_path, files_sha256, write_json
+from pipeline.core.io import atomic_path, files_sha256, write_json
 from pipeline.prepared import load_meta, load_split
 from pipeline.probabilities import sigmoid, softmax
 
@@ -136,7 +138,7 @@ def table(report: dict) -> str:
 def _tracker() -> tracking.Tracker:
     """The store and experiment of params.yaml's `mlflow` settings (`pipeline ensemble` is a
     command, not a DVC stage: it reads the file whole)."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     return tracking.Tracker.open(load_params(check_models=False))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.probabilities import softmax
 
 EPS = 1e-15  # floor of a probability inside the log (a member may give the true class exactly 0)

@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.evaluation.figures import gradcam_grid
 from pipeline.evaluation.metrics import gradcam_sample
 from pipeline.plots import note_figure
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], bool]
 

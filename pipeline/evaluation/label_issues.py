@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import UserError
-from pipeline.io import atomic_path
+from pipeline.core.errors import UserError
+from pipeline.core.io import atomic_path
 from pipeline.text import shorten
 
 COLUMNS = ["rank", "split", "index", "given", "suggested", "p_given", "p_suggested", "label_quality", "source",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline.core import paths
 
 # The params shown in the report (dotted keys into the checkpoint's params); the rest are in
 # params.yaml / the MLflow run.

@@ -8,7 +8,7 @@ near-duplicate in train/val (a data set that came split), `accuracy_clean` on th
 import numpy as np
 import pandas as pd
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.calibration import scaled
 from pipeline.checkpoint import (
     is_multilabel,
@@ -31,11 +31,11 @@ from pipeline.evaluation.metrics import (
     softmax,
     tta_metrics,
 )
-from pipeline.io import atomic_path, write_json
+from pipeline.core.io import atomic_path, write_json
 from pipeline.plots import note_figure
-from pipeline.processes import side_by_side
+from pipeline.core.processes import side_by_side
 from pipeline.prepared import leaked_test, load_split
-from pipeline.preprocess import tta_views
+from pipeline.core.preprocess import tta_views
 
 # DVC outputs (dvc.yaml declares exactly these)
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,
@@ -45,7 +45,7 @@ OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSI
 
 
 def tta_logits(model, x: np.ndarray, prep, mode: str, centre: np.ndarray | None = None) -> list[np.ndarray]:
-    """The model's logits of each test-time-augmentation view (`pipeline.preprocess.tta_views`);
+    """The model's logits of each test-time-augmentation view (`pipeline.core.preprocess.tta_views`);
     `centre`: the plain pass's logits, which are the first view's (its centre crop): not run again."""
     views = tta_views(x, prep.image_size, mode)
     first = [centre] if centre is not None else []

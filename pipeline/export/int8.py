@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 NOTE = "README.txt"  # models/int8/ without an INT8 model: why
 

@@ -8,8 +8,8 @@ sorted by path as prepare scans a folder data set (`pipeline.data.folder`); hidd
 other extensions are skipped and counted on stderr. Every image goes through exactly the
 evaluation preprocessing (the model's `Preprocessing`, on a numpy array for ONNX, on a tensor for
 the checkpoint: the same values): decoded to RGB as prepare decodes a folder data set
-(`pipeline.images.decode_image`: EXIF rotation, alpha on white, 16-bit scaled), resized to the
-stored size with prepare's policy (`pipeline.images.resize`), centre-cropped to the model's input
+(`pipeline.core.images.decode_image`: EXIF rotation, alpha on white, 16-bit scaled), resized to the
+stored size with prepare's policy (`pipeline.core.images.resize`), centre-cropped to the model's input
 and normalised with the stored mean/std.
 
 One image file: its top-k table. Several, or a folder: a progress bar on stderr (only when stderr
@@ -36,11 +36,11 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.data.folder import EXTENSIONS, name_problem, walk_files
-from pipeline.errors import UserError
-from pipeline.images import BadImage
-from pipeline.preprocess import Preprocessing
+from pipeline.core.errors import UserError
+from pipeline.core.images import BadImage
+from pipeline.core.preprocess import Preprocessing
 
 EXIT_SOME_FAILED = 1
 BATCH = 64  # images decoded and run at once
@@ -105,7 +105,7 @@ def load_predictor(path: Path, alpha: float | None = None) -> Predictor:
 
 def _checkpoint_predictor(path: Path, alpha: float | None) -> Predictor:
     from pipeline.checkpoint import calibrated, conformal_threshold, load_checkpoint, predict_logits, preprocessing
-    from pipeline.params import EvaluateParams
+    from pipeline.core.params import EvaluateParams
 
     raw, ckpt = load_checkpoint(path)
     model, prep = calibrated(raw, ckpt), preprocessing(ckpt)
@@ -131,7 +131,7 @@ def _onnx_predictor(path: Path, alpha: float | None) -> Predictor:
     )
 
     from pipeline.export.runtime import onnx_session, read_onnx_metadata
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     try:
         sess = onnx_session(path)
@@ -202,7 +202,7 @@ def _skipped(files: list[str]) -> str:
 def preprocess(path: Path, prep: Preprocessing) -> np.ndarray:
     """One image file → uint8 3×S×S at the stored size, exactly as prepare turns a folder image
     into a row of its arrays (the centre crop and normalisation follow in `Predictor.logits`)."""
-    from pipeline.images import decode_image, resize
+    from pipeline.core.images import decode_image, resize
 
     size = prep.stored_size
     return resize(decode_image(path, size), size, prep.resize, prep.interpolation).transpose(2, 0, 1)
@@ -224,9 +224,9 @@ def pixel_limit(max_pixels: int | None) -> Iterator[None]:
 def probabilities(predictor: Predictor, images: np.ndarray, tta: str = "none") -> np.ndarray:
     """Class probabilities of stored uint8 images: the softmax of the model's logits (calibrated
     when the model carries a temperature), averaged over the test-time-augmentation views of
-    `tta` (`pipeline.preprocess.tta_views`: none, hflip, hflip_crops), as the evaluate stage's
+    `tta` (`pipeline.core.preprocess.tta_views`: none, hflip, hflip_crops), as the evaluate stage's
     `evaluate.tta` averages them."""
-    from pipeline.preprocess import tta_views
+    from pipeline.core.preprocess import tta_views
     from pipeline.probabilities import sigmoid, softmax  # the evaluate stage's own, so probabilities agree
 
     link = softmax if predictor.thresholds is None else sigmoid  # multi-label: a probability per label
@@ -370,7 +370,7 @@ def write_csv(out: Path, results: list[tuple[Path, np.ndarray | None, str | None
     prediction and probabilities, and its reason in `error`."""
     import pandas as pd
 
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     rows = [{"image": str(f), "predicted": "" if p is None else classes[int(np.argmax(p))],
              "probability": np.nan if p is None else float(np.max(p)), "label": label or "", "error": reason}

@@ -65,7 +65,7 @@ def write_csv(out: Path, predictor: Predictor, results: list[tuple[Path, np.ndar
     """One row per image: image, labels (joined by ';'), error, p_<label>..."""
     import pandas as pd
 
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     rows = [{"image": str(f), "labels": "" if p is None else ";".join(c for c, _ in label_set(predictor, p)),
              "error": reason} for f, p, reason in results]

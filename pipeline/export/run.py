@@ -5,7 +5,7 @@ MLflow and registers it)."""
 import numpy as np
 import torch
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.checkpoint import calibrated, is_multilabel, load_checkpoint, predict_logits, preprocessing
 from pipeline.export.onnx import (
     batch1_latency,
@@ -18,8 +18,8 @@ from pipeline.export.onnx import (
     parity,
 )
 from pipeline.export.runtime import CPU
-from pipeline.io import atomic_dir, atomic_path, write_json
-from pipeline.params import ExportParams
+from pipeline.core.io import atomic_dir, atomic_path, write_json
+from pipeline.core.params import ExportParams
 from pipeline.prepared import load_split
 
 # Test images the ONNX check runs on: all of a small test split, else this many evenly spaced (a

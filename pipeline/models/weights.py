@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models.registry import build_model, head_parameter_names, min_image_size, pretrained_cfg, reset_head
-from pipeline.preprocess import INTERPOLATIONS, Preprocessing, stored_size_for
+from pipeline.core.preprocess import INTERPOLATIONS, Preprocessing, stored_size_for
 
 # ---------------------------------------------------------------- weights files
 

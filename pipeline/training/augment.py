@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AugmentParams
-from pipeline.preprocess import center_crop
+from pipeline.core.params import AugmentParams
+from pipeline.core.preprocess import center_crop
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 _RRC_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back to the whole image

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import predict_logits
-from pipeline.params import AugmentParams
-from pipeline.preprocess import Preprocessing
+from pipeline.core.params import AugmentParams
+from pipeline.core.preprocess import Preprocessing
 from pipeline.training.augment import augment_batch
 
 DEVICE_BUDGET = 0.25  # `train.data_placement: auto` puts the training images on a GPU when they take at most

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.processes import tie_to_parent
+from pipeline.core.errors import UserError
+from pipeline.core.processes import tie_to_parent
 
 
 def pick_device(spec: str) -> str:

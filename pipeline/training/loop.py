@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.io import save_torch
+from pipeline.core.io import save_torch
 from pipeline.models import head_parameter_names
-from pipeline.params import AugmentParams, TrainParams
-from pipeline.preprocess import Preprocessing
+from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.core.preprocess import Preprocessing
 from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training import precision
 from pipeline.training.distributed import cpu_cores, distributed, shard
@@ -122,7 +122,7 @@ def resolve_class_weights(spec: str | list[float], labels: np.ndarray, classes: 
         weights[present] = compute_class_weight("balanced", classes=present, y=labels)
         return [float(w) for w in weights]
     if len(spec) != len(classes):
-        from pipeline.errors import UserError
+        from pipeline.core.errors import UserError
 
         raise UserError(f"train.class_weights has {len(spec)} values but the data set has {len(classes)} classes "
                         f"({', '.join(classes)}); give one weight per class")
@@ -348,7 +348,7 @@ def fit(model: nn.Module, y_train: np.ndarray, data, cfg: TrainConfig,
     y_np = np.asarray(y_train)
     steps_per_epoch = len(split_batches(shard(np.arange(len(y_np)), rank, world), cfg.batch_size))
     if steps_per_epoch == 0:
-        from pipeline.errors import UserError
+        from pipeline.core.errors import UserError
 
         raise UserError(f"the training split has {len(y_np)} image(s) for {world} process(es): too few to make a "
                         "batch of 2; add images, or lower data.val_fraction / data.test_fraction or train.nproc")

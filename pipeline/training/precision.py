@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io import exclusive_lock
+from pipeline.core.io import exclusive_lock
 
 PROBE_GAIN = 1.2  # bf16 must be this much faster than fp32 in the probe (ResNet-18 at 64 px on a 2-core Xeon
 # with AMX measured 1.24 to 1.37 from one probe to the next: hence the answer is remembered, see remembered_gain)

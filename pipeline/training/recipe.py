@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.params import TrainParams  # the validated `train:` section is the recipe
+from pipeline.core.params import TrainParams  # the validated `train:` section is the recipe
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0,

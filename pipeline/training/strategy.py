@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from pipeline.params import AugmentParams, Params
+    from pipeline.core.params import AugmentParams, Params
 
 BASE = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05, "rmsprop": 1e-3}  # from scratch, a BatchNorm CNN
 NO_BATCHNORM = {"adamw": 1e-3, "adam": 1e-3, "sgd": 0.02, "rmsprop": 3e-4}  # from scratch: AlexNet, ViTs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.models import head_parameter_names, stage_prefixes
 from pipeline.training.strategy import Strategy
 

@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.processes import process_gone, this_process, tie_to_parent
+from pipeline.core.errors import UserError
+from pipeline.core.processes import process_gone, this_process, tie_to_parent
 
 ENV = "PIPELINE_TUNE"
 STORAGE_ENV = "OPTUNA_STORAGE"  # the storage URL, when it holds a password: never in params.yaml or ENV

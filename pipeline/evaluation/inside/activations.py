@@ -23,7 +23,7 @@ from pipeline.evaluation.inside.layers import (
     spatial_layers,
 )
 from pipeline.plots import plt, save
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 from pipeline.text import shorten
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.evaluation.inside.layers import _axes, _frame, _note, _px
 from pipeline.models import pre_logits
 from pipeline.plots import plt, save
-from pipeline.preprocess import Preprocessing
+from pipeline.core.preprocess import Preprocessing
 from pipeline.text import shorten
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline import paths
+from pipeline.core import paths
 from pipeline.data.registry import DATASETS, display_name
-from pipeline.errors import UserError
-from pipeline.preprocess import MIN_IMAGE_SIZE, RESIZE_POLICIES, TTA_MODES  # Literal[TTA_MODES]: any of them
-from pipeline.secrets import password_problem, redact
+from pipeline.core.errors import UserError
+from pipeline.core.preprocess import MIN_IMAGE_SIZE, RESIZE_POLICIES, TTA_MODES  # Literal[TTA_MODES]: any of them
+from pipeline.core.secrets import password_problem, redact
 
 MAX_IMAGE_SIZE = 1024  # pixels
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
@@ -646,7 +646,7 @@ def update_params_file(path: Path, updates: dict[str, Any]) -> None:
         yaml_rt.dump(params, f)
 
 
-DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"  # beside the code that runs, wherever the stage's cwd is
+DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"  # beside the code that runs, wherever the stage's cwd is
 
 
 def stage_keys(stage: str, dvc_yaml: Path = DVC_YAML) -> tuple[str, ...]:

@@ -74,7 +74,7 @@ def _no_space_is_one_line(path: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in FULL:
             raise
-        from pipeline.errors import UserError
+        from pipeline.core.errors import UserError
 
         raise UserError(f"cannot write {path}: {FULL[exc.errno]}; free some space (df -h {path.parent}) "
                         "and run again") from None

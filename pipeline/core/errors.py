@@ -62,8 +62,8 @@ def run_cli(main: Callable[[], object]) -> None:
 
 def _disk_full(exc: Exception) -> str | None:
     """What a full disk (or a file-size limit) looks like when it is not our own write that met it
-    (`pipeline.io.atomic_path` says those): an OSError, or SQLite's (an MLflow or Optuna store)."""
-    from pipeline.io import FULL
+    (`pipeline.core.io.atomic_path` says those): an OSError, or SQLite's (an MLflow or Optuna store)."""
+    from pipeline.core.io import FULL
 
     if isinstance(exc, OSError) and exc.errno in FULL:
         return f"cannot write {exc.filename or 'a file'}: {FULL[exc.errno]}"
@@ -78,7 +78,7 @@ SECRET_URLS = ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")
 
 
 def _redacted(text: str) -> str:
-    from pipeline.secrets import redact_text
+    from pipeline.core.secrets import redact_text
 
     for env in SECRET_URLS:
         text = redact_text(text, os.environ.get(env))

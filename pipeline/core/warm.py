@@ -137,7 +137,7 @@ def _dvc_owner() -> str | None:
     """The DVC process that runs this stage (through a shell or not), as `processes.process_key`."""
     import psutil
 
-    from pipeline.processes import process_key
+    from pipeline.core.processes import process_key
 
     try:
         proc = psutil.Process(os.getppid())
@@ -164,7 +164,7 @@ def _name(owner: str) -> str:
 def _spawn(name: str, owner: str) -> None:
     import subprocess
 
-    subprocess.Popen([sys.executable, "-m", "pipeline.warm", name.lstrip("\0"), owner],
+    subprocess.Popen([sys.executable, "-m", "pipeline.core.warm", name.lstrip("\0"), owner],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)  # its own session: the terminal's Ctrl-C reaches the
     # client, which passes it on to its fork; the server itself ends with the DVC process
@@ -206,7 +206,7 @@ def serve(name: str, owner: str) -> None:
     import gc
     import select
 
-    from pipeline.processes import process_gone
+    from pipeline.core.processes import process_gone
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
