@@ -37,9 +37,9 @@ import bench_transfer as bt  # noqa: E402  (the shared inputs, unpacking and pro
 FIND = """
 import json, resource, sys, time
 from pathlib import Path
+from pipeline.core.params import DataParams
 from pipeline.data.folder import scan_folder
 from pipeline.data.prepare import prepare
-from pipeline.core.params import DataParams
 t0 = time.perf_counter()
 meta = prepare(scan_folder(Path(sys.argv[1])), 32, DataParams(duplicate_threshold=float(sys.argv[3])), Path(sys.argv[2]))
 seconds = time.perf_counter() - t0

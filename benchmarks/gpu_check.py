@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import build_model  # noqa: E402
 from pipeline.core.params import AugmentParams, TrainParams  # noqa: E402
 from pipeline.core.preprocess import Preprocessing  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.training.loop import TrainConfig, train  # noqa: E402
 
 # (model, image size, batch) measured on a GPU; --smoke shrinks them

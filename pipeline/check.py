@@ -10,8 +10,8 @@ from pipeline import dvcplots, mlstore
 from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.io import file_sha256, write_json
-from pipeline.models.weights import resolve_preprocessing
 from pipeline.core.params import Params
+from pipeline.models.weights import resolve_preprocessing
 
 
 def check_files(params: Params) -> None:

@@ -18,8 +18,8 @@ from torch import nn
 
 from pipeline.core.errors import UserError
 from pipeline.core.io import save_torch
-from pipeline.models import build_model
 from pipeline.core.preprocess import Preprocessing
+from pipeline.models import build_model
 
 FORMAT_VERSION = 1
 VAL_LOGITS_MAX = 1 << 20  # values (4 MB): e.g. 10,000 validation images of 100 classes

@@ -29,8 +29,8 @@ import pandas as pd
 from pipeline import runview, tracking
 
 from pipeline.core import paths
-from pipeline.evaluation.report import PICTURES, report_blocks, to_html, to_markdown
 from pipeline.core.io import atomic_path, file_sha256, files_sha256, read_json, write_json
+from pipeline.evaluation.report import PICTURES, report_blocks, to_html, to_markdown
 from pipeline.prepared import load_meta, load_split, split_files
 
 # what train, evaluate and export write that the run holds as files (pictures: PICTURES)

@@ -4,9 +4,9 @@ Reads params: its `params:` in dvc.yaml. Writes: data/raw/. Run: `dvc repro down
 from pathlib import Path
 
 from pipeline.core import paths
-from pipeline.data.registry import download
 from pipeline.core.errors import run_cli
 from pipeline.core.params import load_params
+from pipeline.data.registry import download
 
 
 def main() -> None:

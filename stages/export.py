@@ -8,8 +8,8 @@ writing nothing, when the agreement is below 100% or the difference above 1e-4. 
 stage logs the ONNX model to MLflow and registers it when mlflow.register_model is set.)
 Run: `dvc repro export`."""
 from pipeline.core.errors import run_cli
-from pipeline.export.run import run
 from pipeline.core.params import load_params
+from pipeline.export.run import run
 
 
 def main() -> dict:

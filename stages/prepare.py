@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import paths
-from pipeline.data.prepare import prepare
-from pipeline.data.registry import load_source, provenance
-from pipeline.data.card import data_card, duplicates_figure, leakage_line, summary_line, to_markdown
 from pipeline.core.errors import UserError, run_cli
 from pipeline.core.io import atomic_path, read_json, write_json
 from pipeline.core.params import load_params
-from pipeline.plots import note_figure
 from pipeline.core.preprocess import Preprocessing
+from pipeline.data.card import data_card, duplicates_figure, leakage_line, summary_line, to_markdown
+from pipeline.data.prepare import prepare
+from pipeline.data.registry import load_source, provenance
+from pipeline.plots import note_figure
 
 
 def main() -> dict:

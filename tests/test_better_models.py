@@ -10,11 +10,11 @@ from torch import nn
 
 from pipeline.calibration import fit_temperature
 from pipeline.checkpoint import Calibrated, calibrated
+from pipeline.core.params import AugmentParams, TrainParams, parse_params
+from pipeline.core.preprocess import Preprocessing, tta_views
 from pipeline.evaluation.metrics import calibration_metrics, expected_calibration_error
 from pipeline.evaluation.run import tta_logits, tta_probabilities
 from pipeline.models import build_model
-from pipeline.core.params import AugmentParams, TrainParams, parse_params
-from pipeline.core.preprocess import Preprocessing, tta_views
 from pipeline.probabilities import softmax
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import TrainConfig, seed_everything, train

@@ -8,11 +8,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.core import paths
-from pipeline.crossval import fold_file
-from pipeline.crossval.fold import assignments, finished, run_folds
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json
 from pipeline.core.params import MAX_FOLDS, load_params, parse_params
+from pipeline.crossval import fold_file
+from pipeline.crossval.fold import assignments, finished, run_folds
 from stages import check, download, prepare, train
 from tests.conftest import ROOT, TINY, set_params
 

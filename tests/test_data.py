@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.prepare import channel_stats, prepare
+from pipeline.core.errors import UserError
 from pipeline.core.params import DataParams
+from pipeline.data.prepare import channel_stats, prepare
 from pipeline.data.registry import download, load_source
 from pipeline.data.source import Source
-from pipeline.core.errors import UserError
 from pipeline.prepared import load_meta, load_split
 
 

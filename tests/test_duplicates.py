@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
+from pipeline.core.errors import UserError
+from pipeline.core.params import DataParams
 from pipeline.data import duplicates
 from pipeline.data.card import data_card, duplicates_figure, leakage_line, to_markdown
 from pipeline.data.folder import scan_folder
 from pipeline.data.groups import fold_assignments, group_split, path_groups
 from pipeline.data.prepare import prepare
-from pipeline.core.errors import UserError
-from pipeline.core.params import DataParams
 
 COPIES = {  # how each planted copy is made from its original (64×64 RGB)
     "exact": lambda im: im,                                                   # the same pixels, saved as BMP

@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, save_checkpoint
+from pipeline.core.errors import UserError
+from pipeline.core.io import files_sha256
+from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.ensemble import run
 from pipeline.ensemble.members import experiments
-from pipeline.core.errors import UserError
 from pipeline.evaluation.metrics import evaluation_metrics
 from pipeline.export.onnx import onnx_logits, read_onnx_metadata
 from pipeline.export.predict import load_predictor, predict_files
-from pipeline.core.io import files_sha256
 from pipeline.models import build_model
-from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.prepared import load_preprocessing, load_split
 from pipeline.probabilities import softmax
 from pipeline.training.loop import TrainConfig, seed_everything, train

@@ -21,10 +21,10 @@ from pipeline.evaluation.metrics import (
     most_confident_mistakes,
     normalize_rows,
 )
-from pipeline.evaluation.report import evaluation_report
-from pipeline.models import build_model
 from pipeline.core.params import AugmentParams
 from pipeline.core.preprocess import Preprocessing, normalize
+from pipeline.evaluation.report import evaluation_report
+from pipeline.models import build_model
 from pipeline.training.loop import TrainConfig, train
 from tests.conftest import ROOT
 

@@ -11,11 +11,11 @@ import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint
+from pipeline.core import paths
 from pipeline.core.errors import UserError
-from pipeline.export.onnx import model_card, onnx_logits, onnx_session, read_onnx_metadata
 from pipeline.core.io import read_json
+from pipeline.export.onnx import model_card, onnx_logits, onnx_session, read_onnx_metadata
 from stages import export
 from tests.conftest import REGISTERED_MODEL
 

@@ -11,12 +11,12 @@ from PIL import Image
 
 from pipeline import plots
 from pipeline.checkpoint import predict_logits
+from pipeline.core.params import AugmentParams
+from pipeline.core.preprocess import Preprocessing
 from pipeline.evaluation import figures
 from pipeline.evaluation.gradcam import gradcam_figure
 from pipeline.evaluation.metrics import gradcam_sample, softmax
 from pipeline.models import build_model
-from pipeline.core.params import AugmentParams
-from pipeline.core.preprocess import Preprocessing
 from pipeline.training.loop import TrainConfig
 from pipeline.training.run import Setup, augmented_samples
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.data.folder import scan, scan_folder
-from pipeline.data.prepare import prepare
-from pipeline.core.params import DataParams
 from pipeline.core.errors import UserError
 from pipeline.core.images import BadImage, decode_image
+from pipeline.core.params import DataParams
+from pipeline.data.folder import scan, scan_folder
+from pipeline.data.prepare import prepare
 from pipeline.prepared import load_meta
 
 RNG = np.random.default_rng(0)

@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from pipeline.models import build_model
 from pipeline.core.params import AugmentParams, TrainParams, parse_params
+from pipeline.models import build_model
 from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training.ema import make_ema
 from pipeline.training.loop import (

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.core.preprocess import Preprocessing
 from pipeline.evaluation import inside
 from pipeline.models import build_model
 from pipeline.prepared import load_meta, load_preprocessing, load_split
-from pipeline.core.preprocess import Preprocessing
 
 
 def png_size(path: Path) -> tuple[int, int]:

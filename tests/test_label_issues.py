@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.crossval.summary import oof_table
 from pipeline.core.errors import UserError
+from pipeline.crossval.summary import oof_table
 from pipeline.evaluation import label_issues as li
 
 DIGITS = [str(d) for d in range(10)]  # class names that look like numbers: must stay strings

@@ -15,8 +15,8 @@ from pipeline.models import (
     list_models,
     min_image_size,
 )
-from pipeline.models.summary import summarize
 from pipeline.core.params import parse_params
+from pipeline.models.summary import summarize
 from tests.conftest import ROOT
 
 FAMILIES = [*REGISTRY, "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]

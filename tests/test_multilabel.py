@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.core.errors import UserError
+from pipeline.core.params import DataParams, TrainParams, parse_params
 from pipeline.data.groups import multilabel_folds, split_indices
 from pipeline.data.labels_csv import label_count, load_multilabel
 from pipeline.data.prepare import prepare
-from pipeline.core.errors import UserError
-from pipeline.core.params import DataParams, TrainParams, parse_params
 from pipeline.training.objective import LabelMixer, Objective, positive_weights
 from tests.shapes import SHAPES, make_shapes
 

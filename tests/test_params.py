@@ -7,9 +7,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.data.registry import DATASETS
 from pipeline.core.errors import UserError
 from pipeline.core.params import Params, load_params, parse_params, read_yaml
+from pipeline.data.registry import DATASETS
 from pipeline.params_doc import render_params_yaml
 from tests.conftest import ROOT, run
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import build_model
 from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.models import build_model
 from pipeline.training import precision
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from tests.conftest import plain

@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing, temperature
+from pipeline.core import paths
 from pipeline.core.errors import UserError
+from pipeline.core.images import resize
 from pipeline.evaluation.metrics import softmax
 from pipeline.export.predict import load_predictor
-from pipeline.core.images import resize
 from tests.conftest import clean_env, run
 
 MODELS = {"onnx": paths.ONNX_MODEL, "checkpoint": paths.CHECKPOINT}

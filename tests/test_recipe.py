@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import build_model
 from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.models import build_model
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.recipe import EarlyStopping, make_mixer, make_optimizer, make_scheduler, param_groups
 from tests.conftest import plain

@@ -21,8 +21,8 @@ from pipeline.models import (
     min_image_size,
     pre_logits,
 )
-from pipeline.models.resnet9 import LOGIT_SCALE
 from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.models.resnet9 import LOGIT_SCALE
 from pipeline.prepared import load_preprocessing, load_split
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.strategy import Strategy

@@ -8,12 +8,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint, predict_logits, preprocessing
+from pipeline.core import paths
 from pipeline.core.errors import UserError
+from pipeline.core.io import read_json
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.export.onnx import MAX_ABS_DIFF, check_parity, onnx_logits, parity
-from pipeline.core.io import read_json
 from pipeline.prepared import load_split
 from stages import check, download, evaluate, export, prepare, report, train
 from tests.conftest import ROOT, TINY, set_params

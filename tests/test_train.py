@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.core.errors import UserError
-from pipeline.models import build_model
 from pipeline.core.params import AugmentParams, TrainParams
+from pipeline.models import build_model
 from pipeline.training.loop import TrainConfig, epoch_order, resolve_class_weights, seed_everything, train
 from tests.conftest import plain
 

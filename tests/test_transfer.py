@@ -8,10 +8,10 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.core.errors import UserError
-from pipeline.models import build_model, head_parameter_names
-from pipeline.models.weights import build_transfer_model, resolve_preprocessing
 from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.core.preprocess import Preprocessing
+from pipeline.models import build_model, head_parameter_names
+from pipeline.models.weights import build_transfer_model, resolve_preprocessing
 from pipeline.training.loop import TrainConfig, seed_everything, train
 from pipeline.training.strategy import Strategy
 from pipeline.training.transfer import apply_trainable, freeze_batchnorm_stats, trainable_names

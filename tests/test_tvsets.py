@@ -23,11 +23,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from pipeline.data import tvsets
-from pipeline.data.prepare import prepare
-from pipeline.core.params import DataParams
 from pipeline.core.errors import UserError
 from pipeline.core.images import resize
+from pipeline.core.params import DataParams
+from pipeline.data import tvsets
+from pipeline.data.prepare import prepare
 from pipeline.prepared import load_split
 
 CIFAR10 = "cifar-10-python.tar.gz"

@@ -22,10 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.core import paths
-from pipeline.data.registry import DATASETS, display_name
 from pipeline.core.errors import UserError
 from pipeline.core.preprocess import MIN_IMAGE_SIZE, RESIZE_POLICIES, TTA_MODES  # Literal[TTA_MODES]: any of them
 from pipeline.core.secrets import password_problem, redact
+from pipeline.data.registry import DATASETS, display_name
 
 MAX_IMAGE_SIZE = 1024  # pixels
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import paths
-from pipeline.crossval import SPLITS, fold_file
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, write_json
+from pipeline.crossval import SPLITS, fold_file
 
 
 def assignments(y: np.ndarray, k: int, seed: int, classes: list[str], groups: np.ndarray | None = None) -> np.ndarray:

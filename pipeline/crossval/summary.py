@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core import paths
-from pipeline.crossval import SPLITS
 from pipeline.core.io import write_json
+from pipeline.crossval import SPLITS
 
 
 def aggregate(records: list[dict]) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.source import Source
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_path
+from pipeline.data.source import Source
 
 FILE = "digits.npz"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.source import Source
 from pipeline.core.errors import UserError
 from pipeline.core.images import decode_image
+from pipeline.data.source import Source
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.folder import SPLIT_NAMES, _read_hash, byte_copies, file_problem, walk_files
-from pipeline.data.source import Source
 from pipeline.core.errors import UserError
 from pipeline.core.images import decode_image
+from pipeline.data.folder import SPLIT_NAMES, _read_hash, byte_copies, file_problem, walk_files
+from pipeline.data.source import Source
 
 COLUMNS = ("path", "labels")
 

@@ -24,13 +24,13 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from pipeline.core import paths
-from pipeline.data.duplicates import THUMB, components, exact_pairs, fingerprint, near_pairs
-from pipeline.data.groups import leakage, path_groups, split_indices
-from pipeline.data.source import SPLITS, Source
 from pipeline.core.errors import UserError
 from pipeline.core.images import BadImage, resize
 from pipeline.core.io import atomic_dir, write_json
 from pipeline.core.preprocess import Preprocessing
+from pipeline.data.duplicates import THUMB, components, exact_pairs, fingerprint, near_pairs
+from pipeline.data.groups import leakage, path_groups, split_indices
+from pipeline.data.source import SPLITS, Source
 
 if TYPE_CHECKING:
     from pipeline.core.params import DataParams

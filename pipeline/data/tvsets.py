@@ -35,9 +35,9 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.utils import check_integrity
 from tqdm import tqdm
 
-from pipeline.data.source import Source
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_dir, atomic_path
+from pipeline.data.source import Source
 
 TIMEOUT_S = 30       # per socket operation: an offline machine fails in seconds, not minutes
 MARKER = ".complete"  # written last into an extraction folder: {file name: md5} it came from

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.core import paths
 from pipeline.checkpoint import load_checkpoint, preprocessing, temperature
+from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.preprocess import Preprocessing
 

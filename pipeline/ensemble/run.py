@@ -12,14 +12,14 @@ import numpy as np
 
 from pipeline import runview, tracking
 
-from pipeline.core import paths
 from pipeline.checkpoint import predict_logits
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.io import atomic_path, files_sha256, write_json
 from pipeline.ensemble.members import Member, check_compatible, load_member
 from pipeline.ensemble.model import build, ensemble_card, export_checked
 from pipeline.ensemble.weights import fit_weights, parse_weights
-from pipeline.core.errors import UserError
 from pipeline.evaluation.metrics import evaluation_metrics, probability_metrics
-from pipeline.core.io import atomic_path, files_sha256, write_json
 from pipeline.prepared import load_meta, load_split
 from pipeline.probabilities import sigmoid, softmax
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.preprocess import Preprocessing
 from pipeline.evaluation.figures import gradcam_grid
 from pipeline.evaluation.metrics import gradcam_sample
 from pipeline.plots import note_figure
-from pipeline.core.preprocess import Preprocessing
 
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], bool]
 

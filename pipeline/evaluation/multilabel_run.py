@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core import paths
 from pipeline.calibration import scaled, sigmoid
 from pipeline.checkpoint import predict_logits, preprocessing, temperature
+from pipeline.core import paths
+from pipeline.core.io import atomic_path, write_json
 from pipeline.evaluation import multilabel as ml
 from pipeline.evaluation import pictures
 from pipeline.evaluation.figures import gradcam_grid, misclassified_grid, reliability_diagram
 from pipeline.evaluation.metrics import ECE_BINS, expected_calibration_error
-from pipeline.core.io import atomic_path, write_json
 from pipeline.prepared import label_text, leaked_test, load_split
 
 GRADCAM_IMAGES = 8     # test images whose predicted labels Grad-CAM explains

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core import paths
 from pipeline.calibration import scaled
 from pipeline.checkpoint import predict_logits
+from pipeline.core import paths
+from pipeline.core.io import read_json
 from pipeline.evaluation.figures import reliability_diagram
 from pipeline.evaluation.metrics import ECE_BINS, softmax
-from pipeline.core.io import read_json
 from pipeline.plots import learning_curves, note_figure
 from pipeline.prepared import load_split
 

@@ -8,8 +8,8 @@ near-duplicate in train/val (a data set that came split), `accuracy_clean` on th
 import numpy as np
 import pandas as pd
 
-from pipeline.core import paths
 from pipeline.calibration import scaled
+from pipeline.core import paths
 from pipeline.checkpoint import (
     is_multilabel,
     load_checkpoint,
@@ -32,10 +32,10 @@ from pipeline.evaluation.metrics import (
     tta_metrics,
 )
 from pipeline.core.io import atomic_path, write_json
-from pipeline.plots import note_figure
-from pipeline.core.processes import side_by_side
-from pipeline.prepared import leaked_test, load_split
 from pipeline.core.preprocess import tta_views
+from pipeline.core.processes import side_by_side
+from pipeline.plots import note_figure
+from pipeline.prepared import leaked_test, load_split
 
 # DVC outputs (dvc.yaml declares exactly these)
 OUTPUTS = [paths.EVAL_METRICS, paths.PER_CLASS, paths.PREDICTIONS, paths.CONFUSION_JSON, paths.CONFUSION_PNG,

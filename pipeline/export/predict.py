@@ -37,10 +37,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import paths
-from pipeline.data.folder import EXTENSIONS, name_problem, walk_files
 from pipeline.core.errors import UserError
 from pipeline.core.images import BadImage
 from pipeline.core.preprocess import Preprocessing
+from pipeline.data.folder import EXTENSIONS, name_problem, walk_files
 
 EXIT_SOME_FAILED = 1
 BATCH = 64  # images decoded and run at once

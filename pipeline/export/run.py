@@ -5,8 +5,8 @@ MLflow and registers it)."""
 import numpy as np
 import torch
 
-from pipeline.core import paths
 from pipeline.checkpoint import calibrated, is_multilabel, load_checkpoint, predict_logits, preprocessing
+from pipeline.core import paths
 from pipeline.export.onnx import (
     batch1_latency,
     check_parity,
@@ -17,9 +17,9 @@ from pipeline.export.onnx import (
     onnx_metadata,
     parity,
 )
-from pipeline.export.runtime import CPU
 from pipeline.core.io import atomic_dir, atomic_path, write_json
 from pipeline.core.params import ExportParams
+from pipeline.export.runtime import CPU
 from pipeline.prepared import load_split
 
 # Test images the ONNX check runs on: all of a small test split, else this many evenly spaced (a

@@ -30,9 +30,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pipeline.core.errors import UserError
+from pipeline.core.preprocess import MIN_IMAGE_SIZE
 from pipeline.models.resnet9 import ResNet9
 from pipeline.models.small_cnn import SmallCNN
-from pipeline.core.preprocess import MIN_IMAGE_SIZE
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import UserError
-from pipeline.models.registry import build_model, head_parameter_names, min_image_size, pretrained_cfg, reset_head
 from pipeline.core.preprocess import INTERPOLATIONS, Preprocessing, stored_size_for
+from pipeline.models.registry import build_model, head_parameter_names, min_image_size, pretrained_cfg, reset_head
 
 # ---------------------------------------------------------------- weights files
 

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core.io import save_torch
-from pipeline.models import head_parameter_names
 from pipeline.core.params import AugmentParams, TrainParams
 from pipeline.core.preprocess import Preprocessing
-from pipeline.training.batches import ImageBatches, resident_on, split_batches
+from pipeline.models import head_parameter_names
 from pipeline.training import precision
+from pipeline.training.batches import ImageBatches, resident_on, split_batches
 from pipeline.training.distributed import cpu_cores, distributed, shard
 from pipeline.training.ema import make_ema
 from pipeline.training.objective import LabelMixer, Objective, positive_weights

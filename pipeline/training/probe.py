@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.models import head_of, pre_logits
 from pipeline.core.preprocess import Preprocessing
+from pipeline.models import head_of, pre_logits
 from pipeline.training.augment import augment_batch
 from pipeline.training.batches import device_indices
 from pipeline.training.loop import TrainConfig, TrainResult, fit, set_threads

@@ -14,19 +14,19 @@ from torch import nn
 
 from pipeline import runview, tracking
 
-from pipeline.core import paths, warm
 from pipeline.calibration import fit_sigmoid_temperature, fit_temperature, scaled, sigmoid
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codedeps import stage_files
+from pipeline.core import paths, warm
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_path, file_sha256, files_sha256, write_json
+from pipeline.core.params import Params, stage_keys
+from pipeline.core.preprocess import Preprocessing
 from pipeline.models import entry
 from pipeline.models.registry import arch_kwargs
 from pipeline.models.weights import build_transfer_model
-from pipeline.core.params import Params, stage_keys
 from pipeline.plots import pair_figure, save
 from pipeline.prepared import label_text, load_meta, load_split
-from pipeline.core.preprocess import Preprocessing
 from pipeline.training import trial
 from pipeline.training.augment import augment_batch
 from pipeline.training.loop import (

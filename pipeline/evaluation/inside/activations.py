@@ -22,8 +22,8 @@ from pipeline.evaluation.inside.layers import (
     probe,
     spatial_layers,
 )
-from pipeline.plots import plt, save
 from pipeline.core.preprocess import Preprocessing
+from pipeline.plots import plt, save
 from pipeline.text import shorten
 
 if TYPE_CHECKING:

@@ -10,10 +10,10 @@ import torch
 from matplotlib.lines import Line2D
 from torch import nn
 
+from pipeline.core.preprocess import Preprocessing
 from pipeline.evaluation.inside.layers import _axes, _frame, _note, _px
 from pipeline.models import pre_logits
 from pipeline.plots import plt, save
-from pipeline.core.preprocess import Preprocessing
 from pipeline.text import shorten
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from pipeline.evaluation.inside.layers import (
     probe,
     spatial_layers,
 )
-from pipeline.plots import DPI, plt, save
 from pipeline.core.preprocess import Preprocessing
+from pipeline.plots import DPI, plt, save
 from pipeline.text import shorten
 
 if TYPE_CHECKING:
