@@ -42,6 +42,7 @@ def plain(x, mean: float = 0.5, std: float = 0.3):
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would have: our venv first on PATH, no tracking URI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python writes __pycache__ beside the code, as it does for a user
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["DVC_NO_ANALYTICS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"

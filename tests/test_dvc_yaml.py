@@ -156,3 +156,18 @@ def test_the_lock_file_holds_only_stages_of_the_pipeline():
     command (ten old fold stages made a no-op `dvc repro` take 2 s instead of 1.5)."""
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(DVC)
+
+
+def test_python_bytecode_is_no_part_of_any_code_dependency():
+    """Python writes __pycache__/*.pyc beside the code a stage imports (unless PYTHONDONTWRITEBYTECODE
+    is set, as it is not in a user's shell). Hashed into the code folders a stage depends on, they
+    would make `dvc status` list changed deps right after `dvc repro` (tests/test_dvc_e2e.py runs
+    with bytecode written): the real dvc says .dvcignore leaves them out."""
+    import subprocess
+
+    from tests.conftest import clean_env
+
+    pyc = ["pipeline/core/__pycache__/params.cpython-311.pyc", "stages/__pycache__/train.cpython-311.pyc"]
+    out = subprocess.run(["dvc", "check-ignore", *pyc, "pipeline/core/params.py"], cwd=ROOT, env=clean_env(),
+                         capture_output=True, text=True)
+    assert out.stdout.split() == pyc, out.stdout + out.stderr
