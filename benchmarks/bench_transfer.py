@@ -135,6 +135,7 @@ def set_params(project: Path, updates: dict) -> None:
 
 def env() -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    e.pop("PYTHONDONTWRITEBYTECODE", None)  # Python caches the compiled code, as it does in a user's shell
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
     e["PYTHONWARNINGS"] = "ignore"
     return e

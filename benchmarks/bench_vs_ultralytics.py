@@ -163,6 +163,7 @@ def run_ultralytics(python: Path, data: Path, work: Path, args) -> dict:
     cfg = work / "yolo11-cls-resnet18-scratch.yaml"
     cfg.write_text(YOLO_RESNET18.format(nc=len(CLASSES)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as for ours (bt.env): compiled code cached, as in a user's shell
     env |= {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(work / "yolo-config")}  # no update checks, no fonts
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), "-c", ULTRALYTICS_RUN, str(data), str(cfg), str(args.epochs),
