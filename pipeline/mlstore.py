@@ -176,9 +176,48 @@ def connect():
     import mlflow
 
     uri = tracking_uri()
+    _join_maker()
     _create_sqlite_store_once(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+_maker = None  # the child process `make_store_beside` started, until `connect` has waited for it
+
+
+def make_store_beside() -> None:
+    """Start making a new SQLite store (MLflow's schema migrations: ~1 s of one core) in a child
+    process, while this one goes on with other work (train builds its model and draws its samples,
+    on one core); `connect` waits for it. Nothing when the store is there, is not a SQLite file, or
+    cannot be made here. The child is only a head start: whatever it did not finish (it failed,
+    or was killed), `connect` does itself, with its own error message."""
+    global _maker
+    uri = tracking_uri()
+    if _maker is not None or not uri.startswith("sqlite:///") or _sqlite_problem(Path(uri.removeprefix("sqlite:///"))):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists() and db.stat().st_size > 0:
+        return
+    import multiprocessing
+
+    # forked (in the stage's process group, so a Ctrl-C or the warm client's kill reaches it); no
+    # torch work has started yet, so no thread pool is copied half-way
+    _maker = multiprocessing.get_context("fork").Process(target=_make_quietly, args=(uri,), daemon=True)
+    _maker.start()
+
+
+def _make_quietly(uri: str) -> None:
+    try:
+        _create_sqlite_store_once(uri)
+    except BaseException:  # noqa: BLE001 - `connect` makes it again and says what is wrong
+        os._exit(1)
+
+
+def _join_maker() -> None:
+    global _maker
+    if _maker is not None:
+        _maker.join()
+        _maker = None
 
 
 def _create_sqlite_store_once(uri: str) -> None:

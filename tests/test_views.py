@@ -178,6 +178,37 @@ def test_pictures_are_uncached_plots(stage):
     assert plots and all(isinstance(p, dict) and next(iter(p.values())) == {"cache": False} for p in plots)
 
 
+MAKE_BESIDE = """
+import os, signal, sys
+from pipeline import mlstore
+mlstore.make_store_beside()
+child = mlstore._maker
+assert child is not None and child.pid != os.getpid()
+if sys.argv[1] == "kill":  # killed half-way (still importing MLflow, or migrating): connect makes it
+    os.kill(child.pid, signal.SIGKILL)
+mlstore.connect().search_experiments()
+assert mlstore._maker is None and child.exitcode == (-9 if sys.argv[1] == "kill" else 0), child.exitcode
+mlstore.make_store_beside()
+assert mlstore._maker is None  # the store is there: no child
+"""
+
+
+@pytest.mark.parametrize("how", ["whole", "kill"])
+def test_a_new_store_is_made_beside_the_stage_and_connect_waits_for_it(tmp_path: Path, how: str):
+    """train makes a new SQLite store in a child process while it builds its model
+    (`mlstore.make_store_beside`): `connect` waits for the child and finishes what it left,
+    so the store is whole and usable either way, with no half-made file left."""
+    import os
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", MAKE_BESIDE, how], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert MlflowClient(uri).get_experiment_by_name("Default") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db-init.lock"]
+
+
 TAG_AT_ONCE = """
 import os, sys, time
 from pathlib import Path

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import runview, tracking
+from pipeline import mlstore, runview, tracking
 
 from pipeline.calibration import fit_sigmoid_temperature, fit_temperature, scaled, sigmoid
 from pipeline.checkpoint import save_checkpoint
@@ -214,6 +214,8 @@ def write_outputs(s: Setup, params: Params, result: TrainResult) -> dict:
 def run(params: Params, device: str, rank: int) -> dict | None:
     """The train stage on this process (rank 0 logs and writes; DDP workers only train). With
     `crossval.folds` k > 0 the k folds have run already (`stages.train`); rank 0 gathers them."""
+    if rank == 0:
+        mlstore.make_store_beside()  # a new store's migrations run on the other core while the model is built
     s = setup(params, device)
     if rank == 0:
         tracker = tracking.Tracker.open(params)  # an unusable store stops the stage here, before any output is written
