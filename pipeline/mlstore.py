@@ -193,10 +193,7 @@ def make_store_beside() -> None:
     or was killed), `connect` does itself, with its own error message."""
     global _maker
     uri = tracking_uri()
-    if _maker is not None or not uri.startswith("sqlite:///") or _sqlite_problem(Path(uri.removeprefix("sqlite:///"))):
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    if db.exists() and db.stat().st_size > 0:
+    if _maker is not None or (db := _store_to_make(uri)) is None or _sqlite_problem(db):
         return
     import multiprocessing
 
@@ -220,20 +217,26 @@ def _join_maker() -> None:
         _maker = None
 
 
+def _store_to_make(uri: str) -> Path | None:
+    """The SQLite file of `uri` where MLflow has yet to make the store (missing or empty); None for
+    a store that is there or is no SQLite file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return None if db.exists() and db.stat().st_size > 0 else db
+
+
 def _create_sqlite_store_once(uri: str) -> None:
     """Create a new SQLite store under an exclusive file lock. Two queued experiments
     (`dvc queue start -j 2`) that both find no mlflow.db would otherwise run MLflow's schema
     migrations on the same file at once; after creation, SQLite's own locking (and
     `tracking._retry`) is enough."""
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    if db.exists() and db.stat().st_size > 0:
+    if (db := _store_to_make(uri)) is None:
         return
     from mlflow.tracking import MlflowClient
 
     with exclusive_lock(db.with_name(db.name + "-init.lock")):  # git-ignored: mlflow.db-*
-        if db.exists() and db.stat().st_size > 0:  # another process made it while this one waited
+        if _store_to_make(uri) is None:  # another process made it while this one waited
             return
         # made under another name and renamed when whole: a migration that fails half-way (a full
         # disk) leaves no half-made store that every later run would stumble on
